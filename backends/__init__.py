@@ -1,0 +1,1 @@
+"""Backends: code generators and runtimes for a lowered spec (torch reference, Triton kernels)."""

@@ -1,0 +1,1 @@
+"""The Triton backend: fused kernels generated from templates."""

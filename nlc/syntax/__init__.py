@@ -1,0 +1,1 @@
+"""Parsers: the .nl grammar, the expression grammar, the position-keeping YAML loader."""

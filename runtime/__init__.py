@@ -1,0 +1,1 @@
+"""The runtime: CLI, training, evaluation, checkpoints."""
