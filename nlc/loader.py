@@ -1,0 +1,200 @@
+"""From a file to a validated Spec: read, parse (YAML or .nl), expand templates, validate.
+
+Every failure becomes a located diagnostic; nothing in the file is executed.
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from nlc import spec as S
+from nlc.diagnostics import CODES, Collector, Span, did_you_mean
+from nlc.syntax.source import Located, SourceMap
+
+MAX_BYTES = 1 << 20
+
+
+@dataclass
+class Loaded:
+    spec: S.Spec | None
+    smap: SourceMap
+    source: str
+    file: str
+
+
+def read_source(path: str | Path, errors: Collector) -> str | None:
+    p = Path(path)
+    if p.suffix not in (".yaml", ".yml", ".nl"):
+        errors.error("E009", f"`{p.name}` is not a spec file", hint="name it `.yaml`, `.yml` or `.nl`")
+        return None
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        errors.error("E009", f"cannot read `{path}`: {e.strerror or e}")
+        return None
+    if len(data) > MAX_BYTES:
+        errors.error("E010", f"the file is {len(data)} bytes; a spec is at most {MAX_BYTES}")
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        errors.error("E002", "the file is not UTF-8 text", Span(errors.file, line, col),
+                     "a spec is a text file; check that you passed the right path")
+        return None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        errors.error("E002", "the file contains NUL bytes: it is binary, not a spec", Span(errors.file, line, 1))
+        return None
+    errors.source = text
+    if not text.strip() or all(not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()):
+        errors.error("E001", "the file holds no spec", Span(errors.file, 1, 1),
+                     "start with `nlc: 1` and `name: ...` (YAML) or `model NAME { ... }` (.nl); see specs/README.md")
+        return None
+    return text
+
+
+def parse_text(text: str, file: str, errors: Collector) -> tuple[object, SourceMap]:
+    if file.endswith(".nl"):
+        from nlc.syntax.nl import parse_nl
+        return parse_nl(text, file, errors)
+    from nlc.syntax.yaml_loader import load_yaml
+    return load_yaml(text, file, errors)
+
+
+def expand_templates(raw: dict, smap: SourceMap, errors: Collector) -> None:
+    """Resolve `templates:` and each level's `use:` (shallow merge; the level's keys win)."""
+    templates = raw.pop("templates", None) or {}
+    if not isinstance(templates, dict):
+        errors.error("E103", "`templates` must be a mapping of name to level settings", smap.get("templates"))
+        return
+    levels = raw.get("levels")
+    if not isinstance(levels, dict):
+        return
+    for name, level in levels.items():
+        if not isinstance(level, dict) or "use" not in level:
+            continue
+        use = level.pop("use")
+        if use not in templates or not isinstance(templates[use], dict):
+            errors.error("E205", f"level `{name}` uses template `{use}`, which is not defined",
+                         smap.get("levels", name, "use"), did_you_mean(str(use), templates))
+            continue
+        merged = dict(templates[use])
+        merged.update(level)
+        levels[name] = merged
+        for key in templates[use]:
+            if key not in level:
+                smap.copy_subtree(("templates", use, key), ("levels", name, key))
+
+
+def validate(raw: object, smap: SourceMap, errors: Collector) -> S.Spec | None:
+    if not isinstance(raw, dict):
+        errors.error("E103", "a spec is a mapping of keys (`nlc`, `name`, `model`, `levels`, ...)",
+                     smap.get() or Span(smap.file, 1, 1), "see specs/README.md for the shape of a spec")
+        return None
+    expand_templates(raw, smap, errors)
+    cls = S.OptimizerSpec if "groups" in raw and "levels" not in raw else S.ModelSpec
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        for err in e.errors():
+            _report(err, cls, smap, errors)
+        return None
+
+
+def load_located(path: str | Path) -> Loaded:
+    """Read, parse and validate one file, then run the semantic checks. Raises SpecError."""
+    from nlc.check import check
+    file = str(path)
+    errors = Collector(file)
+    text = read_source(path, errors)
+    spec, smap = None, SourceMap(file)
+    if text is not None:
+        raw, smap = parse_text(text, file, errors)
+        if raw is None and not errors.diagnostics:
+            errors.error("E001", "the file holds no spec", Span(file, 1, 1))
+        elif raw is not None:
+            spec = validate(raw, smap, errors)
+    errors.raise_if_any()
+    loaded = Loaded(spec, smap, text or "", file)
+    check(loaded, errors)
+    errors.raise_if_any()
+    return loaded
+
+
+# ---------------------------------------------------------------- pydantic errors -> diagnostics
+
+def _fields_at(cls: type, loc: tuple) -> list[str]:
+    """The field names allowed at `loc` (for did-you-mean), following models, dicts and unions."""
+    tp: object = cls
+    for el in loc:
+        origin = typing.get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if el not in tp.model_fields:
+                return []
+            tp = tp.model_fields[el].annotation
+            continue
+        while origin is typing.Annotated or origin is typing.Union or str(origin) == "types.UnionType":
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if origin is typing.Annotated:
+                tp = args[0]
+            else:
+                models = {getattr(a.model_fields.get("kind"), "default", None) or
+                          typing.get_args(a.model_fields["kind"].annotation)[0] if "kind" in getattr(a, "model_fields", {}) else None: a
+                          for a in args if isinstance(a, type) and issubclass(a, BaseModel)}
+                if el in models:
+                    tp = models[el]
+                    break
+                tp = next((a for a in args if typing.get_origin(a) in (dict, tuple) or isinstance(a, type)), args[0])
+            origin = typing.get_origin(tp)
+        else:
+            if origin in (dict, tuple, list):
+                tp = typing.get_args(tp)[-1] if origin is dict else typing.get_args(tp)[0]
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return []
+
+
+def _report(err: dict, cls: type, smap: SourceMap, errors: Collector) -> None:
+    loc, kind, ctx = tuple(err["loc"]), err["type"], err.get("ctx") or {}
+    where = ".".join(str(x) for x in loc if not (isinstance(x, str) and x in ("matrix", "mlp", "vector", "attention", "function-before")))
+    inp = err.get("input")
+    span = smap.find(loc)
+    if kind == "missing":
+        errors.error("E101", f"missing key `{loc[-1]}`" + (f" in `{'.'.join(map(str, loc[:-1]))}`" if len(loc) > 1 else ""),
+                     smap.find(loc[:-1]), f"add `{loc[-1]}: ...`; see `nlc schema` for what it takes")
+    elif kind == "extra_forbidden":
+        allowed = _fields_at(cls, loc[:-1])
+        errors.error("E102", f"unknown key `{loc[-1]}`", smap.find(loc, key=True),
+                     did_you_mean(str(loc[-1]), allowed))
+    elif kind == "expr_syntax":
+        base = getattr(inp, "span", None) or span
+        errors.error("E007", f"in `{where}`: {ctx.get('msg')}",
+                     base.shifted(ctx.get("line", 1), ctx.get("col", 1), None, None) if base else span,
+                     "expressions look like `l2norm(conv(proj(x), 4))` or `0.1 * softplus(M_eta(x))`")
+    elif kind in ("greater_than", "greater_than_equal") and ctx.get("gt", ctx.get("ge")) in (0, 0.0):
+        errors.error("E104", f"`{where}` must be positive, not `{inp}`", span, "sizes, counts and periods are at least 1")
+    elif kind == "literal_error" and loc[-1] == "nlc":
+        errors.error("E105", f"unsupported language version `{inp}`", span, "this nlc reads `nlc: 1`")
+    elif kind == "literal_error":
+        expected = [s.strip().strip("'") for s in str(ctx.get("expected", "")).replace(" or ", ",").split(",")]
+        errors.error("E103", f"`{where}` cannot be `{inp}`", span, did_you_mean(str(inp), [e for e in expected if e]))
+    elif kind == "union_tag_invalid":
+        tags = [s.strip().strip("'") for s in str(ctx.get("expected_tags", "")).split(",")]
+        errors.error("E103", f"unknown memory kind `{ctx.get('tag')}` in `{where}`", span, did_you_mean(str(ctx.get("tag")), tags))
+    elif kind in ("every_unit",):
+        errors.error("E103", f"`{where}`: {err['msg']}", span, ctx.get("hint"))
+    elif kind == "too_short":
+        errors.error("E103", f"`{where}` must not be empty", span)
+    else:
+        msg = err["msg"]
+        errors.error("E103", f"`{where}`: {msg[0].lower() + msg[1:]}" if where else msg, span)
+
+
+assert all(code in CODES for code in ("E101", "E102", "E103", "E104", "E105", "E007"))

@@ -1,0 +1,275 @@
+"""The Spec: the validated form of a nested-learning spec, identical for the YAML and .nl spellings.
+
+Two kinds of spec: a `ModelSpec` (levels on the token clock, inside the model) and an
+`OptimizerSpec` (levels on the step clock, over the gradient stream). Every model is frozen and
+forbids unknown keys; every field has a description, so `nlc schema` documents the YAML form.
+Expressions may be written as strings (YAML) or given as nodes (.nl); both validate to nodes.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt,
+                      WithJsonSchema)
+from pydantic_core import PydanticCustomError
+
+from nlc.expr import Call, Expr, ExprNode, Name, Num
+from nlc.syntax.expr import ExprSyntaxError, parse_expr
+
+
+class Node(BaseModel):
+    """Base of every spec model: frozen, no unknown keys, equality by fields only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=False)
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------- expressions as fields
+
+def _to_expr(value: Any) -> Any:
+    if isinstance(value, ExprNode):
+        return value
+    if isinstance(value, bool):
+        return Num(value=float(value))
+    if isinstance(value, (int, float)):
+        return Num(value=float(value))
+    if isinstance(value, str):
+        try:
+            return parse_expr(value, getattr(value, "span", None))
+        except ExprSyntaxError as e:
+            raise PydanticCustomError("expr_syntax", "{msg}", {"msg": e.message, "line": e.line, "col": e.col})
+    return value
+
+
+def _to_call(value: Any) -> Any:
+    value = _to_expr(value)
+    if isinstance(value, Name):
+        return Call(fn=value.id).at(value.span)
+    if isinstance(value, ExprNode) and not isinstance(value, Call):
+        raise PydanticCustomError("not_call", "a rule step must be a primitive such as `grad` or "
+                                  "`scale(eta)`, not `{text}`", {"text": str(value)})
+    return value
+
+
+_EXPR_SCHEMA = {"type": "string", "description": "an expression, e.g. `l2norm(conv(proj(x), 4))`"}
+ExprField = Annotated[Expr, BeforeValidator(_to_expr), WithJsonSchema(_EXPR_SCHEMA)]
+CallField = Annotated[Call, BeforeValidator(_to_call),
+                      WithJsonSchema({"type": "string", "description": "a rule primitive, e.g. `momentum(0.9)`"})]
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+# ---------------------------------------------------------------- clocks
+
+_EVERY = re.compile(r"^\s*(?:(never)|(\[[^\]]*\]|[A-Za-z_0-9]+)\s*(tokens?|steps?))\s*$")
+
+
+def _parse_every(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        raise PydanticCustomError("every_unit", "`every` needs a clock unit",
+                                  {"hint": f"write `{value} tokens` (in-context) or `{value} steps` (optimizer clock)"})
+    if not isinstance(value, str):
+        return value
+    m = _EVERY.match(value)
+    if not m:
+        raise PydanticCustomError("every_form", "`every` must read like `1 token`, `[64, 512] tokens`, "
+                                  "`16 steps` or `never`, not `{text}`", {"text": str(value)})
+    if m.group(1):
+        return {"period": None, "unit": "tokens"}
+    raw, unit = m.group(2), m.group(3)
+    unit = unit if unit.endswith("s") else unit + "s"
+    items = [s.strip() for s in raw.strip("[]").split(",")] if raw.startswith("[") else [raw]
+    period = [int(s) if re.fullmatch(r"-?\d+", s) else s for s in items if s]
+    return {"period": period, "unit": unit}
+
+
+class Every(Node):
+    """How often a level updates: every `period` tokens (in context) or steps (optimizer clock)."""
+
+    period: tuple[Union[PositiveInt, Identifier], ...] | None = Field(
+        description="update period(s); several periods make a chain of levels (CMS); "
+                    "a name refers to an optimizer hyperparameter; null = never (frequency 0)")
+    unit: Literal["tokens", "steps"] = Field(description="the clock: `tokens` in context, `steps` on the optimizer's clock")
+
+    def __str__(self) -> str:
+        if self.period is None:
+            return "never"
+        p = self.period[0] if len(self.period) == 1 else "[" + ", ".join(map(str, self.period)) + "]"
+        return f"{p} {self.unit}"
+
+
+EveryField = Annotated[Every, BeforeValidator(_parse_every),
+                       WithJsonSchema({"type": "string", "description": "e.g. `1 token`, `[64, 512, 4096] tokens`, `16 steps`, `never`"})]
+
+
+# ---------------------------------------------------------------- memories
+
+Activation = Literal["silu", "gelu", "relu", "tanh", "identity"]
+
+
+class MatrixMemory(Node):
+    """A matrix memory per head, state [K, V]: linear attention, the delta rule and kin."""
+    kind: Literal["matrix"] = Field(description="matrix memory")
+
+
+class MLPMemory(Node):
+    """A deep memory per head: `M(z) = z + W1 act(W2 z)` when residual (Titans, Hope)."""
+    kind: Literal["mlp"] = Field(description="MLP memory")
+    depth: PositiveInt = Field(2, description="number of linear layers")
+    expansion: PositiveFloat = Field(2.0, description="hidden width as a multiple of the input width")
+    activation: Activation = Field("silu", description="activation between layers")
+    residual: bool = Field(True, description="add the input to the output (requires equal in and out)")
+
+
+class VectorMemory(Node):
+    """An element-wise (diagonal) memory per head, state [K]."""
+    kind: Literal["vector"] = Field(description="vector (element-wise) memory")
+
+
+class AttentionMemory(Node):
+    """Softmax attention: a non-parametric level that keeps the raw context (frequency infinity)."""
+    kind: Literal["attention"] = Field(description="softmax attention")
+    window: PositiveInt | None = Field(None, description="sliding window in tokens; null = full causal context")
+
+
+Memory = Annotated[Union[MatrixMemory, MLPMemory, VectorMemory, AttentionMemory], Field(discriminator="kind")]
+
+
+def _memory_shorthand(value: Any) -> Any:
+    return {"kind": value} if isinstance(value, str) else value
+
+
+MemoryField = Annotated[Memory, BeforeValidator(_memory_shorthand)]
+
+
+# ---------------------------------------------------------------- objectives
+
+def _parse_objective(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value
+    e = _to_expr(value)
+    if isinstance(e, Name):
+        return {"loss": e.id}
+    if isinstance(e, Call):
+        if e.kwargs or len(e.args) != 2:
+            raise PydanticCustomError("objective_args", "objective `{fn}` takes two arguments: "
+                                      "`{fn}(prediction, target)`", {"fn": e.fn})
+        return {"loss": e.fn, "pred": e.args[0], "target": e.args[1]}
+    raise PydanticCustomError("objective_form", "an objective is `l2`, `dot`, `task`, or `l2(M(k), v)`", {})
+
+
+class Objective(Node):
+    """The inner objective a level minimises on its context flow."""
+    loss: Literal["l2", "dot", "task"] = Field(
+        description="`l2`: 1/2 ||pred - target||^2; `dot`: -<pred, target>; `task`: the model's own loss")
+    pred: ExprField | None = Field(None, description="the prediction; default `M(key)`")
+    target: ExprField | None = Field(None, description="the target; default `value`")
+
+    def __str__(self) -> str:
+        if self.loss == "task":
+            return "task"
+        return f"{self.loss}({self.pred or 'M(key)'}, {self.target or 'value'})"
+
+
+ObjectiveField = Annotated[Objective, BeforeValidator(_parse_objective),
+                           WithJsonSchema({"type": "string", "description": "`l2`, `dot`, `task` or `l2(M(k), M(v))`"})]
+
+
+# ---------------------------------------------------------------- levels
+
+class Level(Node):
+    """One level: a memory with its context flow, objective, rule chain and clock."""
+    memory: MemoryField = Field(description="what the level's state is")
+    out: Literal["vector", "scalar"] = Field(
+        "vector", description="`vector`: a head_dim vector per head; `scalar`: one value per head (a generated rate or gate)")
+    key: ExprField | None = Field(None, description="the key flow (what the memory is addressed by)")
+    value: ExprField | None = Field(None, description="the value flow (what the memory should return)")
+    query: ExprField | None = Field(None, description="the read flow; the level's output is M(query)")
+    objective: ObjectiveField | None = Field(None, description="the inner objective; default `l2` for memories with a key")
+    rule: tuple[CallField, ...] = Field((), description="the update rule as a chain of primitives, e.g. "
+                                        "`[grad, scale(eta), momentum(0.9), retain(alpha)]`")
+    every: EveryField | None = Field(None, description="update frequency; default `1 token` for in-context memories")
+    chunk: PositiveInt | None = Field(None, description="chunk of the parallel form: gradients taken at the chunk's start state")
+    init: Literal["meta", "zeros"] = Field("meta", description="`meta`: the initial state is learned by the outer level")
+
+
+class Shape(Node):
+    """The model's size and the order of levels in each layer's block."""
+    vocab: PositiveInt = Field(description="vocabulary size")
+    d_model: PositiveInt = Field(description="model width")
+    layers: PositiveInt = Field(description="number of blocks")
+    heads: PositiveInt = Field(description="number of heads; head_dim = d_model / heads")
+    block: tuple[Identifier, ...] = Field(min_length=1, description="levels applied in each block, in order, each with pre-norm and residual")
+
+
+class OptimizerRef(Node):
+    """An optimizer spec used by name or path, with hyperparameter overrides."""
+    use: str = Field(description="a shipped optimizer name (`adamw`) or a path to an optimizer spec")
+    hyper: dict[Identifier, ExprField] = Field(default_factory=dict, description="hyperparameter overrides")
+
+    def __str__(self) -> str:
+        return f"{self.use}(" + ", ".join(f"{k}={v}" for k, v in self.hyper.items()) + ")"
+
+
+def _parse_ref(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value
+    e = _to_expr(value)
+    if isinstance(e, Name):
+        return {"use": e.id}
+    if isinstance(e, Call) and not e.args:
+        return {"use": e.fn, "hyper": dict(e.kwargs)}
+    raise PydanticCustomError("ref_form", "an optimizer is written `adamw(lr=4e-4)` or "
+                              "`{{use: path/to/opt.yaml, hyper: {{lr: 4e-4}}}}`", {})
+
+
+RefField = Annotated[OptimizerRef, BeforeValidator(_parse_ref),
+                     WithJsonSchema({"type": "string", "description": "e.g. `adamw(lr=4e-4, weight_decay=0.1)`"})]
+
+
+class ModelSpec(Node):
+    """A model: levels on the token clock composed into blocks, plus its optimizer (the outer level)."""
+    nlc: Literal[1] = Field(description="language version")
+    name: Identifier = Field(description="model name")
+    model: Shape = Field(description="sizes and block layout")
+    signals: dict[Identifier, ExprField] = Field(default_factory=dict, description="named flows shared by levels")
+    levels: dict[Identifier, Level] = Field(min_length=1, description="the levels, by name")
+    optimizer: RefField | None = Field(None, description="the outermost level: the optimizer of the static parameters")
+
+
+# ---------------------------------------------------------------- optimizers
+
+class OptLevel(Node):
+    """A level over the gradient stream: its state follows its rule chain on the step clock."""
+    input: ExprField = Field(default_factory=lambda: Name(id="grad"), description="what the level memorises; default `grad`")
+    rule: tuple[CallField, ...] = Field(min_length=1, description="chain of primitives, e.g. `[ema(beta1)]`")
+    every: EveryField | None = Field(None, description="default `1 step`; `f steps` sums the inputs of each block of f steps")
+
+
+class ParamGroup(Node):
+    """The parameters an update applies to, its levels and its update expression."""
+    params: Literal["all", "matrix", "vector", "rest"] = Field(
+        description="`matrix`: parameters with 2 or more dims; `vector`: fewer; `rest`: not taken by earlier groups")
+    levels: dict[Identifier, OptLevel] = Field(default_factory=dict, description="the optimizer's levels for this group")
+    update: ExprField | None = Field(None, description="the parameter change per step, e.g. `-lr * m / (sqrt(v) + eps)`")
+    use: RefField | None = Field(None, description="delegate this group to another optimizer spec")
+
+
+Hyper = Union[bool, int, float, list[float]]
+
+
+class OptimizerSpec(Node):
+    """An optimizer: levels over the gradient stream on the step clock."""
+    nlc: Literal[1] = Field(description="language version")
+    name: Identifier = Field(description="optimizer name")
+    hyper: dict[Identifier, Hyper] = Field(default_factory=dict, description="hyperparameters and their defaults")
+    groups: tuple[ParamGroup, ...] = Field(min_length=1, description="parameter groups, first match wins")
+
+
+Spec = Union[ModelSpec, OptimizerSpec]
