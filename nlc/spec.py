@@ -65,7 +65,7 @@ Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 # ---------------------------------------------------------------- clocks
 
-_EVERY = re.compile(r"^\s*(?:(never)|(\[[^\]]*\]|[A-Za-z_0-9]+)\s*(tokens?|steps?))\s*$")
+_EVERY = re.compile(r"^\s*(?:(never)|(\[[^\]]*\]|-?[A-Za-z_0-9]+(?:\s*,\s*-?[A-Za-z_0-9]+)*)\s*(tokens?|steps?))\s*$")
 
 
 def _parse_every(value: Any) -> Any:
@@ -79,12 +79,12 @@ def _parse_every(value: Any) -> Any:
     m = _EVERY.match(value)
     if not m:
         raise PydanticCustomError("every_form", "`every` must read like `1 token`, `[64, 512] tokens`, "
-                                  "`16 steps` or `never`, not `{text}`", {"text": str(value)})
+                                  "`64, 512 tokens`, `16 steps` or `never`, not `{text}`", {"text": str(value)})
     if m.group(1):
         return {"period": None, "unit": "tokens"}
     raw, unit = m.group(2), m.group(3)
     unit = unit if unit.endswith("s") else unit + "s"
-    items = [s.strip() for s in raw.strip("[]").split(",")] if raw.startswith("[") else [raw]
+    items = [s.strip() for s in raw.strip("[]").split(",")]
     period = [int(s) if re.fullmatch(r"-?\d+", s) else s for s in items if s]
     return {"period": period, "unit": unit}
 
@@ -105,7 +105,7 @@ class Every(Node):
 
 
 EveryField = Annotated[Every, BeforeValidator(_parse_every),
-                       WithJsonSchema({"type": "string", "description": "e.g. `1 token`, `[64, 512, 4096] tokens`, `16 steps`, `never`"})]
+                       WithJsonSchema({"type": "string", "description": "e.g. `1 token`, `64, 512, 4096 tokens`, `16 steps`, `never`"})]
 
 
 # ---------------------------------------------------------------- memories
