@@ -144,6 +144,12 @@ class Collector:
 
     def raise_if_any(self) -> None:
         if self.diagnostics:
+            seen, unique = set(), []
+            for d in self.diagnostics:  # a template's error shows once, not once per level using it
+                if (d.code, d.span) not in seen:
+                    seen.add((d.code, d.span))
+                    unique.append(d)
+            self.diagnostics = unique
             self.diagnostics.sort(key=lambda d: (d.span.line, d.span.col) if d.span else (0, 0))
             raise SpecError(self.diagnostics, {self.file: self.source or ""})
 

@@ -56,10 +56,29 @@ def _to_call(value: Any) -> Any:
     return value
 
 
+def _to_chain(value: Any) -> Any:
+    """A rule chain: a list of primitives, or one string `grad |> scale(eta) |> momentum(0.9)`."""
+    if not isinstance(value, str):
+        return value
+    span = getattr(value, "span", None)
+    steps, offset = [], 0
+    for piece in value.split("|>"):
+        lead = len(piece) - len(piece.lstrip())
+        text = piece.strip()
+        if span is not None:
+            from nlc.syntax.source import Located
+            text = Located(text, span.shifted(1, offset + lead + 1, None, None))
+        steps.append(text)
+        offset += len(piece) + 2
+    return steps
+
+
 _EXPR_SCHEMA = {"type": "string", "description": "an expression, e.g. `l2norm(conv(proj(x), 4))`"}
 ExprField = Annotated[Expr, BeforeValidator(_to_expr), WithJsonSchema(_EXPR_SCHEMA)]
 CallField = Annotated[Call, BeforeValidator(_to_call),
                       WithJsonSchema({"type": "string", "description": "a rule primitive, e.g. `momentum(0.9)`"})]
+Chain = Annotated[tuple[CallField, ...], BeforeValidator(_to_chain),
+                  WithJsonSchema({"type": "string", "description": "primitives joined by `|>`, e.g. `grad |> scale(eta)`"})]
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
@@ -192,8 +211,8 @@ class Level(Node):
     value: ExprField | None = Field(None, description="the value flow (what the memory should return)")
     query: ExprField | None = Field(None, description="the read flow; the level's output is M(query)")
     objective: ObjectiveField | None = Field(None, description="the inner objective; default `l2` for memories with a key")
-    rule: tuple[CallField, ...] = Field((), description="the update rule as a chain of primitives, e.g. "
-                                        "`[grad, scale(eta), momentum(0.9), retain(alpha)]`")
+    rule: Chain = Field((), description="the update rule as a chain of primitives, e.g. "
+                        "`grad |> scale(eta) |> momentum(0.9) |> retain(alpha)`")
     every: EveryField | None = Field(None, description="update frequency; default `1 token` for in-context memories")
     chunk: PositiveInt | None = Field(None, description="chunk of the parallel form: gradients taken at the chunk's start state")
     init: Literal["meta", "zeros"] = Field("meta", description="`meta`: the initial state is learned by the outer level")
@@ -248,7 +267,7 @@ class ModelSpec(Node):
 class OptLevel(Node):
     """A level over the gradient stream: its state follows its rule chain on the step clock."""
     input: ExprField = Field(default_factory=lambda: Name(id="grad"), description="what the level memorises; default `grad`")
-    rule: tuple[CallField, ...] = Field(min_length=1, description="chain of primitives, e.g. `[ema(beta1)]`")
+    rule: Chain = Field(min_length=1, description="chain of primitives, e.g. `ema(beta1)` or `scale(beta1) |> accumulate`")
     every: EveryField | None = Field(None, description="default `1 step`; `f steps` sums the inputs of each block of f steps")
 
 
