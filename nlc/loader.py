@@ -132,33 +132,41 @@ def _fields_at(cls: type, loc: tuple) -> list[str]:
     """The field names allowed at `loc` (for did-you-mean), following models, dicts and unions."""
     tp: object = cls
     for el in loc:
-        origin = typing.get_origin(tp)
+        nxt = _unwrap(tp, el)
+        if nxt is not tp and typing.get_origin(tp) in (typing.Union,) and nxt is not None and el not in getattr(nxt, "model_fields", {}):
+            tp = nxt  # the union tag itself (e.g. `mlp`) was this step
+            continue
+        tp = nxt
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             if el not in tp.model_fields:
                 return []
             tp = tp.model_fields[el].annotation
-            continue
-        while origin is typing.Annotated or origin is typing.Union or str(origin) == "types.UnionType":
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            if origin is typing.Annotated:
-                tp = args[0]
-            else:
-                models = {getattr(a.model_fields.get("kind"), "default", None) or
-                          typing.get_args(a.model_fields["kind"].annotation)[0] if "kind" in getattr(a, "model_fields", {}) else None: a
-                          for a in args if isinstance(a, type) and issubclass(a, BaseModel)}
-                if el in models:
-                    tp = models[el]
-                    break
-                tp = next((a for a in args if typing.get_origin(a) in (dict, tuple) or isinstance(a, type)), args[0])
-            origin = typing.get_origin(tp)
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif typing.get_origin(tp) is tuple:
+            tp = typing.get_args(tp)[0]
+    tp = _unwrap(tp, None)
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _unwrap(tp, tag):
+    """Strip Annotated and Optional; pick a union member by its `kind` tag (or its only model)."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            tagged = {typing.get_args(a.model_fields["kind"].annotation)[0]: a for a in members
+                      if isinstance(a, type) and issubclass(a, BaseModel) and "kind" in a.model_fields}
+            if tag in tagged:
+                return tagged[tag]
+            models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+            if tagged or len(models) != 1:
+                return tp if not tagged else None
+            tp = models[0]
         else:
-            if origin in (dict, tuple, list):
-                tp = typing.get_args(tp)[-1] if origin is dict else typing.get_args(tp)[0]
-    while typing.get_origin(tp) is typing.Annotated:
-        tp = typing.get_args(tp)[0]
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return list(tp.model_fields)
-    return []
+            return tp
 
 
 def _report(err: dict, cls: type, smap: SourceMap, errors: Collector) -> None:
@@ -198,3 +206,22 @@ def _report(err: dict, cls: type, smap: SourceMap, errors: Collector) -> None:
 
 
 assert all(code in CODES for code in ("E101", "E102", "E103", "E104", "E105", "E007"))
+
+
+SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
+
+
+def find_spec(use: str, base_dir: Path) -> Path | None:
+    """A spec named by `use`: a path (relative to the referring file), or a shipped spec's name."""
+    for d in (base_dir, SPECS_DIR):
+        for cand in (d / use, d / f"{use}.yaml", d / f"{use}.nl"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def shipped_names(kind: str | None = None) -> list[str]:
+    names = sorted({p.stem for p in SPECS_DIR.glob("*.yaml")})
+    if kind == "optimizer":
+        names = [n for n in names if "groups:" in (SPECS_DIR / f"{n}.yaml").read_text()]
+    return names

@@ -39,52 +39,67 @@ def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
     pad = N * C - T
 
     def blocks(x):
-        # [B, T, H, *d] -> [B, H, N, C, *d]. Padded tokens have k = w = 0, log a = b = 0: the
-        # identity step, so they change no state and their outputs are dropped.
-        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-        return x.reshape(B, N, C, *x.shape[2:]).movedim(3, 1)
+        # [B, T, H, *d] -> [N, B, H, C, *d]: chunk index first, so the sequential pass over chunks
+        # reads contiguous slices. Padded tokens have k = w = 0, log a = b = 0: the identity step,
+        # so they change no state and their outputs are dropped.
+        if pad:
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        x = x.reshape(B, N, C, *x.shape[2:])
+        return x.permute(1, 0, 3, 2, *range(4, x.dim())).contiguous()
 
     qb, kb, wb = blocks(q), blocks(k), blocks(w)
-    la = blocks(log_a) if log_a is not None else q.new_zeros(B, H, N, C)
-    G = la.cumsum(-1)                   # G_r = sum_{i <= r} log a_i, per chunk
-    G_prev = G - la                     # G_{r-1}
-
     ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
     incl, strict = ones.tril(), ones.tril(-1)
-    Gamma = _decay(G, G, incl)          # exp(G_r - G_i) for i <= r
+    if log_a is None:                   # a = 1: every decay factor is 1
+        G = G_prev = None
+        Gamma, A_decay = incl.to(q.dtype), strict.to(q.dtype)
+    else:
+        la = blocks(log_a)
+        G = la.cumsum(-1)               # G_r = sum_{i <= r} log a_i, per chunk
+        G_prev = G - la                 # G_{r-1}
+        Gamma = _decay(G, G, incl)      # exp(G_r - G_i) for i <= r
+        A_decay = _decay(G_prev, G, strict)
     P = (qb @ kb.mT) * Gamma            # intra-chunk read weights
 
     if b is None:
         U, W = wb, None
     else:
         bb = blocks(b)
-        A = bb[..., None] * _decay(G_prev, G, strict) * (kb @ kb.mT)
-        rhs = torch.cat([wb, (bb * G_prev.exp())[..., None] * kb], dim=-1)
+        A = (bb[..., None] * A_decay) * (kb @ kb.mT)
+        d = bb if G_prev is None else bb * G_prev.exp()
+        rhs = torch.cat([wb, d[..., None] * kb], dim=-1)
         eye = torch.eye(C, dtype=q.dtype, device=q.device)
         U, W = torch.linalg.solve_triangular(A + eye, rhs, upper=False,
                                              unitriangular=True).split([V, K], dim=-1)
 
-    g_end = G[..., -1]                                  # log decay over the whole chunk
-    kd = kb * (g_end[..., None] - G).exp()[..., None]   # k_i decayed to the chunk end
-    qd = qb * G.exp()[..., None]                        # q_r reading the chunk-start state
+    if G is None:
+        kd, qd, decay_end = kb, qb, None
+    else:
+        g_end = G[..., -1:]                             # log decay over the whole chunk
+        kd = kb * (g_end - G).exp()[..., None]          # k_i decayed to the chunk end
+        qd = qb * G.exp()[..., None]                    # q_r reading the chunk-start state
+        decay_end = g_end.exp()[..., None]              # [N, B, H, 1, 1]
     o_intra = P @ U
-    q_state = qd if W is None else qd - P @ W           # o_n = o_intra + q_state @ h_n
+    q_state = qd if W is None else qd - P @ W           # o_n = o_intra_n + q_state_n h_n
     write = kd.mT @ U                                   # h_{n+1} = M_n h_n + write_n
     if W is None:
         M = None
-        decay_end = g_end.exp()[..., None, None]
     else:
-        M = g_end.exp()[..., None, None] * torch.eye(K, dtype=q.dtype, device=q.device) - kd.mT @ W
+        eye_k = torch.eye(K, dtype=q.dtype, device=q.device)
+        M = (eye_k if decay_end is None else decay_end * eye_k) - kd.mT @ W
 
     starts = []
     for n in range(N):
         starts.append(h)
-        if M is None:
-            h = decay_end[:, :, n] * h + write[:, :, n]
+        if M is not None:
+            h = torch.baddbmm(write[n].flatten(0, 1), M[n].flatten(0, 1),
+                              h.flatten(0, 1)).view(B, H, K, V)
+        elif decay_end is not None:
+            h = decay_end[n] * h + write[n]
         else:
-            h = M[:, :, n] @ h + write[:, :, n]
-    o = o_intra + q_state @ torch.stack(starts, dim=2)
-    o = o.movedim(1, 3).reshape(B, N * C, H, V)[:, :T]
+            h = h + write[n]
+    o = o_intra + q_state @ torch.stack(starts)
+    o = o.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
     return o, h
 
 
