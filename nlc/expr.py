@@ -69,7 +69,7 @@ class Call(ExprNode):
 
     def __str__(self) -> str:
         parts = [str(a) for a in self.args] + [f"{k}={v}" for k, v in self.kwargs.items()]
-        return f"{self.fn}({', '.join(parts)})"
+        return f"{self.fn}({', '.join(parts)})" if parts else self.fn
 
 
 class ListE(ExprNode):

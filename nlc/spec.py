@@ -119,8 +119,9 @@ class Every(Node):
     def __str__(self) -> str:
         if self.period is None:
             return "never"
-        p = self.period[0] if len(self.period) == 1 else "[" + ", ".join(map(str, self.period)) + "]"
-        return f"{p} {self.unit}"
+        if len(self.period) == 1 and self.period[0] == 1:
+            return f"1 {self.unit[:-1]}"
+        return ", ".join(map(str, self.period)) + f" {self.unit}"
 
 
 EveryField = Annotated[Every, BeforeValidator(_parse_every),

@@ -71,7 +71,9 @@ OPT_NAMES = {
 
 # Rule primitives: one vocabulary for model levels and optimizer levels, composed in order.
 # A chain transforms an update `u`; stateful primitives keep a state of u's shape;
-# `retain` and `dgd` act on the level's memory itself (how the old state is kept).
+# `retain` and `dgd` act on the level's memory itself (how the old state is kept). In a model
+# level, state primitives before `grad` act on the state the gradient is taken at (gated DeltaNet);
+# after `grad`, on the state the update is added to. The new state is (kept state) - u.
 RULES = _table(
     Fn("grad", (), "u = the gradient of the level's objective at the chunk's anchor state (model levels)"),
     Fn("scale", ("c",), "u = c u"),
@@ -84,7 +86,8 @@ RULES = _table(
     Fn("precondition", ("p",), "u = p * u, element-wise"),
     Fn("newton_schulz", ("steps?",), "u = NS(u), quintic Newton-Schulz"),
     Fn("retain", ("alpha",), "memory = alpha memory (retention; alpha = 1 keeps everything)"),
-    Fn("dgd", ("key", "lr"), "memory = memory (I - lr key key^T): DGD's erase along the key (NL §2)"),
+    Fn("dgd", ("key", "lr"), "memory = memory - lr M_prev key key^T: DGD's erase along the key, taken from the "
+       "state before this step (so `retain(a) |> dgd(k, e)` is M (a I - e k k^T), Eq. 96)"),
 )
 STATE_RULES = {"retain", "dgd"}            # act on the memory, not on u
 MODEL_ONLY_RULES = {"grad", "dgd"}

@@ -1,0 +1,272 @@
+"""Derive each level's update rule from (memory kind, objective, rule chain).
+
+For matrix memories the result is the per-token triple of the generalized delta recurrence
+(NESTED_LEARNING.md §4, memory M of shape V x K, unit-norm keys where an erase is combined):
+
+    M_t = M_{t-1} (a_t I - b_t k_t k_t^T) + w_t k_t^T
+
+Chain semantics (nlc/vocab.py RULES): state primitives before `grad` give P(M) = a1 M (the state
+the gradient is taken at); `grad` gives u = dL/dM at P(M); `scale` multiplies u; `momentum`/`ema`
+keep a state S of u; state primitives after `grad` give Q(M) = M (a2 I - b2 k k^T) with `dgd`
+erasing from the state before the step; the new state is Q(P(M)) - u. Without momentum, for
+L = 1/2 ||M k - tau||^2:  a = a1 a2,  b = a1 (b2 + c),  w = c tau;  for L = -<M k, tau>:
+a = a1 a2, b = a1 b2, w = c tau. With momentum the rule is a pair of linear recurrences
+(Titans); MLP memories apply the same chain per weight matrix with gradients at the chunk's
+anchor, the erase acting on the input-side matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nlc import spec as S
+from nlc.expr import Bin, Call, ExprNode, Index, ListE, Name, Neg, Num
+
+_GREEK = {"alpha", "beta", "gamma", "delta", "eta", "theta", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "phi", "psi", "omega", "epsilon"}
+
+
+_OPT_TEX = {"grad": "g_{t}", "param": r"\theta_{t-1}", "step": "t"}
+
+
+@dataclass
+class Derived:
+    """What `derive` found for one level."""
+    level: str
+    family: str                      # generalized_delta | momentum | mlp | attention | static | task
+    objective_tex: str = ""
+    equations: list[str] = field(default_factory=list)   # LaTeX, one per display line
+    a: ExprNode | None = None        # generalized delta scalars per token (matrix memories)
+    b: ExprNode | None = None
+    w: ExprNode | None = None
+    momentum: tuple[str, ExprNode] | None = None   # ("momentum" | "ema", decay)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- expression helpers
+
+def _mul(x: ExprNode | None, y: ExprNode | None) -> ExprNode | None:
+    """Product with 1 as None, folding numbers."""
+    if x is None:
+        return y
+    if y is None:
+        return x
+    if isinstance(x, Num) and isinstance(y, Num):
+        return Num(value=x.value * y.value)
+    return Bin(op="*", left=x, right=y)
+
+
+def _add(x: ExprNode | None, y: ExprNode | None) -> ExprNode | None:
+    """Sum with 0 as None."""
+    if x is None:
+        return y
+    if y is None:
+        return x
+    if isinstance(x, Num) and isinstance(y, Num):
+        return Num(value=x.value + y.value)
+    return Bin(op="+", left=x, right=y)
+
+
+def _or1(e: ExprNode | None) -> ExprNode:
+    return Num(value=1.0) if e is None else e
+
+
+def tex(e: ExprNode | None, t: str = "t") -> str:
+    """LaTeX for an expression; flows get the token subscript `t`."""
+    if e is None:
+        return "1"
+    if isinstance(e, Num):
+        return str(e)
+    if isinstance(e, Name) and e.id in _OPT_TEX:
+        return _OPT_TEX[e.id].replace("{t}", t or "t")
+    if isinstance(e, Name):
+        base = "\\" + e.id if e.id in _GREEK else e.id
+        if "_" in e.id and e.id.split("_")[0] != "":
+            head, sub = e.id.split("_", 1)
+            base = ("\\" + head if head in _GREEK else head) + "_{\\mathrm{" + sub + "}}"
+            return base + (f",{t}" if False else "")
+        return f"{base}_{t}" if t else base
+    if isinstance(e, Neg):
+        return "-" + tex(e.arg, t)
+    if isinstance(e, Bin):
+        l, r = tex(e.left, t), tex(e.right, t)
+        if isinstance(e.left, Bin) and e.left.op in "+-" and e.op in "*/^":
+            l = f"({l})"
+        if isinstance(e.right, Bin) and e.right.op in "+-" and e.op in "*-/^":
+            r = f"({r})"
+        return {"+": f"{l} + {r}", "-": f"{l} - {r}", "*": f"{l}\\,{r}", "/": f"\\frac{{{l}}}{{{r}}}",
+                "^": f"{{{l}}}^{{{r}}}"}[e.op]
+    if isinstance(e, Call):
+        args = ", ".join([tex(a, t) for a in e.args] + [f"{k}={tex(v, t)}" for k, v in e.kwargs.items()])
+        fn = e.fn.replace("_", "\\_")
+        if e.fn == "M":
+            return f"M({args})"
+        if e.fn.startswith("M_"):
+            return f"M_{{\\mathrm{{{e.fn[2:].replace('_', '')}}}}}({args})"
+        if e.fn == "sqrt":
+            return f"\\sqrt{{{args}}}"
+        return f"\\mathrm{{{fn}}}({args})"
+    if isinstance(e, Index):
+        return f"{tex(e.base, '')}_{{{tex(e.index, '')}}}"
+    if isinstance(e, ListE):
+        return "[" + ", ".join(tex(i, t) for i in e.items) + "]"
+    return str(e)
+
+
+# ---------------------------------------------------------------- derivation
+
+def derive_level(name: str, lv: S.Level) -> Derived:
+    m = lv.memory
+    if isinstance(m, S.AttentionMemory):
+        win = f" over the last {m.window} tokens" if m.window else ""
+        return Derived(name, "attention", "", [
+            r"o_t = \sum_{s \le t} \frac{\exp(q_t^\top k_s / \sqrt{d})}{\sum_{r \le t} \exp(q_t^\top k_r / \sqrt{d})}\, v_s"],
+            notes=[f"Non-parametric: the closed-form minimiser of a weighted L2 objective{win}; frequency infinity."])
+    if lv.every is not None and lv.every.period is None:
+        return Derived(name, "static", "", [r"y_t = \mathrm{MLP}_{\theta}(x_t)"],
+                       notes=["Frequency 0: its parameters are trained by the outer level (the optimizer) only."])
+    loss = lv.objective.loss if lv.objective else "l2"
+    if loss == "task":
+        periods = ", ".join(map(str, lv.every.period)) if lv.every and lv.every.period else "1"
+        c = _chain_scale(lv)
+        return Derived(name, "task", r"\mathcal{L}_{\mathrm{task}}(\theta) \text{ (the model's loss on tokens already seen)}", [
+            r"\theta^{(\ell)} \leftarrow \theta^{(\ell)} - " + tex(c, "") +
+            r" \sum_{t \in \text{chunk}} \nabla_{\theta^{(\ell)}} \mathcal{L}_{\mathrm{task}}(x_t)"
+            r" \quad \text{once per chunk of } C_\ell \text{ tokens}"],
+            notes=[f"Continuum memory: level ell has chunk C_ell in ({periods}); every block runs on every token, "
+                   "only its update is gated (NESTED_LEARNING.md §5)."])
+    pred = lv.objective.pred if lv.objective and lv.objective.pred is not None else Call(fn="M", args=(Name(id="k"),))
+    target = lv.objective.target if lv.objective and lv.objective.target is not None else Name(id="v")
+    key = lv.key if isinstance(lv.key, Name) else Name(id="k")
+    obj = (rf"\mathcal{{L}}(M) = \tfrac12 \left\| {tex(pred)} - {tex(target)} \right\|^2" if loss == "l2"
+           else rf"\mathcal{{L}}(M) = -\left\langle {tex(pred)}, {tex(target)} \right\rangle")
+    a1 = a2 = b2 = c = None
+    mom = None
+    seen_grad = False
+    extra_u = []
+    for step in lv.rule or (Call(fn="grad"),):
+        arg = step.args[0] if step.args else None
+        if step.fn == "grad":
+            seen_grad = True
+        elif step.fn == "retain":
+            if seen_grad:
+                a2, b2 = _mul(a2, arg), _mul(b2, arg) if b2 is not None else None
+            else:
+                a1 = _mul(a1, arg)
+        elif step.fn == "dgd":
+            lr = step.kwargs.get("lr", step.args[1] if len(step.args) > 1 else None)
+            key = step.kwargs.get("key", step.args[0] if step.args else key)
+            b2 = _add(b2, lr)
+        elif step.fn == "scale":
+            if mom is None:
+                c = _mul(c, arg)
+            else:
+                extra_u.append(f"u_t \\leftarrow {tex(arg)}\\, u_t")
+        elif step.fn in ("momentum", "ema"):
+            mom = (step.fn, arg)
+        else:
+            extra_u.append(f"u_t \\leftarrow \\mathrm{{{step.fn.replace('_', chr(92) + '_')}}}(u_t)")
+    kt = tex(key)
+    anchor = r"M_{\xi}" if (lv.chunk or 1) > 1 else r"M_{t-1}"
+    grad = (rf"\nabla \mathcal{{L}}({anchor})")
+    state_tex = rf"M_{{t-1}}\left({tex(_or1(_mul(a1, a2)))}\, I - {tex(_mul(a1, b2) or Num(value=0))}\, {kt} {kt}^\top\right)"
+    if b2 is None:
+        state_tex = rf"{tex(_or1(_mul(a1, a2)))}\, M_{{t-1}}" if _mul(a1, a2) is not None else r"M_{t-1}"
+    d = Derived(name, "", obj)
+    if a1 is not None:
+        d.notes.append("Retention before `grad`: the gradient is taken at the retained state.")
+    if mom is None and not extra_u and isinstance(m, S.MatrixMemory):
+        d.family = "generalized_delta"
+        d.a = _or1(_mul(a1, a2))
+        erase = _add(b2, _or1(c)) if loss == "l2" else b2   # the L2 gradient erases along k too
+        d.b = _mul(a1, erase) if erase is not None else Num(value=0.0)
+        d.w = _mul(c, target)
+        d.equations = [
+            rf"M_t = M_{{t-1}}\left(a_t I - b_t\, {kt} {kt}^\top\right) + w_t\, {kt}^\top",
+            rf"a_t = {tex(d.a)},\quad b_t = {tex(d.b)},\quad w_t = {tex(d.w)}",
+            rf"o_t = M_t\, q_t"]
+        d.notes.append("Chunkwise-parallel form: the WY/UT transform of `generalized_delta` (gradients need no anchor: "
+                       "the rule is linear in M).")
+        return d
+    d.family = "momentum" if mom is not None else ("mlp" if isinstance(m, S.MLPMemory) else "generalized_delta")
+    u0 = rf"{tex(c)}\, {grad}" if c is not None else grad
+    eqs = []
+    if mom is not None:
+        decay = tex(mom[1])
+        eqs.append(rf"S_t = {decay}\, S_{{t-1}} + " + (rf"(1 - {decay})\, " if mom[0] == "ema" else "") + u0)
+        eqs += extra_u
+        eqs.append(rf"M_t = {state_tex} - S_t")
+        d.momentum = mom
+    else:
+        eqs += extra_u
+        eqs.append(rf"M_t = {state_tex} - {u0}")
+    if isinstance(m, S.MLPMemory):
+        eqs.append(rf"{tex(pred)} \text{{ with }} M(z) = " +
+                   (r"z + W_1 \sigma(W_2 z)" if m.residual and m.depth == 2 else r"W_1 \sigma(\cdots \sigma(W_L z))"))
+        d.notes.append("Deep memory: the chain is applied to each weight matrix; the erase acts on the input-side "
+                       "matrix (the one that reads the key), the others get plain retention.")
+    if (lv.chunk or 1) > 1:
+        d.notes.append(f"Chunked form (chunk {lv.chunk}): inside a chunk every gradient is taken at the anchor "
+                       r"state M_xi (the state at the end of the previous chunk); the decays and momentum then form a "
+                       "linear recurrence inside the chunk, computed in parallel.")
+    d.equations = eqs
+    return d
+
+
+def _chain_scale(lv: S.Level) -> ExprNode:
+    c = None
+    for step in lv.rule:
+        if step.fn == "scale" and step.args:
+            c = _mul(c, step.args[0])
+    return _or1(c)
+
+
+def derive(spec: S.ModelSpec) -> dict[str, Derived]:
+    return {name: derive_level(name, lv) for name, lv in spec.levels.items()}
+
+
+# ---------------------------------------------------------------- explain
+
+def explain(spec: S.Spec) -> str:
+    """Markdown with LaTeX: each level's objective and derived update rule."""
+    if isinstance(spec, S.OptimizerSpec):
+        return _explain_optimizer(spec)
+    out = [f"# `{spec.name}`: derived update rules", "",
+           f"{spec.model.layers} blocks of `{' -> '.join(spec.model.block)}`, d_model {spec.model.d_model}, "
+           f"{spec.model.heads} heads (head_dim {spec.model.d_model // spec.model.heads}), vocab {spec.model.vocab}."
+           + (f" Outer level: `{spec.optimizer}`." if spec.optimizer else ""), ""]
+    if spec.signals:
+        out += ["## Flows", ""]
+        out += [f"- ${tex(Name(id=n))} = {tex(e)}$" for n, e in spec.signals.items()]
+        out.append("")
+    for name, d in derive(spec).items():
+        lv = spec.levels[name]
+        kind = lv.memory.kind
+        clock = "" if lv.every is None else f", every {lv.every}"
+        chunk = f", chunk {lv.chunk}" if lv.chunk else ""
+        out += [f"## `{name}`: {kind}{clock}{chunk}", ""]
+        if lv.key is not None:
+            out.append(f"Context flow: $k_t = {tex(lv.key)}$" + (f", $v_t = {tex(lv.value)}$" if lv.value is not None else "")
+                       + (f", read with $q_t = {tex(lv.query)}$" if lv.query is not None else "") + ".")
+            out.append("")
+        if d.objective_tex:
+            out += [f"Objective: ${d.objective_tex}$", ""]
+        if lv.rule:
+            out += [f"Rule chain: `{' |> '.join(map(str, lv.rule))}`", ""]
+        out += ["$$", " \\\\\n".join(d.equations), "$$", ""]
+        out += [f"- {n}" for n in d.notes]
+        out.append("")
+    return "\n".join(out)
+
+
+def _explain_optimizer(spec: S.OptimizerSpec) -> str:
+    out = [f"# `{spec.name}`: an optimizer as levels over the gradient stream", "",
+           "Hyperparameters: " + ", ".join(f"`{k}` = {v}" for k, v in spec.hyper.items()), ""]
+    for g in spec.groups:
+        out += [f"## Parameters: `{g.params}`", ""]
+        if g.use is not None:
+            out += [f"Delegated to `{g.use}`.", ""]
+            continue
+        for name, lv in g.levels.items():
+            every = f" every {lv.every}" if lv.every else " every step"
+            out += [f"- level `{name}`{every}: input ${tex(lv.input, 't')}$, rule `{' |> '.join(map(str, lv.rule))}`"]
+        out += ["", "$$", rf"\Delta\theta_t = {tex(g.update, 't')}", "$$", ""]
+    return "\n".join(out)
