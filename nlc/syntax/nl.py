@@ -192,11 +192,17 @@ class _Builder(ExprBuilder):
         return Clause("every", self.tok(kw), V(data, s))
 
     def period(self, meta, items):
-        vals = []
+        vals, minus = [], None
         for t in items:
             if t is None:
                 continue
-            vals.append(V(_number(t) if t.type == "NUMBER" else Located(str(t), self.tok(t)), self.tok(t)))
+            if t.type == "MINUS":
+                minus = t
+            elif minus is not None:
+                vals.append(V(-_number(t), _join(self.tok(minus), self.tok(t))))
+                minus = None
+            else:
+                vals.append(V(_number(t) if t.type == "NUMBER" else Located(str(t), self.tok(t)), self.tok(t)))
         return V(vals, self.meta(meta))
 
     def chunk(self, meta, items):
@@ -291,6 +297,7 @@ class _Assembler:
         self.smap, self.errors = smap, errors
         self.raw: dict = {}
         self.first: dict[tuple, Span] = {}     # path -> span of its first definition
+        self.memories: dict[tuple, V] = {}     # memory heads already read (report problems once)
 
     # spans
     def emit(self, path: tuple, v: V) -> Any:
@@ -326,7 +333,10 @@ class _Assembler:
 
     # statements
     def run(self, stmts: list[Stmt]) -> dict:
-        templates = {str(s.names[0]) for s in stmts if s.kind == "template"}
+        templates: dict[str, Stmt] = {}
+        for s in stmts:
+            if s.kind == "template":
+                templates.setdefault(str(s.names[0]), s)
         spec_kind = None
         for s in stmts:
             if s.kind in ("model", "optimizer_spec"):
@@ -375,19 +385,33 @@ class _Assembler:
         if h is not None:
             name = str(h.name)
             nspan = _tok(self.smap.file, h.name)
-            if h.args is None and not in_template and _is_template(name, templates):
+            if not in_template and _is_template(name, templates, h.args is not None):
                 add("use", nspan, V(Located(name, nspan), nspan), "a template")
+                if h.args is not None:  # the template's memory with some options changed
+                    base = templates.get(name)
+                    mem = dict(self._memory(base.head).data) if base is not None and base.head else {}
+                    mem.update(self._memory(h, kind=False).data)
+                    add("memory", nspan, V(mem, h.span), "the memory")
             else:
-                mem: dict = {"kind": (nspan, V(Located(name, nspan), nspan))}
-                for a in h.args or []:
-                    if a.key in mem:
-                        self.errors.error("E008", f"memory option `{a.key}` is given twice", a.kspan)
-                        continue
-                    mem[a.key] = (a.kspan, a.value)
-                add("memory", nspan, V(mem, h.span), "the memory")
+                add("memory", nspan, self._memory(h), "the memory")
         for c in s.clauses:
             add(c.key, c.kspan, c.value, f"`{_SPELLING.get(c.key, c.key)}`")
         return V(data, s.span)
+
+    def _memory(self, h: Head, kind: bool = True) -> V:
+        """`mlp(depth=2, residual)` -> V({kind: mlp, depth: 2, residual: true})."""
+        if (id(h), kind) in self.memories:
+            return self.memories[(id(h), kind)]
+        nspan = _tok(self.smap.file, h.name)
+        mem: dict = {"kind": (nspan, V(Located(str(h.name), nspan), nspan))} if kind else {}
+        for a in h.args or []:
+            if a.key in mem:
+                self.errors.error("E008", f"memory option `{a.key}` is given twice", a.kspan,
+                                  f"the first is on line {mem[a.key][0].line}")
+                continue
+            mem[a.key] = (a.kspan, a.value)
+        self.memories[(id(h), kind)] = V(mem, h.span)
+        return self.memories[(id(h), kind)]
 
     def _named(self, s: Stmt, section: str, what: str, templates):
         sec = self.section(section, s.kw, s.span)
@@ -447,11 +471,11 @@ class _Assembler:
 _SPELLING = {"objective": "minimize", "rule": "by"}
 
 
-def _is_template(name: str, templates: set[str]) -> bool:
-    """A bare name after `level NAME:` is a template, unless it is (or looks like) a memory kind."""
+def _is_template(name: str, templates: dict, has_args: bool) -> bool:
+    """A name after `level NAME:` is a template, unless it is (or looks like) a memory kind."""
     if name in templates:
         return True
-    if name in MEMORY_KINDS:
+    if name in MEMORY_KINDS or has_args:
         return False
     near_kind = difflib.get_close_matches(name, MEMORY_KINDS, n=1, cutoff=0.6)
     near_template = difflib.get_close_matches(name, sorted(templates), n=1, cutoff=0.6)
