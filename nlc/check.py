@@ -252,11 +252,11 @@ class _ModelChecker(_Base):
     def call_type(self, e: Call, path, level) -> str | None:
         where = self.at(*path, node=e)
         if e.fn == "M" or e.fn in self.spec.levels:
-            target = level[1] if e.fn == "M" else self.spec.levels[e.fn]
             if e.fn == "M" and level is None:
                 self.err("E304", "`M` is a level's own memory; it is only defined inside a level", where,
                          "apply a named level instead, e.g. `M_k(x)`")
                 return None
+            target = level[1] if e.fn == "M" else self.spec.levels[e.fn]
             if e.kwargs or len(e.args) != 1:
                 self.err("E302", f"a memory is applied to one flow: `{e.fn}(x)`", where)
                 return None

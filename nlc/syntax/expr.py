@@ -87,7 +87,6 @@ def _parser() -> lark.Lark:
 def parse_expr(text: str, base: Span | None = None):
     """Parse one expression. Raises ExprSyntaxError with a position relative to `text`."""
     if "\n" in text.strip():
-        line = text.strip().count("\n")
         raise ExprSyntaxError("an expression must fit on one line", 1, 1)
     try:
         tree = _parser().parse(text)
@@ -95,8 +94,8 @@ def parse_expr(text: str, base: Span | None = None):
         raise ExprSyntaxError(f"unexpected character `{text[e.pos_in_stream]}`", e.line, e.column) from None
     except lark.exceptions.UnexpectedToken as e:
         if e.token.type == "$END":
-            raise ExprSyntaxError("the expression ends too early", e.line if e.line > 0 else 1,
-                                  max(1, len(text) + 1 if e.column < 0 else e.column),
+            lines = text.split("\n")
+            raise ExprSyntaxError("the expression ends too early", len(lines), len(lines[-1].rstrip()) + 1,
                                   "close every `(` and give every operator two operands") from None
         raise ExprSyntaxError(f"unexpected `{e.token}`", e.line, e.column) from None
     except lark.exceptions.UnexpectedEOF:
