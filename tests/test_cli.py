@@ -1,0 +1,75 @@
+"""The `nlc` command as a user runs it: exit codes, diagnostics on stderr, files written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def nlc(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "nlc.runtime.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_check_ok():
+    r = nlc("check", "specs/hope.yaml", "specs/hope.nl", "specs/m3.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "ok  specs/hope.yaml  (model `hope`: 6 levels" in r.stdout
+
+
+def test_check_reports_every_file_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "specs/titans.yaml").read_text().replace("block: [memory, mlp]", "block: [memroy, mlp]"))
+    empty = tmp_path / "empty.nl"
+    empty.write_text("")
+    r = nlc("check", "specs/titans.yaml", bad, empty)
+    assert r.returncode == 2
+    assert "ok  specs/titans.yaml" in r.stdout
+    assert f"{bad}:5:64: error[E204 unknown-level]: block names level `memroy`" in r.stderr
+    assert "hint: did you mean `memory`?" in r.stderr
+    assert f"{empty}:1:1: error[E001 empty-file]" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [("check", "no/such/file.yaml"), ("graph", "no/such.yaml", "-o", "x.svg"),
+                                  ("explain", "README.md"), ("check",), ("frobnicate",)])
+def test_user_mistakes_exit_2_without_traceback(args):
+    r = nlc(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+def test_graph_writes_svg_png_dot(tmp_path):
+    for suffix, magic in (("svg", "<svg"), ("png", "PNG"), ("dot", "digraph")):
+        out = tmp_path / f"hope.{suffix}"
+        r = nlc("graph", "specs/hope.yaml", "-o", out)
+        assert r.returncode == 0, r.stderr
+        assert magic in out.read_bytes()[:400].decode("latin-1")
+    r = nlc("graph", "specs/hope.yaml", "-o", tmp_path / "hope.pdf")
+    assert r.returncode == 2 and "use a .dot, .svg or .png" in r.stderr
+    assert not (tmp_path / "hope.pdf").exists()
+    r = nlc("graph", "specs/titans.nl", "--dump")
+    assert r.returncode == 0 and "memory -> mlp  conditioning" in r.stdout
+
+
+def test_explain_and_schema():
+    r = nlc("explain", "specs/titans.yaml")
+    assert r.returncode == 0
+    assert r.stdout.startswith("# `titans`: derived update rules")
+    assert r"S_t = \beta_t\, S_{t-1} + \eta_t\, \nabla \mathcal{L}(M_{\xi})" in r.stdout
+    r = nlc("schema")
+    schema = json.loads(r.stdout)
+    assert {"ModelSpec", "OptimizerSpec", "Level", "MLPMemory"} <= set(schema["$defs"])
+    assert "use" in schema["$defs"]["Level"]["properties"]
+    assert schema["$defs"]["Level"]["properties"]["chunk"]["description"]
+
+
+@pytest.mark.parametrize("cmd", ["check", "graph", "explain", "schema"])
+def test_help_has_an_example(cmd):
+    r = nlc(cmd, "--help")
+    assert r.returncode == 0 and "Example" in r.stdout and "nlc " + cmd in r.stdout
