@@ -2,6 +2,7 @@
 import sys
 
 import nlc
+import nlc.spec
 from nlc.loader import load_located
 from nlc.rules import explain
 from nlc.viz import to_dot
@@ -10,7 +11,7 @@ path = sys.argv[1] if len(sys.argv) > 1 else "specs/hope.yaml"
 loaded = load_located(path)
 spec = loaded.spec
 print(f"== 1. Spec ({type(spec).__name__}), validated from {path}")
-print(spec.model_dump_json(indent=1, exclude_none=True)[:1500], "...\n")
+print(nlc.spec.dump(spec))
 print("== 2. Level graph")
 graph = nlc.lower(spec)
 print(graph.dump(), "\n")

@@ -192,8 +192,8 @@ class Objective(Node):
     target: ExprField | None = Field(None, description="the target; default `value`")
 
     def __str__(self) -> str:
-        if self.loss == "task":
-            return "task"
+        if self.pred is None and self.target is None:
+            return self.loss
         return f"{self.loss}({self.pred or 'M(key)'}, {self.target or 'value'})"
 
 
@@ -293,3 +293,34 @@ class OptimizerSpec(Node):
 
 
 Spec = Union[ModelSpec, OptimizerSpec]
+
+
+def to_data(node: Any) -> Any:
+    """Plain data of a Spec with expressions as canonical strings (the YAML form, defaults omitted)."""
+    if isinstance(node, ExprNode):
+        return str(node)
+    if isinstance(node, (Every, Objective, OptimizerRef)):
+        return str(node)
+    if isinstance(node, BaseModel):
+        out = {}
+        for name, info in type(node).model_fields.items():
+            value = getattr(node, name)
+            if value is None or (value == info.default and name not in ("nlc", "kind")):
+                continue
+            out[name] = to_data(value)
+        if isinstance(node, Level) and node.rule:
+            out["rule"] = " |> ".join(map(str, node.rule))
+        if isinstance(node, OptLevel):
+            out["rule"] = " |> ".join(map(str, node.rule))
+        return out
+    if isinstance(node, dict):
+        return {k: to_data(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [to_data(v) for v in node]
+    return node
+
+
+def dump(spec: Spec) -> str:
+    """A readable, canonical YAML dump of a validated Spec."""
+    import yaml
+    return yaml.safe_dump(to_data(spec), sort_keys=False, width=110)

@@ -163,3 +163,11 @@ def test_core_sources_never_import_torch_or_triton():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for n in names:
                 assert n.split(".")[0] not in ("torch", "triton"), f"{path} imports {n}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_canonical_dump_round_trips(path, tmp_path):
+    spec = nlc.load(path)
+    out = tmp_path / path.name
+    out.write_text(S.dump(spec))
+    assert nlc.load(out) == spec
