@@ -18,14 +18,13 @@ import lark
 from lark import Token, v_args
 
 from nlc.diagnostics import Collector, Span, did_you_mean
-from nlc.expr import ExprNode
 from nlc.syntax.expr import EXPR_GRAMMAR, ExprBuilder
 from nlc.syntax.source import Located, SourceMap
 from nlc.vocab import OBJECTIVES
 
 GRAMMAR = Path(__file__).with_name("nl.lark").read_text() + "\n" + EXPR_GRAMMAR
 MEMORY_KINDS = tuple(OBJECTIVES)          # matrix, vector, mlp, attention
-MAX_DEPTH = 64                            # brackets, and expression nodes, nested at most this deep
+MAX_DEPTH = 100                           # brackets, and parse-tree levels, nested at most this deep
 STATEMENTS = ("model", "signal", "level", "template", "optimizer")
 
 
@@ -85,7 +84,7 @@ class Group:
 
 
 def _number(tok: Token) -> int | float:
-    return int(tok) if re.fullmatch(r"\d+", tok) else float(tok)
+    return int(tok) if re.fullmatch(r"\d{1,4000}", tok) else float(tok)
 
 
 @v_args(meta=True)
@@ -333,18 +332,28 @@ class _Assembler:
 
     # statements
     def run(self, stmts: list[Stmt]) -> dict:
+        heads = [s for s in stmts if s.kind in ("model", "optimizer_spec")]
+        if not heads:
+            first = stmts[0]
+            self.errors.error("E101", "the file has no `model NAME { ... }`", _tok(self.smap.file, first.kw),
+                              "a model spec starts `model NAME { vocab 256  d_model 256  layers 4  heads 4  "
+                              "block LEVEL, ... }`; an optimizer spec is `optimizer NAME { hyper ...  params ... }`")
+            return None
         templates: dict[str, Stmt] = {}
         for s in stmts:
             if s.kind == "template":
                 templates.setdefault(str(s.names[0]), s)
-        spec_kind = None
+        file = self.smap.file
         for s in stmts:
-            if s.kind in ("model", "optimizer_spec"):
-                if spec_kind is not None:
-                    self.errors.error("E008", f"a second `{s.kw} {s.names[0]}` in one file", _tok(self.smap.file, s.kw),
-                                      "a file holds one spec: one `model NAME { ... }` or one `optimizer NAME { ... }`")
-                    continue
-                spec_kind = s.kind
+            if s.kind in ("model", "optimizer_spec") and s is not heads[0]:
+                self.errors.error("E008", f"a second `{s.kw} {s.names[0]}` in one file", _tok(file, s.kw),
+                                  "a file holds one spec: one `model NAME { ... }` or one `optimizer NAME { ... }`")
+                continue
+            if heads[0].kind == "optimizer_spec" and s.kind != "optimizer_spec":
+                self.errors.error("E006", f"`{s.kw}` belongs in a model spec, and this file is the optimizer "
+                                  f"`{heads[0].names[0]}`", _tok(file, s.kw),
+                                  "an optimizer spec holds `hyper` and `params` inside its `{ ... }`")
+                continue
             getattr(self, "do_" + s.kind)(s, templates)
         return self.raw
 
@@ -438,6 +447,8 @@ class _Assembler:
         self._top(s)
         file = self.smap.file
         groups: list = []
+        self.raw["groups"] = groups
+        self.smap.keys[("groups",)] = self.smap.values[("groups",)] = s.span
         for it in s.items:
             if isinstance(it, Stmt):  # hyper
                 sec = self.section("hyper", it.kw, it.span)
@@ -445,7 +456,6 @@ class _Assembler:
                     self.put(sec, ("hyper",), c.key, c.kspan, c.value, f"hyperparameter `{c.key}`")
                 continue
             if not groups:
-                self.raw["groups"] = groups
                 self.smap.keys[("groups",)] = _tok(file, it.kw)
                 self.smap.values[("groups",)] = it.span
             gpath = ("groups", len(groups))
@@ -587,19 +597,36 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, file: str, erro
     where = Span(file, tok.line, tok.column, tok.end_line, tok.end_column)
     shown = _PUNCT.get(tok.type, str(tok))
     after_expr = bool(expected & _OPERATORS)
+    words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text[max(0, tok.start_pos - 200):tok.start_pos])
     if tok.type in ("NAME", "NUMBER") and after_expr:
-        prev = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:#[^\n]*\s*)*$", text[:tok.start_pos])
+        prev = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", text[:tok.start_pos])
         if prev and prev.group(1) in STATEMENTS:
-            errors.error("E006", f"`{prev.group(1)}` is read as part of the expression before it", where,
-                         "an operator on the line above is missing its right operand")
+            ln = text.count("\n", 0, prev.start(1)) + 1
+            col = prev.start(1) - (text.rfind("\n", 0, prev.start(1)) + 1) + 1
+            errors.error("E006", f"`{prev.group(1)}` is read as part of the expression before it",
+                         Span(file, ln, col, ln, col + len(prev.group(1))),
+                         "an operator before it is missing its right operand")
             return
+    if "UNIT" in expected and tok.type != "UNIT":
+        errors.error("E006", "`every` needs a clock unit: `tokens` or `steps`", where,
+                     did_you_mean(str(tok), ["tokens", "steps"]) if tok.type == "NAME" else
+                     "write `every 1 token`, `every 64, 512 tokens`, `every 16 steps` or `every never`")
+        return
     if str(tok) in STATEMENTS and "RBRACE" in expected and unclosed:
         c, ln, _ = unclosed[-1]
         errors.error("E006", f"a `}}` is missing before `{tok}`", where, f"the `{c}` on line {ln} is still open")
         return
     if "EQUAL" in expected and tok.type != "EQUAL" and len(expected) <= 3:
-        errors.error("E006", f"missing `=` before `{shown}`", where,
-                     "write `signal NAME = EXPR`, `key = EXPR`, `level NAME = grad |> ...` or `name=value`")
+        last = words[-2:] if len(words) >= 2 else words + [""]
+        if words and words[-1] in ("key", "value", "query"):
+            hint = f"write `{words[-1]} = EXPR`"
+        elif len(words) >= 2 and words[-2] == "signal":
+            hint = f"write `signal {words[-1]} = EXPR`"
+        elif len(words) >= 2 and words[-2] == "level":
+            hint = f"an optimizer level is written `level {words[-1]} = grad |> ema(beta1)`"
+        else:
+            hint = f"settings are written `{last[-1] or 'name'}=value`"
+        errors.error("E006", f"missing `=` before `{shown}`", where, hint)
         return
     kws = [t.lower() for t in expected if t in _KEYWORDS]
     if tok.type == "NAME" and kws:
@@ -615,6 +642,8 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, file: str, erro
         hint = "`:` follows only the names of `level` and `template`; write `vocab 256` or `key = EXPR`"
     elif tok.type == "EQUAL" and "COLON" in expected:
         hint = "a model level is declared `level NAME: MEMORY ...`; `level NAME = ...` is an optimizer level"
+    elif expected <= {"NAME", "RPAR", "COMMA"} and tok.type != "NAME":
+        hint = "options and settings are named: `mlp(depth=2)`, `adamw(lr=4e-4)`"
     elif tok.type in ("RPAR", "RSQB", "RBRACE"):
         hint = "brackets do not match here"
     errors.error("E006", f"unexpected `{shown}`: expected {_describe(expected)}", where, hint)
@@ -626,34 +655,20 @@ def _end(text: str) -> tuple[int, int]:
     return line, len(stripped) - (stripped.rfind("\n") + 1) + 1
 
 
-def _too_deep(v: Any) -> ExprNode | None:
-    """An expression node nested deeper than MAX_DEPTH, found without recursion."""
-    stack = [(v, 1)]
+_EXPR_RULES = {"add", "sub", "mul", "div", "pow", "neg", "index", "call", "list", "name", "num"}
+
+
+def _too_deep(tree: lark.Tree):
+    """The outermost expression holding a subtree more than MAX_DEPTH below the root (no recursion)."""
+    stack = [(tree, 0, None)]
     while stack:
-        node, d = stack.pop()
+        node, d, outer = stack.pop()
+        if outer is None and node.data in _EXPR_RULES:
+            outer = node
         if d > MAX_DEPTH:
-            return node
-        stack.extend((c, d + 1) for c in node.children())
+            return outer or node
+        stack.extend((c, d + 1, outer) for c in node.children if isinstance(c, lark.Tree))
     return None
-
-
-def _check_depth(stmts: list, file: str, errors: Collector) -> bool:
-    todo: list = list(stmts)
-    while todo:
-        x = todo.pop()
-        if isinstance(x, ExprNode):
-            deep = _too_deep(x)
-            if deep is not None:
-                errors.error("E006", f"the expression nests more than {MAX_DEPTH} levels deep",
-                             x.span or Span(file, 1, 1), "split it into named signals")
-                return False
-        elif isinstance(x, (list, tuple)):
-            todo.extend(x)
-        elif isinstance(x, dict):
-            todo.extend(x.values())
-        elif isinstance(x, (V, Clause, Head, Body, Stmt, Group)):
-            todo.extend(vars(x).values())
-    return True
 
 
 # ---------------------------------------------------------------- entry point
@@ -672,17 +687,16 @@ def parse_nl(text: str, file: str, errors: Collector) -> tuple[object, SourceMap
     except lark.exceptions.UnexpectedInput as e:
         _syntax_error(e, text, file, errors)
         return None, smap
+    deep = _too_deep(tree)
+    if deep is not None:
+        meta = deep.meta
+        errors.error("E006", f"the expression nests more than {MAX_DEPTH} levels deep",
+                     Span(file, meta.line, meta.column) if not meta.empty else Span(file, 1, 1),
+                     "split it into named signals")
+        return None, smap
     builder = _Builder(file)
-    try:
-        stmts = builder.transform(tree)
-    except (RecursionError, lark.exceptions.VisitError) as e:
-        if isinstance(e, lark.exceptions.VisitError) and not isinstance(e.orig_exc, RecursionError):
-            raise
-        errors.error("E006", "the spec nests too deeply to read", Span(file, 1, 1), "split long expressions into signals")
-        return None, smap
+    stmts = builder.transform(tree)
     if not stmts:
-        return None, smap
-    if not _check_depth(stmts, file, errors):
         return None, smap
     for what, span, first in builder.duplicates:
         errors.error("E008", f"{what} is given twice", span, f"the first is on line {first.line}")
