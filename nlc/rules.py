@@ -24,7 +24,7 @@ from nlc.expr import Bin, Call, ExprNode, Index, ListE, Name, Neg, Num
 _GREEK = {"alpha", "beta", "gamma", "delta", "eta", "theta", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "phi", "psi", "omega", "epsilon"}
 
 
-_OPT_TEX = {"grad": "g_{t}", "param": r"\theta_{t-1}", "step": "t"}
+_OPT_TEX = {"grad": "g_{t}", "param": r"\theta_{t-1}", "step": "t", "key": "k_{t}", "value": "v_{t}", "query": "q_{t}"}
 
 
 @dataclass
@@ -133,9 +133,9 @@ def derive_level(name: str, lv: S.Level) -> Derived:
             r" \quad \text{once per chunk of } C_\ell \text{ tokens}"],
             notes=[f"Continuum memory: level ell has chunk C_ell in ({periods}); every block runs on every token, "
                    "only its update is gated (NESTED_LEARNING.md §5)."])
-    pred = lv.objective.pred if lv.objective and lv.objective.pred is not None else Call(fn="M", args=(Name(id="k"),))
-    target = lv.objective.target if lv.objective and lv.objective.target is not None else Name(id="v")
-    key = lv.key if isinstance(lv.key, Name) else Name(id="k")
+    pred = lv.objective.pred if lv.objective and lv.objective.pred is not None else Call(fn="M", args=(Name(id="key"),))
+    target = lv.objective.target if lv.objective and lv.objective.target is not None else Name(id="value")
+    key = Name(id="key")
     obj = (rf"\mathcal{{L}}(M) = \tfrac12 \left\| {tex(pred)} - {tex(target)} \right\|^2" if loss == "l2"
            else rf"\mathcal{{L}}(M) = -\left\langle {tex(pred)}, {tex(target)} \right\rangle")
     a1 = a2 = b2 = c = None

@@ -120,7 +120,7 @@ def test_generalized_delta_triple_equals_the_chain(loss, tmp_path):
         k = rng.standard_normal(K)
         k /= np.linalg.norm(k)
         env = dict(zip(["alpha", "beta", "gamma", "delta"], rng.uniform(0.1, 0.9, 4)))
-        env["v"] = v
+        env["value"] = v
         ev = lambda e: eval(str(e).replace("^", "**"), {}, env)  # noqa: E731 (test-only evaluation of a derived expression)
         a, b, w = ev(d.a), ev(d.b), ev(d.w)
         got = M @ (a * np.eye(K) - b * np.outer(k, k)) + np.outer(w, k)
@@ -129,8 +129,8 @@ def test_generalized_delta_triple_equals_the_chain(loss, tmp_path):
 
 
 def test_shipped_matrix_rules():
-    for name, (a, b, w) in {"linear_attention": ("1", "0", "v"), "deltanet": ("1", "beta", "beta * v"),
-                            "gated_deltanet": ("alpha", "alpha * beta", "beta * v")}.items():
+    for name, (a, b, w) in {"linear_attention": ("1", "0", "value"), "deltanet": ("1", "beta", "beta * value"),
+                            "gated_deltanet": ("alpha", "alpha * beta", "beta * value")}.items():
         d = derive(nlc.load(SPECS / f"{name}.yaml"))["memory"]
         assert (str(d.a), str(d.b), str(d.w)) == (a, b, w), name
 
