@@ -83,6 +83,8 @@ class _Base:
     def at(self, *path, node: ExprNode | None = None, key: bool = False) -> Span:
         if node is not None and node.span is not None:
             return node.span
+        if self.smap is None:
+            return Span("<flow>", 1, 1)
         return self.smap.get(*path, key=key) or self.smap.find(path, key=key)
 
     def err(self, code, msg, span, hint=None):
@@ -482,3 +484,11 @@ class _OptimizerChecker(_Base):
                 self.err("E302", "an index is a number, e.g. `betas[0]`", self.at(*path, node=n))
             elif isinstance(n, ListE):
                 self.err("E301", "a list is not a value here", self.at(*path, node=n))
+
+
+def flow_type(spec: S.ModelSpec, expr: ExprNode, level: str | None = None) -> str | None:
+    """The shape type of a flow of a checked spec: `vec`, `head` or `const` (for code generators)."""
+    checker = _ModelChecker(spec, None, Collector("<flow>"), Path("."))
+    checker.sig_types, checker.visiting = {}, []
+    lv = (level, spec.levels[level]) if level is not None else None
+    return checker.type_of(expr, (), lv)

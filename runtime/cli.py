@@ -95,6 +95,24 @@ def explain(spec: Path = typer.Argument(..., help="a spec file"),
         typer.echo(f"wrote {output}")
 
 
+@app.command(epilog="\b\nExample:\n  nlc build specs/hope.yaml -o build/hope\n  python -c \"import sys; sys.path.insert(0, 'build/hope'); import model; print(model.Model())\"")
+def build(spec: Path = typer.Argument(..., help="a model spec file"),
+          output: Path = typer.Option(..., "--output", "-o", help="the directory to write into")):
+    """Generate the model: readable torch source (model.py), manifest.json and graph.svg.
+    The same spec gives the same bytes."""
+    from nlc.backends.torch.codegen import Unsupported, build as _build
+    try:
+        files = _build(spec, output)
+    except Unsupported as e:
+        _fail(f"{spec}: {e}")
+    except TypeError as e:
+        _fail(f"{spec}: {e}")
+    except OSError as e:
+        _fail(f"cannot write {output}: {e.strerror or e}")
+    for f in files:
+        typer.echo(f"wrote {f}")
+
+
 @app.command(epilog="\b\nExample:\n  nlc schema > nlc-spec.schema.json   (point your editor's YAML plugin at it)")
 def schema():
     """Print the JSON schema of the YAML form of a spec (model or optimizer), for editors."""

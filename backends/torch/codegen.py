@@ -1,0 +1,258 @@
+"""Generate readable torch source for a model spec: `model.py` defines `Block` and `Model`.
+
+The generated code is the model: `nlc.compile` executes it, `nlc build` writes it. Every flow
+expression becomes one line of torch; every parametric call site (`proj`, `gate`, `rate`, `conv`)
+becomes a submodule of its own; each level becomes a commented section of `Block.forward` that
+calls the shared ops (nlc.backends.torch.ops / lib). Same spec, same bytes.
+"""
+from __future__ import annotations
+
+from nlc import __version__
+from nlc import spec as S
+from nlc.check import flow_type
+from nlc.expr import Bin, Call, ExprNode, Name, Neg, Num
+from nlc.rules import derive
+
+_UNARY = {"l2norm", "silu", "gelu", "relu", "tanh", "sigmoid", "softplus", "exp", "detach"}
+
+
+class Unsupported(NotImplementedError):
+    """The spec is valid, but the torch backend cannot compile this part of it yet."""
+
+
+class _Gen:
+    def __init__(self, spec: S.ModelSpec):
+        self.spec = spec
+        self.D, self.H = spec.model.d_model, spec.model.heads
+        self.K = self.D // self.H
+        self.init: list[str] = []      # lines of Block.__init__
+        self.names: dict[str, int] = {}
+        self.signals: dict[str, tuple[str, list[str]]] = {}   # name -> (code, signals it reads)
+
+    def module(self, base: str, ctor: str) -> str:
+        n = self.names.get(base, 0)
+        self.names[base] = n + 1
+        name = base if n == 0 else f"{base}{n}"
+        self.init.append(f"self.{name} = {ctor}")
+        return name
+
+    def expr(self, e: ExprNode, ctx: str, level: str | None, body: list[str], done: set[str]) -> tuple[str, str]:
+        """Code and shape type of a flow; signals it reads are emitted into `body` first."""
+        t = flow_type(self.spec, e, level)
+        if isinstance(e, Num):
+            return repr(float(e.value)), "const"
+        if isinstance(e, Name):
+            if e.id == "x":
+                return "x", "vec"
+            if e.id in ("key", "value", "query"):
+                return e.id, t
+            self.signal(e.id, body, done)
+            return f"sig_{e.id}", t
+        if isinstance(e, Neg):
+            code, tt = self.expr(e.arg, ctx, level, body, done)
+            return f"(-{code})", tt
+        if isinstance(e, Bin):
+            (lc, lt), (rc, rt) = (self.expr(e.left, ctx, level, body, done), self.expr(e.right, ctx, level, body, done))
+            if e.op in "*/" and {lt, rt} == {"vec", "head"}:
+                lc, rc = (f"L.vec({lc})" if lt == "head" else lc), (f"L.vec({rc})" if rt == "head" else rc)
+            op = "**" if e.op == "^" else e.op
+            return f"({lc} {op} {rc})", t
+        if isinstance(e, Call):
+            if e.fn in _UNARY:
+                code, _ = self.expr(e.args[0], ctx, level, body, done)
+                return f"L.{e.fn}({code})", t
+            if e.fn == "proj":
+                code, _ = self.expr(e.args[0], ctx, level, body, done)
+                name = self.module(f"{ctx}_proj", f"L.Proj({self.D}, {self.H}, {self.K})")
+                return f"self.{name}({code})", "vec"
+            if e.fn in ("gate", "rate"):
+                code, _ = self.expr(e.args[0], ctx, level, body, done)
+                name = self.module(f"{ctx}_{e.fn}", f"L.HeadScalar({self.D}, {self.H}, squash={e.fn == 'gate'})")
+                return f"self.{name}({code})", "head"
+            if e.fn == "conv":
+                code, at = self.expr(e.args[0], ctx, level, body, done)
+                channels = self.D if at == "vec" else self.H
+                width = int(e.args[1].value)
+                name = self.module(f"{ctx}_conv", f"L.CausalConv({channels}, {width})")
+                return f"self.{name}({code}, state, new, p + {name!r})", at
+            raise Unsupported(f"`{e.fn}(...)` (a level applied as a generator, or the level's own memory) is not "
+                              "supported by the torch backend yet")
+        raise Unsupported(f"expression `{e}`")
+
+    def signal(self, name: str, body: list[str], done: set[str]) -> None:
+        """Emit a signal (after the signals it reads). Its parameters are made once per block and
+        shared by every level that reads it; each level evaluates it on its own input `x`."""
+        if name in done:
+            return
+        if name not in self.signals:
+            deps: list[str] = []
+            code, _ = self.expr(self.spec.signals[name], f"sig_{name}", None, deps, set())
+            self.signals[name] = (code, [n.id for n in self.spec.signals[name].walk()
+                                         if isinstance(n, Name) and n.id in self.spec.signals])
+        code, deps = self.signals[name]
+        for dep in deps:
+            self.signal(dep, body, done)
+        body.append(f"sig_{name} = {code}")
+        done.add(name)
+
+    # ---------------------------------------------------------------- levels
+
+    def level(self, name: str, lv: S.Level) -> list[str]:
+        D, H, K = self.D, self.H, self.K
+        m = lv.memory
+        body: list[str] = []
+        done: set[str] = set()
+        norm = self.module(f"{name}_norm", f"nn.RMSNorm({D}, eps=1e-6)")
+        static = lv.every is not None and lv.every.period is None
+        if isinstance(m, S.MLPMemory) and static:
+            hidden = int(round(D * m.expansion))
+            mlp = self.module(f"{name}_mlp", f"L.MLP({D}, {hidden}, {D}, depth={m.depth}, act={m.activation!r})")
+            return [f"# level `{name}`: static MLP (frequency 0)",
+                    f"h = h + self.{mlp}(self.{norm}(h))"]
+        body.append(f"x = self.{norm}(h).view(B, T, {H}, {K})")
+        flows = {}
+        for f in ("query", "key", "value"):
+            e = getattr(lv, f)
+            if e is not None:
+                code, _ = self.expr(e, f"{name}_{f}", name, body, done)
+                body.append(f"{f} = {code}")
+                flows[f] = code
+        out = self.module(f"{name}_out", f"nn.Linear({D}, {D}, bias=False)")
+        if isinstance(m, S.AttentionMemory):
+            return [f"# level `{name}`: softmax attention (non-parametric, frequency infinity)"] + body + [
+                f"o = L.attention(query, key, value, {m.window}, state, new, p + {name!r})",
+                f"h = h + self.{out}(o.reshape(B, T, {D}))"]
+        d = derive(self.spec)[name]
+        if isinstance(m, S.MatrixMemory) and d.family == "generalized_delta":
+            onorm = self.module(f"{name}_onorm", f"nn.RMSNorm({K}, eps=1e-6)")
+            s0 = "None"
+            if lv.init == "meta":
+                s0 = "self." + self.module(f"{name}_S0", f"nn.Parameter(torch.zeros({H}, {K}, {K}))")
+            a, _ = self.expr(d.a, f"{name}_rule", name, body, done)
+            b, _ = self.expr(d.b, f"{name}_rule", name, body, done)
+            w, wt = self.expr(d.w, f"{name}_rule", name, body, done)
+            if wt != "vec":
+                raise Unsupported(f"level `{name}`: a write that is not a vector per head")
+            chunk = lv.chunk or 64
+            return [f"# level `{name}`: matrix memory, M_t = M_(t-1) (a I - b k k^T) + w k^T",
+                    f"#   a = {d.a}, b = {d.b}, w = {d.w}"] + body + [
+                f"a, b, w = L.per_head({a}, key), L.per_head({b}, key), {w}",
+                f"S0 = L.initial(state, p + '{name}.S', {s0}, key, ({H}, {K}, {K}))",
+                f"o, new[p + '{name}.S'] = generalized_delta(query, key, w, a, b, initial_state=S0, mode=mode, chunk_size={chunk})",
+                f"h = h + self.{out}(self.{onorm}(o).reshape(B, T, {D}))"]
+        raise Unsupported(f"level `{name}` ({m.kind} memory, {d.family} rule) is not supported by the torch backend yet")
+
+
+def generate(spec: S.ModelSpec, source: str = "") -> str:
+    """The torch source of a model spec."""
+    if not isinstance(spec, S.ModelSpec):
+        raise TypeError("generate() takes a model spec; optimizer specs compile with nlc.compile_optimizer")
+    g = _Gen(spec)
+    sections = [g.level(name, spec.levels[name]) for name in spec.model.block]
+    shape = spec.model
+    lines = [f'"""{spec.name}: generated by nlc {__version__}' + (f" from {source}" if source else "") + ".",
+             "",
+             "Do not edit: change the spec and run `nlc build` again. Each section of Block.forward is one level;",
+             "its comment gives the update rule nlc derived for it (`nlc explain` shows the derivation).",
+             '"""',
+             "import torch",
+             "from torch import nn",
+             "",
+             "from nlc.backends.torch import lib as L",
+             "from nlc.backends.torch.ops import generalized_delta",
+             "",
+             f"CONFIG = dict(name={spec.name!r}, vocab={shape.vocab}, d_model={shape.d_model}, layers={shape.layers}, "
+             f"heads={shape.heads}, head_dim={g.K}, block={list(shape.block)!r})",
+             "",
+             "",
+             "class Block(nn.Module):",
+             f'    """One block: {" -> ".join(shape.block)}, each level with pre-norm and residual."""',
+             "",
+             "    def __init__(self):",
+             "        super().__init__()"]
+    lines += [f"        {ln}" for ln in g.init]
+    lines += ["",
+              "    def forward(self, h, state, new, p, mode):",
+              "        B, T = h.shape[:2]"]
+    for sec in sections:
+        lines += [f"        {ln}" for ln in sec]
+    lines += ["        return h",
+              "",
+              "",
+              "class Model(nn.Module):",
+              f'    """{spec.name}: embedding, {shape.layers} blocks, norm, output head. forward(input_ids, state) returns',
+              '    (logits, state); feeding a sequence in pieces with the state carried equals feeding it whole."""',
+              "",
+              "    def __init__(self):",
+              "        super().__init__()",
+              '        self.mode = "chunk"  # "recurrent": every memory token by token (the oracle)',
+              f"        self.embed = nn.Embedding({shape.vocab}, {shape.d_model})",
+              f"        self.blocks = nn.ModuleList(Block() for _ in range({shape.layers}))",
+              f"        self.norm = nn.RMSNorm({shape.d_model}, eps=1e-6)",
+              f"        self.head = nn.Linear({shape.d_model}, {shape.vocab}, bias=False)",
+              "        nn.init.normal_(self.embed.weight, std=0.02)",
+              "",
+              "    def forward(self, input_ids, state=None):",
+              "        state = {} if state is None else state",
+              "        new = {}",
+              "        h = self.embed(input_ids)",
+              "        for i, block in enumerate(self.blocks):",
+              '            h = block(h, state, new, f"{i}.", self.mode)',
+              "        return self.head(self.norm(h)), new",
+              ""]
+    return "\n".join(lines)
+
+
+def load_source(source: str, name: str = "nlc_generated"):
+    """Execute generated source as a module (with a filename, so tracebacks show its lines)."""
+    import linecache
+    import types
+    filename = f"<nlc:{name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    module = types.ModuleType(name)
+    module.__file__ = filename
+    exec(compile(source, filename, "exec"), module.__dict__)
+    return module
+
+
+def build(path, out_dir) -> list:
+    """`nlc build`: write model.py, manifest.json and graph.svg for a model spec into `out_dir`.
+
+    Deterministic: the same spec gives the same bytes. Files are written atomically.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from nlc.fileio import atomic_write
+    from nlc.graph import lower
+    from nlc.loader import load_located
+    from nlc.viz import RenderError, render, to_dot
+
+    loaded = load_located(path)
+    spec = loaded.spec
+    out = Path(out_dir)
+    source = generate(spec, Path(path).name)
+    derived = derive(spec) if isinstance(spec, S.ModelSpec) else {}
+    manifest = {
+        "nlc": __version__,
+        "spec": Path(path).name,
+        "spec_sha256": hashlib.sha256(loaded.source.encode()).hexdigest(),
+        "name": spec.name,
+        "model": spec.model.model_dump(mode="json"),
+        "levels": {name: {"memory": lv.memory.kind, "every": str(lv.every) if lv.every else None,
+                          "chunk": lv.chunk, "rule": derived[name].family,
+                          **({"a": str(derived[name].a), "b": str(derived[name].b), "w": str(derived[name].w)}
+                             if derived[name].a is not None else {})}
+                   for name, lv in spec.levels.items()},
+        "optimizer": str(spec.optimizer) if spec.optimizer else None,
+        "files": ["model.py", "manifest.json", "graph.svg"],
+    }
+    written = [atomic_write(out / "model.py", source),
+               atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")]
+    graph = lower(spec)
+    try:
+        written.append(render(graph, out / "graph.svg"))
+    except RenderError:  # no Graphviz renderer on this platform: the DOT text instead
+        written.append(atomic_write(out / "graph.dot", to_dot(graph)))
+    return written

@@ -1,0 +1,134 @@
+"""Building blocks the generated model code calls: norms, per-head projections, causal
+convolutions with carried state, attention with a KV cache, MLPs. Small and plain on purpose:
+the generated `model.py` reads as the spec, and these are its vocabulary."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "identity": lambda z: z}
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Divide by the L2 norm over the last dim (head_dim)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def silu(x): return F.silu(x)
+def gelu(x): return F.gelu(x)
+def relu(x): return F.relu(x)
+def tanh(x): return torch.tanh(x)
+def sigmoid(x): return torch.sigmoid(x)
+def softplus(x): return F.softplus(x)
+def exp(x): return torch.exp(x)
+def detach(x): return x.detach()
+
+
+def per_head(value, like: torch.Tensor) -> torch.Tensor:
+    """A per-token, per-head scalar [B, T, H] from a constant or a [B, T, H] tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype).expand(like.shape[:3])
+    return torch.full(like.shape[:3], float(value), dtype=like.dtype, device=like.device)
+
+
+def vec(x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-head scalar [B, T, H] against vectors [B, T, H, K]."""
+    return x.unsqueeze(-1) if isinstance(x, torch.Tensor) else x
+
+
+class Proj(nn.Module):
+    """A static linear map [B, T, H, K] -> [B, T, H, K'] (frequency 0)."""
+
+    def __init__(self, d_in: int, heads: int, d_head: int):
+        super().__init__()
+        self.heads, self.d_head = heads, d_head
+        self.linear = nn.Linear(d_in, heads * d_head, bias=False)
+
+    def forward(self, x):
+        B, T = x.shape[:2]
+        return self.linear(x.reshape(B, T, -1)).view(B, T, self.heads, self.d_head)
+
+
+class HeadScalar(nn.Module):
+    """A static linear map to one scalar per head [B, T, H]; `gate` squashes it with a sigmoid."""
+
+    def __init__(self, d_in: int, heads: int, squash: bool):
+        super().__init__()
+        self.linear, self.squash = nn.Linear(d_in, heads), squash
+
+    def forward(self, x):
+        B, T = x.shape[:2]
+        y = self.linear(x.reshape(B, T, -1))
+        return torch.sigmoid(y) if self.squash else y
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution over time. The last `width - 1` inputs are carried in `state`
+    so that a sequence fed in pieces gives what it gives whole."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.zeros(channels, width))
+        with torch.no_grad():  # start near identity (the newest tap), with a little mixing
+            self.weight.uniform_(-0.5 / width, 0.5 / width)
+            self.weight[:, -1] += 1.0
+
+    def forward(self, x, state: dict, new: dict, key: str):
+        B, T = x.shape[:2]
+        flat = x.reshape(B, T, -1)
+        past = state.get(key)
+        if past is None:
+            past = flat.new_zeros(B, self.width - 1, flat.shape[-1])
+        full = torch.cat([past.to(flat.dtype), flat], dim=1)
+        new[key] = full[:, full.shape[1] - (self.width - 1):]
+        y = F.conv1d(full.transpose(1, 2), self.weight.to(flat.dtype).unsqueeze(1), groups=flat.shape[-1])
+        return y.transpose(1, 2).reshape(x.shape)
+
+
+class MLP(nn.Module):
+    """`depth` linear layers with an activation between them."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, depth: int, act: str):
+        super().__init__()
+        dims = [d_in] + [hidden] * (depth - 1) + [d_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims, dims[1:]))
+        self.act = ACT[act]
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = self.act(x)
+        return x
+
+
+def attention(q, k, v, window: int | None, state: dict, new: dict, key: str):
+    """Causal softmax attention over [B, T, H, K], with the past keys and values carried in
+    `state` (all of them, or the last `window - 1` with a sliding window)."""
+    B, T, H, K = q.shape
+    past_k, past_v = state.get(key + ".k"), state.get(key + ".v")
+    if past_k is not None:
+        k, v = torch.cat([past_k.to(k.dtype), k], 1), torch.cat([past_v.to(v.dtype), v], 1)
+    P = k.shape[1] - T
+    keep = k.shape[1] if window is None else min(k.shape[1], window - 1)
+    new[key + ".k"], new[key + ".v"] = k[:, k.shape[1] - keep:], v[:, v.shape[1] - keep:]
+    i = torch.arange(T, device=q.device)[:, None] + P
+    j = torch.arange(k.shape[1], device=q.device)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask = mask & (j > i - window)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return o.transpose(1, 2)
+
+
+def initial(state: dict, key: str, param: torch.Tensor | None, like: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The carried state, else the meta-learned initial state (expanded over the batch), else zeros."""
+    s = state.get(key)
+    if s is not None:
+        return s
+    B = like.shape[0]
+    if param is not None:
+        return param.to(like.dtype).unsqueeze(0).expand(B, *param.shape)
+    return like.new_zeros(B, *shape)
