@@ -28,6 +28,7 @@ class _Gen:
         self.init: list[str] = []      # lines of Block.__init__
         self.names: dict[str, int] = {}
         self.signals: dict[str, tuple[str, list[str]]] = {}   # name -> (code, signals it reads)
+        self.cms_levels: list[tuple[str, int, float]] = []     # (sublevel, period, step size)
 
     def module(self, base: str, ctor: str) -> str:
         n = self.names.get(base, 0)
@@ -109,6 +110,8 @@ class _Gen:
             mlp = self.module(f"{name}_mlp", f"L.MLP({D}, {hidden}, {D}, depth={m.depth}, act={m.activation!r})")
             return [f"# level `{name}`: static MLP (frequency 0)",
                     f"h = h + self.{mlp}(self.{norm}(h))"]
+        if isinstance(m, S.MLPMemory) and lv.objective is not None and lv.objective.loss == "task":
+            return self.cms(name, lv, norm)
         body.append(f"x = self.{norm}(h).view(B, T, {H}, {K})")
         flows = {}
         for f in ("query", "key", "value"):
@@ -142,6 +145,28 @@ class _Gen:
                 f"h = h + self.{out}(self.{onorm}(o).reshape(B, T, {D}))"]
         raise Unsupported(f"level `{name}` ({m.kind} memory, {d.family} rule) is not supported by the torch backend yet")
 
+    def cms(self, name: str, lv: S.Level, first_norm: str) -> list[str]:
+        """A Continuum Memory System level: one pre-norm residual MLP per period, run on every
+        token with fast weights (slow weights + in-context delta) that the model updates per chunk."""
+        from nlc.expr import const_value
+        from nlc.rules import _chain_scale
+        m = lv.memory
+        lr = const_value(_chain_scale(lv))
+        if lr is None:
+            raise Unsupported(f"level `{name}`: a CMS step size must be a constant")
+        if lv.every is None or lv.every.unit != "tokens" or not lv.every.period:
+            raise Unsupported(f"level `{name}`: a CMS level on the optimizer's clock (`steps`)")
+        hidden = int(round(self.D * m.expansion))
+        lines = [f"# level `{name}`: continuum memory, {len(lv.every.period)} MLPs updated every "
+                 f"{', '.join(map(str, lv.every.period))} tokens by -{lr:g} * (sum of the chunk's task-loss gradients)"]
+        for i, period in enumerate(lv.every.period):
+            sub = f"{name}{i}"
+            norm = first_norm if i == 0 else self.module(f"{sub}_norm", f"nn.RMSNorm({self.D}, eps=1e-6)")
+            self.module(f"{sub}_mlp", f"L.MLP({self.D}, {hidden}, {self.D}, depth={m.depth}, act={m.activation!r})")
+            self.cms_levels.append((sub, int(period), float(lr)))
+            lines.append(f"h = h + L.mlp_with(self.{sub}_mlp, self.{norm}(h), fast.get(p + {sub!r}))")
+        return lines
+
 
 def generate(spec: S.ModelSpec, source: str = "") -> str:
     """The torch source of a model spec."""
@@ -172,16 +197,19 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
              "        super().__init__()"]
     lines += [f"        {ln}" for ln in g.init]
     lines += ["",
-              "    def forward(self, h, state, new, p, mode):",
+              "    def forward(self, h, state, new, p, mode, fast):",
               "        B, T = h.shape[:2]"]
     for sec in sections:
         lines += [f"        {ln}" for ln in sec]
-    lines += ["        return h",
-              "",
-              "",
-              "class Model(nn.Module):",
+    lines += ["        return h", "", ""]
+    if g.cms_levels:
+        window = min(period for _, period, _ in g.cms_levels)
+        lines += [f"CMS = {g.cms_levels!r}  # (level, period in tokens, step size)",
+                  f"WINDOW = {window}  # the fastest CMS period: the model runs window by window", "", ""]
+    lines += ["class Model(nn.Module):",
               f'    """{spec.name}: embedding, {shape.layers} blocks, norm, output head. forward(input_ids, state) returns',
-              '    (logits, state); feeding a sequence in pieces with the state carried equals feeding it whole."""',
+              '    (logits, state); feeding a sequence in pieces with the state carried equals feeding it whole' +
+              (' (pieces cut at multiples of WINDOW tokens)."""' if g.cms_levels else '."""'),
               "",
               "    def __init__(self):",
               "        super().__init__()",
@@ -192,14 +220,37 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
               f"        self.head = nn.Linear({shape.d_model}, {shape.vocab}, bias=False)",
               "        nn.init.normal_(self.embed.weight, std=0.02)",
               "",
-              "    def forward(self, input_ids, state=None):",
-              "        state = {} if state is None else state",
+              "    def run(self, input_ids, state, fast):",
               "        new = {}",
               "        h = self.embed(input_ids)",
               "        for i, block in enumerate(self.blocks):",
-              '            h = block(h, state, new, f"{i}.", self.mode)',
+              '            h = block(h, state, new, f"{i}.", self.mode, fast)',
               "        return self.head(self.norm(h)), new",
               ""]
+    if not g.cms_levels:
+        lines += ["    def forward(self, input_ids, state=None):",
+                  "        return self.run(input_ids, {} if state is None else state, {})",
+                  ""]
+    else:
+        lines += ["    def forward(self, input_ids, state=None):",
+                  "        # Window by window: run, then take the gradient of the window's next-token loss with",
+                  "        # respect to the CMS fast weights (first order) and update the levels whose chunk ends.",
+                  "        state = dict(state or {})",
+                  "        keep_graph = torch.is_grad_enabled()",
+                  "        pos = int(state.pop('t', torch.zeros((), dtype=torch.long)))",
+                  "        outs, s, T = [], 0, input_ids.shape[1]",
+                  "        while s < T:",
+                  "            e = min(T, s + WINDOW - (pos + s) % WINDOW)",
+                  "            with torch.enable_grad():",
+                  "                fast = L.cms_fast(self, state, CMS)",
+                  "                logits, new = self.run(input_ids[:, s:e], state, fast)",
+                  "                L.cms_step(input_ids[:, s:e], logits, fast, state, new, CMS, pos + e)",
+                  "            state.update(new)",
+                  "            outs.append(logits if keep_graph else logits.detach())",
+                  "            s = e",
+                  "        state['t'] = torch.tensor(pos + T)",
+                  "        return torch.cat(outs, 1), state",
+                  ""]
     return "\n".join(lines)
 
 

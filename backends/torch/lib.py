@@ -132,3 +132,55 @@ def initial(state: dict, key: str, param: torch.Tensor | None, like: torch.Tenso
     if param is not None:
         return param.to(like.dtype).unsqueeze(0).expand(B, *param.shape)
     return like.new_zeros(B, *shape)
+
+
+# ---------------------------------------------------------------- the Continuum Memory System
+
+def mlp_with(mlp: MLP, x: torch.Tensor, deltas: list | None) -> torch.Tensor:
+    """An MLP run with fast weights: each layer's weight plus its in-context delta."""
+    if deltas is None:
+        return mlp(x)
+    for i, (layer, d) in enumerate(zip(mlp.layers, deltas)):
+        x = F.linear(x, layer.weight + d.to(layer.weight.dtype))
+        if i < len(mlp.layers) - 1:
+            x = mlp.act(x)
+    return x
+
+
+def cms_fast(model, state: dict, levels) -> dict:
+    """Per layer and CMS level, leaf tensors for the in-context deltas of the level's weights
+    (carried in `state`, zero at first): the window's gradients are taken with respect to them."""
+    fast = {}
+    for i, block in enumerate(model.blocks):
+        for name, _, _ in levels:
+            mlp = getattr(block, f"{name}_mlp")
+            fast[f"{i}.{name}"] = [state.get(f"{i}.{name}.delta{j}", torch.zeros_like(layer.weight)).detach()
+                                   .to(layer.weight.dtype).requires_grad_() for j, layer in enumerate(mlp.layers)]
+    return fast
+
+
+def cms_step(ids, logits, fast: dict, state: dict, new: dict, levels, end: int) -> None:
+    """After one window (NESTED_LEARNING.md §5, first order): add the gradient of the window's
+    next-token loss to each CMS level's accumulator; a level whose chunk ends at token `end`
+    applies `delta -= lr * accumulated` and starts a new accumulation."""
+    leaves = [d for ds in fast.values() for d in ds]
+    if ids.shape[1] > 1:
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        loss = F.cross_entropy(flat if flat.dtype in (torch.float32, torch.float64) else flat.float(),
+                               ids[:, 1:].reshape(-1), reduction="sum")
+        grads = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    else:
+        grads = [None] * len(leaves)
+    it = iter(grads)
+    periods = {name: (period, lr) for name, period, lr in levels}
+    for key, deltas in fast.items():
+        period, lr = periods[key.split(".", 1)[1]]
+        for j, d in enumerate(deltas):
+            g = next(it)
+            acc = state.get(f"{key}.acc{j}", torch.zeros_like(d)).detach()
+            if g is not None:
+                acc = acc + g.detach()
+            delta = d.detach()
+            if end % period == 0:
+                delta, acc = delta - lr * acc, torch.zeros_like(acc)
+            new[f"{key}.delta{j}"], new[f"{key}.acc{j}"] = delta, acc
