@@ -4,6 +4,7 @@ Every failure becomes a located diagnostic; nothing in the file is executed.
 """
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,15 @@ def validate(raw: object, smap: SourceMap, errors: Collector) -> S.Spec | None:
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        for err in e.errors():
-            _report(err, cls, smap, errors)
+        seen = set()
+        # A union reports one error per member (`0` is neither a positive int nor a name): keep the
+        # most telling one per location.
+        for err in sorted(e.errors(), key=lambda err: err["type"] not in ("greater_than", "missing", "extra_forbidden")):
+            where = tuple(x for x in err["loc"] if not _is_branch(x))
+            if where in seen:
+                continue
+            seen.add(where)
+            _report(dict(err, loc=where), cls, smap, errors)
         return None
 
 
@@ -169,6 +177,14 @@ def _unwrap(tp, tag):
             return tp
 
 
+_BRANCH = re.compile(r"^(constrained-\w+|function-\w+|int|str|float|bool|list\[.*\]|tuple\[.*\]|dict\[.*\]|lax-or-strict|json-or-python)$")
+
+
+def _is_branch(el) -> bool:
+    """A loc element pydantic adds for a union member or a validator, not a key of the data."""
+    return isinstance(el, str) and bool(_BRANCH.match(el))
+
+
 def _report(err: dict, cls: type, smap: SourceMap, errors: Collector) -> None:
     loc, kind, ctx = tuple(err["loc"]), err["type"], err.get("ctx") or {}
     where = ".".join(str(x) for x in loc if not (isinstance(x, str) and x in ("matrix", "mlp", "vector", "attention", "function-before")))
@@ -187,7 +203,9 @@ def _report(err: dict, cls: type, smap: SourceMap, errors: Collector) -> None:
                      base.shifted(ctx.get("line", 1), ctx.get("col", 1), None, None) if base else span,
                      "expressions look like `l2norm(conv(proj(x), 4))` or `0.1 * softplus(M_eta(x))`")
     elif kind in ("greater_than", "greater_than_equal") and ctx.get("gt", ctx.get("ge")) in (0, 0.0):
-        errors.error("E104", f"`{where}` must be positive, not `{inp}`", span, "sizes, counts and periods are at least 1")
+        errors.error("E104", f"`{where}` must be positive, not `{inp}`", span,
+                     "a level that never updates is `every: never` (frequency 0)" if "every" in loc
+                     else "sizes, counts and periods are at least 1")
     elif kind == "literal_error" and loc[-1] == "nlc":
         errors.error("E105", f"unsupported language version `{inp}`", span, "this nlc reads `nlc: 1`")
     elif kind == "literal_error":
