@@ -80,8 +80,9 @@ RULES = _table(
     Fn("momentum", ("beta", "nesterov?"), "S = beta S + u; u = S (nesterov: u = u + beta S)"),
     Fn("ema", ("beta",), "S = beta S + (1 - beta) u; u = S"),
     Fn("accumulate", (), "S = S + u; u = S (a running sum)"),
-    Fn("delta_momentum", ("alpha",), "S = S (alpha I - u^T u / |u|^2 ...) + u: momentum with a gradient-dependent decay (NL §7)"),
-    Fn("debias", ("beta",), "u = u / (1 - beta^step) (Adam's bias correction)"),
+    Fn("delta_momentum", ("alpha",), "S = S (alpha I - u^T u / |u|_F^2) + u; u = S (S, u as [rows, cols], a vector as one row; "
+       "no erase when u = 0): momentum with a gradient-dependent decay (NL §7)"),
+    Fn("debias", ("beta",), "u = u / (1 - beta^k), k = the level's write count (the step, or the block of a slow level): Adam's bias correction"),
     Fn("weight_decay", ("wd",), "u = u + wd * param (optimizer levels)"),
     Fn("precondition", ("p",), "u = p * u, element-wise"),
     Fn("newton_schulz", ("steps?",), "u = NS(u), quintic Newton-Schulz"),
