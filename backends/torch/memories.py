@@ -26,7 +26,7 @@ between calls continues the same computation when the first call's length is a m
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from numbers import Real
 from typing import NamedTuple
 
@@ -397,7 +397,8 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
     W = [w.to(dtype).expand(B, *w.shape[-3:]) for w in W0]
     S = None
     if beta is not None:
-        S = [torch.zeros_like(w) for w in W] if S0 is None else [s.to(dtype).expand(B, *s.shape[-3:]) for s in S0]
+        S = ([torch.zeros_like(w) for w in W] if S0 is None
+             else [s.to(dtype).expand(B, *s.shape[-3:]) for s in S0])
     cfg = (objective, self_target, detach_target, activation, residual)
     run = _mlp_recurrent if mode == "recurrent" else _mlp_chunk
     o, W, S = run(q, k, v, eta, beta, alpha, erase, cfg, W, S, chunk_size)
