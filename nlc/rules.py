@@ -39,6 +39,16 @@ class Derived:
     w: ExprNode | None = None
     momentum: tuple[str, ExprNode] | None = None   # ("momentum" | "ema", decay)
     notes: list[str] = field(default_factory=list)
+    # the chain's parts, for backends: u = step * grad (then momentum); M = retain M - erase M key key^T - u
+    loss: str = ""
+    pred: ExprNode | None = None
+    target: ExprNode | None = None
+    step: ExprNode | None = None           # None = 1
+    retain: ExprNode | None = None         # after grad; None = 1
+    pre_retain: ExprNode | None = None     # before grad (the gradient is taken at the retained state)
+    erase: ExprNode | None = None          # DGD erase strength; None = 0
+    erase_key: ExprNode | None = None
+    other_steps: list[str] = field(default_factory=list)   # primitives a backend must also apply
 
 
 # ---------------------------------------------------------------- expression helpers
@@ -170,7 +180,9 @@ def derive_level(name: str, lv: S.Level) -> Derived:
     state_tex = rf"M_{{t-1}}\left({tex(_or1(_mul(a1, a2)))}\, I - {tex(_mul(a1, b2) or Num(value=0))}\, {kt} {kt}^\top\right)"
     if b2 is None:
         state_tex = rf"{tex(_or1(_mul(a1, a2)))}\, M_{{t-1}}" if _mul(a1, a2) is not None else r"M_{t-1}"
-    d = Derived(name, "", obj)
+    d = Derived(name, "", obj, loss=loss, pred=pred, target=target, step=c, retain=a2, pre_retain=a1,
+                erase=b2, erase_key=key if b2 is not None else None,
+                other_steps=[str(st) for st in lv.rule if st.fn not in ("grad", "scale", "momentum", "ema", "retain", "dgd")])
     if a1 is not None:
         d.notes.append("Retention before `grad`: the gradient is taken at the retained state.")
     if mom is None and not extra_u and isinstance(m, S.MatrixMemory):

@@ -20,6 +20,20 @@ class Unsupported(NotImplementedError):
     """The spec is valid, but the torch backend cannot compile this part of it yet."""
 
 
+def _subst(e: ExprNode, names: dict) -> ExprNode:
+    """`e` with the names in `names` replaced by expressions."""
+    if isinstance(e, Name) and names.get(e.id) is not None:
+        return names[e.id]
+    if isinstance(e, Call):
+        return Call(fn=e.fn, args=tuple(_subst(a, names) for a in e.args),
+                    kwargs={k: _subst(v, names) for k, v in e.kwargs.items()})
+    if isinstance(e, Bin):
+        return Bin(op=e.op, left=_subst(e.left, names), right=_subst(e.right, names))
+    if isinstance(e, Neg):
+        return Neg(arg=_subst(e.arg, names))
+    return e
+
+
 class _Gen:
     def __init__(self, spec: S.ModelSpec):
         self.spec = spec
@@ -75,9 +89,15 @@ class _Gen:
                 channels = self.D if at == "vec" else self.H
                 width = int(e.args[1].value)
                 name = self.module(f"{ctx}_conv", f"L.CausalConv({channels}, {width})")
-                return f"self.{name}({code}, state, new, p + {name!r})", at
-            raise Unsupported(f"`{e.fn}(...)` (a level applied as a generator, or the level's own memory) is not "
-                              "supported by the torch backend yet")
+                return f"self.{name}({code}, cstate, cnew, p + {name!r})", at
+            if e.fn in self.spec.levels:
+                gen = self.spec.levels[e.fn]
+                if not isinstance(gen.memory, S.MLPMemory):
+                    raise Unsupported(f"`{e.fn}(...)`: only MLP memories can generate flows in the torch backend yet")
+                code, _ = self.expr(e.args[0], ctx, level, body, done)
+                read = f"L.mlp_read(gst_{e.fn}, {code}, {gen.memory.activation!r}, {gen.memory.residual})"
+                return (read + "[..., 0]" if gen.out == "scalar" else read), t
+            raise Unsupported(f"`{e.fn}(...)`: the level's own memory inside a flow is not supported by the torch backend yet")
         raise Unsupported(f"expression `{e}`")
 
     def signal(self, name: str, body: list[str], done: set[str]) -> None:
@@ -113,6 +133,9 @@ class _Gen:
         if isinstance(m, S.MLPMemory) and lv.objective is not None and lv.objective.loss == "task":
             return self.cms(name, lv, norm)
         body.append(f"x = self.{norm}(h).view(B, T, {H}, {K})")
+        gens = self.generators(name)
+        if gens:
+            body += self.scan(name, gens, done)
         flows = {}
         for f in ("query", "key", "value"):
             e = getattr(lv, f)
@@ -143,7 +166,155 @@ class _Gen:
                 f"S0 = L.initial(state, p + '{name}.S', {s0}, key, ({H}, {K}, {K}))",
                 f"o, new[p + '{name}.S'] = generalized_delta(query, key, w, a, b, initial_state=S0, mode=mode, chunk_size={chunk})",
                 f"h = h + self.{out}(self.{onorm}(o).reshape(B, T, {D}))"]
+        if isinstance(m, (S.MatrixMemory, S.MLPMemory)):
+            onorm = self.module(f"{name}_onorm", f"nn.RMSNorm({K}, eps=1e-6)")
+            call, state_lines = self.memory_update(name, lv, body, done, read="query")
+            return [f"# level `{name}`: {m.kind} memory, {' |> '.join(map(str, lv.rule))} (gradients at each chunk's anchor)"] + \
+                body + state_lines + [f"o, st = {call}", *self.save_state(name, lv),
+                                      f"h = h + self.{out}(self.{onorm}(o).reshape(B, T, {D}))"]
         raise Unsupported(f"level `{name}` ({m.kind} memory, {d.family} rule) is not supported by the torch backend yet")
+
+    def memory_update(self, name: str, lv: S.Level, body: list[str], done: set[str], read: str) -> tuple[str, list[str]]:
+        """The call that reads and updates a momentum / MLP memory, with the lines that fetch its state.
+        `read`: the code of what the memory is applied to (its query, or x for a generator)."""
+        d = derive(self.spec)[name]
+        m = lv.memory
+        why = None
+        if d.pre_retain is not None:
+            why = "retention before `grad`"
+        elif d.other_steps:
+            why = "primitives " + ", ".join(d.other_steps)
+        elif d.momentum is not None and d.momentum[0] != "momentum":
+            why = "an `ema` momentum"
+        elif d.erase is not None and str(d.erase_key) not in (str(lv.key), "key"):
+            why = "a DGD erase along another flow than the level's key"
+        elif d.pred is not None and str(d.pred) not in (f"M({lv.key})", "M(key)"):
+            why = f"the prediction `{d.pred}` (it must be `M(key)`)"
+        if why:
+            raise Unsupported(f"level `{name}`: {why} is not supported by the torch backend yet")
+        if read == "x":  # a generator: no locals `key`, `value`; use its flows' expressions
+            own = {"key": lv.key, "value": lv.value, "query": lv.query}
+            sub = lambda e: e if e is None else _subst(e, own)  # noqa: E731
+        else:
+            sub = lambda e: e  # noqa: E731
+        code = lambda e: self.expr(sub(e), f"{name}_rule", name, body, done)[0] if e is not None else "None"  # noqa: E731
+        self_target = isinstance(d.target, Call) and d.target.fn == "M"
+        target = code(d.target.args[0] if self_target else d.target)
+        if not self_target and lv.out == "scalar":
+            target = f"L.vec({target})"
+        beta = code(d.momentum[1]) if d.momentum is not None else "None"
+        args = (f"{read}, {code(Name(id='key'))}, {target}, {code(d.step) if d.step is not None else '1.0'}, "
+                f"{beta}, {code(d.retain)}, {code(d.erase)}")
+        chunk = lv.chunk or 64
+        H, K = self.H, self.K
+        if isinstance(m, S.MatrixMemory):
+            if lv.out == "scalar":
+                raise Unsupported(f"level `{name}`: a scalar-output matrix memory")
+            m0 = "None"
+            if lv.init == "meta":
+                m0 = "self." + self.module(f"{name}_M0", f"nn.Parameter(torch.zeros({H}, {K}, {K}))")
+            lines = [f"st = (L.initial(state, p + '{name}.M', {m0}, x, ({H}, {K}, {K})), state.get(p + '{name}.S'))"]
+            return (f"momentum_memory({args}, objective={d.loss!r}, initial_state=st, mode=mode, chunk_size={chunk})",
+                    lines)
+        if lv.init != "meta":
+            raise Unsupported(f"level `{name}`: an MLP memory starts from meta-learned weights (`init: meta`)")
+        lines = []
+        if read != "x":  # a generator's weights are made by `scan`
+            hidden = int(round(K * m.expansion))
+            d_out = 1 if lv.out == "scalar" else K
+            w = self.module(f"{name}_W", f"L.mlp_params({H}, {K}, {hidden}, {d_out}, depth={m.depth}, residual={m.residual})")
+            lines = [f"st = L.mlp_state(state, p + '{name}', self.{w}, momentum={d.momentum is not None})"]
+        return (f"mlp_memory({args}, initial_state={'st' if read != 'x' else f'gst_{name}'}, objective={d.loss!r}, "
+                f"self_target={self_target}, activation={m.activation!r}, residual={m.residual}, "
+                f"mode=mode, chunk_size={chunk})", lines)
+
+    def save_state(self, name: str, lv: S.Level) -> list[str]:
+        if isinstance(lv.memory, S.MatrixMemory):
+            return [f"new[p + '{name}.M'], new[p + '{name}.S'] = st"]
+        return [f"L.mlp_save(new, p + '{name}', st)"]
+
+    def generators(self, name: str) -> list[str]:
+        """Levels applied (through signals, transitively, and through the generators' own flows)
+        by level `name`'s flows."""
+        found: list[str] = []
+        todo = [name]
+        while todo:
+            lv = self.spec.levels[todo.pop()]
+            exprs = [lv.key, lv.value, lv.query] + ([lv.objective.pred, lv.objective.target] if lv.objective else [])
+            exprs += [a for st in lv.rule for a in (*st.args, *st.kwargs.values())]
+            seen_sigs: set[str] = set()
+            while exprs:
+                e = exprs.pop()
+                if e is None:
+                    continue
+                for n in e.walk():
+                    if isinstance(n, Call) and n.fn in self.spec.levels and n.fn not in found and n.fn != name:
+                        found.append(n.fn)
+                        todo.append(n.fn)
+                    if isinstance(n, Name) and n.id in self.spec.signals and n.id not in seen_sigs:
+                        seen_sigs.add(n.id)
+                        exprs.append(self.spec.signals[n.id])
+        return sorted(found)
+
+    def scan(self, consumer: str, gens: list[str], done: set[str]) -> list[str]:
+        """Generators learn in context and generate the consumer's flows: run chunk by chunk (their
+        chunk), every generator read at the chunk's anchor, then all of them updated over the chunk."""
+        chunks = {self.spec.levels[g].chunk or 64 for g in gens}
+        if len(chunks) != 1:
+            raise Unsupported(f"generators {', '.join(gens)} with different chunk sizes")
+        C = chunks.pop()
+        lines = [f"# generators {', '.join(gens)}: memories that learn in context; scanned in chunks of {C},",
+                 "# each read at its chunk's anchor state, then all updated over the chunk"]
+        for g in gens:
+            lv = self.spec.levels[g]
+            if lv.key is None or not isinstance(lv.memory, S.MLPMemory):
+                raise Unsupported(f"generator `{g}` must be an MLP memory with a key")
+            d = derive(self.spec)[g]
+            K, H = self.K, self.H
+            hidden = int(round(K * lv.memory.expansion))
+            d_out = 1 if lv.out == "scalar" else K
+            w = self.module(f"{g}_W", f"L.mlp_params({H}, {K}, {hidden}, {d_out}, depth={lv.memory.depth}, "
+                                      f"residual={lv.memory.residual})")
+            lines.append(f"gst_{g} = L.mlp_state(state, p + '{g}', self.{w}, momentum={d.momentum is not None})")
+        loop: list[str] = []
+        inner_done: set[str] = set()
+        sigs = [n for n in self.spec.signals]  # every signal the consumer or the generators read
+        needed = self.signals_needed(consumer, gens)
+        for s in sigs:
+            if s in needed:
+                self.signal(s, loop, inner_done)
+        for g in gens:
+            call, _ = self.memory_update(g, self.spec.levels[g], loop, inner_done, read="x")
+            loop.append(f"_, gst_{g} = {call}")
+        computed = [s for s in sigs if s in inner_done]
+        loop += [f"parts.setdefault({s!r}, []).append(sig_{s})" for s in computed]
+        lines += ["cstate = cnew = dict(state)  # convolutions carry their past from chunk to chunk",
+                  "xfull, parts = x, {}",
+                  f"for c0 in range(0, T, {C}):",
+                  f"    x = xfull[:, c0:c0 + {C}]"]
+        lines += [f"    {ln}" for ln in loop]
+        lines += ["new.update({k: v for k, v in cnew.items() if k not in state or state[k] is not v})",
+                  "x, cstate, cnew = xfull, state, new"]
+        lines += [f"sig_{s} = torch.cat(parts[{s!r}], 1)" for s in computed]
+        lines += [f"L.mlp_save(new, p + '{g}', gst_{g})" for g in gens]
+        done.update(computed)
+        return lines
+
+    def signals_needed(self, consumer: str, gens: list[str]) -> set[str]:
+        out: set[str] = set()
+        for name in [consumer, *gens]:
+            lv = self.spec.levels[name]
+            exprs = [lv.key, lv.value, lv.query] + ([lv.objective.pred, lv.objective.target] if lv.objective else [])
+            exprs += [a for st in lv.rule for a in (*st.args, *st.kwargs.values())]
+            while exprs:
+                e = exprs.pop()
+                if e is None:
+                    continue
+                for n in e.walk():
+                    if isinstance(n, Name) and n.id in self.spec.signals and n.id not in out:
+                        out.add(n.id)
+                        exprs.append(self.spec.signals[n.id])
+        return out
 
     def cms(self, name: str, lv: S.Level, first_norm: str) -> list[str]:
         """A Continuum Memory System level: one pre-norm residual MLP per period, run on every
@@ -184,6 +355,7 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
              "from torch import nn",
              "",
              "from nlc.backends.torch import lib as L",
+             "from nlc.backends.torch.memories import mlp_memory, momentum_memory",
              "from nlc.backends.torch.ops import generalized_delta",
              "",
              f"CONFIG = dict(name={spec.name!r}, vocab={shape.vocab}, d_model={shape.d_model}, layers={shape.layers}, "
@@ -198,7 +370,8 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
     lines += [f"        {ln}" for ln in g.init]
     lines += ["",
               "    def forward(self, h, state, new, p, mode, fast):",
-              "        B, T = h.shape[:2]"]
+              "        B, T = h.shape[:2]",
+              "        cstate, cnew = state, new  # where convolutions keep their past"]
     for sec in sections:
         lines += [f"        {ln}" for ln in sec]
     lines += ["        return h", "", ""]

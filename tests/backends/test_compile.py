@@ -13,15 +13,15 @@ from nlc.backends.torch.codegen import Unsupported, build, generate
 
 ROOT = Path(__file__).parent.parent.parent
 GOLDEN = ROOT / "tests" / "golden"
-COMPILED = ["transformer", "linear_attention", "deltanet", "gated_deltanet", "hope_attention"]
-NOT_YET = ["titans", "hope"]
+COMPILED = ["transformer", "linear_attention", "deltanet", "gated_deltanet", "titans", "hope_attention", "hope"]
 
 
 def small(name: str, tmp_path: Path) -> Path:
-    """The shipped spec shrunk to test size (2 layers, d_model 32, 2 heads, vocab 50, chunk 8)."""
+    """The shipped spec shrunk to test size (2 layers, d_model 32, 2 heads, vocab 50, chunks 4 and 8)."""
     text = (ROOT / "specs" / f"{name}.yaml").read_text()
     text = text.replace("vocab: 256, d_model: 256, layers: 4, heads: 4", "vocab: 50, d_model: 32, layers: 2, heads: 2")
-    text = text.replace("chunk: 64", "chunk: 8").replace("64, 512, 4096 tokens", "4, 8, 16 tokens")
+    text = text.replace("chunk: 64", "chunk: 8").replace("chunk: 16", "chunk: 4")
+    text = text.replace("64, 512, 4096 tokens", "8, 16, 32 tokens")
     p = tmp_path / f"{name}.yaml"
     p.write_text(text)
     return p
@@ -47,8 +47,8 @@ def test_chunk_equals_recurrent_and_state_carries(name, tmp_path):
     ids = torch.randint(0, 50, (2, 29))
     logits, state = model(ids)
     assert logits.shape == (2, 29, 50) and torch.isfinite(logits).all()
-    first, carried = model(ids[:, :12])  # a multiple of every CMS window
-    second, carried = model(ids[:, 12:], carried)
+    first, carried = model(ids[:, :16])  # a multiple of every chunk and CMS window
+    second, carried = model(ids[:, 16:], carried)
     torch.testing.assert_close(torch.cat([first, second], 1), logits, rtol=1e-10, atol=1e-10)
     for key in state:
         torch.testing.assert_close(carried[key], state[key], rtol=1e-10, atol=1e-10)
@@ -84,10 +84,12 @@ def test_build_is_deterministic_and_agrees_with_compile(name, tmp_path):
     torch.testing.assert_close(imported(ids)[0], compiled(ids)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", NOT_YET)
-def test_unsupported_levels_are_refused_clearly(name):
-    with pytest.raises(Unsupported, match="not supported by the torch backend yet"):
-        generate(nlc.load(ROOT / "specs" / f"{name}.yaml"))
+def test_unsupported_constructs_are_refused_clearly(tmp_path):
+    text = (ROOT / "specs" / "titans.yaml").read_text().replace("momentum(beta)", "ema(beta)")
+    p = tmp_path / "ema.yaml"
+    p.write_text(text)
+    with pytest.raises(Unsupported, match="an `ema` momentum is not supported by the torch backend yet"):
+        generate(nlc.load(p))
 
 
 def test_cms_updates_follow_the_rule(tmp_path):
@@ -96,25 +98,25 @@ def test_cms_updates_follow_the_rule(tmp_path):
     window. Recomputed here window by window with an independent loop."""
     torch.manual_seed(3)
     model = nlc.compile(small("hope_attention", tmp_path)).double()
-    ids = torch.randint(0, 50, (2, 16))
+    ids = torch.randint(0, 50, (2, 32))
     _, state = model(ids)
-    levels = {"cms0": (4, 0.01), "cms1": (8, 0.01), "cms2": (16, 0.01)}
+    levels = {"cms0": (8, 0.01), "cms1": (16, 0.01), "cms2": (32, 0.01)}
     deltas = {f"{i}.{n}": [torch.zeros_like(l.weight) for l in getattr(b, f"{n}_mlp").layers]
               for i, b in enumerate(model.blocks) for n in levels}
     acc = {k: [torch.zeros_like(d) for d in v] for k, v in deltas.items()}
     carried = {}
-    for s in range(0, 16, 4):
+    for s in range(0, 32, 8):
         fast = {k: [d.clone().requires_grad_() for d in v] for k, v in deltas.items()}
-        logits, new = model.run(ids[:, s:s + 4], carried, fast)
+        logits, new = model.run(ids[:, s:s + 8], carried, fast)
         carried.update(new)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), ids[:, s + 1:s + 4].reshape(-1),
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), ids[:, s + 1:s + 8].reshape(-1),
                                                  reduction="sum")
         for k, v in fast.items():
             for j, g in enumerate(torch.autograd.grad(loss, v, retain_graph=True)):
                 acc[k][j] = acc[k][j] + g
         for k in deltas:
             period, lr = levels[k.split(".")[1]]
-            if (s + 4) % period == 0:
+            if (s + 8) % period == 0:
                 deltas[k] = [d - lr * a for d, a in zip(deltas[k], acc[k])]
                 acc[k] = [torch.zeros_like(a) for a in acc[k]]
     for k, v in deltas.items():
