@@ -48,29 +48,25 @@ def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
         return x.permute(1, 0, 3, 2, *range(4, x.dim())).contiguous()
 
     qb, kb, wb = blocks(q), blocks(k), blocks(w)
-    ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
-    incl, strict = ones.tril(), ones.tril(-1)
+    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if log_a is None:                   # a = 1: every decay factor is 1
-        G = G_prev = None
-        Gamma, A_decay = incl.to(q.dtype), strict.to(q.dtype)
+        G = None
+        Gamma = incl.to(q.dtype)
     else:
-        la = blocks(log_a)
-        G = la.cumsum(-1)               # G_r = sum_{i <= r} log a_i, per chunk
-        G_prev = G - la                 # G_{r-1}
-        Gamma = _decay(G, G, incl)      # exp(G_r - G_i) for i <= r
-        A_decay = _decay(G_prev, G, strict)
+        G = blocks(log_a).cumsum(-1)    # G_r = sum_{i <= r} log a_i, per chunk
+        Gamma = _decay(G, incl)         # exp(G_r - G_i) for i <= r, else 0
     P = (qb @ kb.mT) * Gamma            # intra-chunk read weights
 
     if b is None:
-        U, W = wb, None
+        UW = wb                         # U = w, no W: nothing to solve
     else:
         bb = blocks(b)
-        A = (bb[..., None] * A_decay) * (kb @ kb.mT)
-        d = bb if G_prev is None else bb * G_prev.exp()
+        # exp(G_{r-1} - G_i) for i < r is row r-1 of Gamma: shift Gamma down by one row
+        A = bb[..., None] * _shift_rows(Gamma) * (kb @ kb.mT)
+        d = bb if G is None else bb * _shift_rows(G.exp()[..., None], fill=1.0)[..., 0]
         rhs = torch.cat([wb, d[..., None] * kb], dim=-1)
         eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        U, W = torch.linalg.solve_triangular(A + eye, rhs, upper=False,
-                                             unitriangular=True).split([V, K], dim=-1)
+        UW = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
 
     if G is None:
         kd, qd, decay_end = kb, qb, None
@@ -79,14 +75,16 @@ def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
         kd = kb * (g_end - G).exp()[..., None]          # k_i decayed to the chunk end
         qd = qb * G.exp()[..., None]                    # q_r reading the chunk-start state
         decay_end = g_end.exp()[..., None]              # [N, B, H, 1, 1]
-    o_intra = P @ U
-    q_state = qd if W is None else qd - P @ W           # o_n = o_intra_n + q_state_n h_n
-    write = kd.mT @ U                                   # h_{n+1} = M_n h_n + write_n
-    if W is None:
+    # one matmul each for [U | W]: P U, P W and kd^T U, kd^T W
+    o_intra, PW = (P @ UW).split([V, UW.shape[-1] - V], dim=-1)
+    write, KW = (kd.mT @ UW).split([V, UW.shape[-1] - V], dim=-1)
+    write = write.contiguous()
+    q_state = qd if b is None else qd - PW  # o_n = o_intra_n + q_state_n h_n
+    if b is None:
         M = None
-    else:
+    else:                               # h_{n+1} = M_n h_n + write_n
         eye_k = torch.eye(K, dtype=q.dtype, device=q.device)
-        M = (eye_k if decay_end is None else decay_end * eye_k) - kd.mT @ W
+        M = (eye_k if decay_end is None else decay_end * eye_k) - KW
 
     starts = []
     for n in range(N):
@@ -103,7 +101,12 @@ def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
     return o, h
 
 
-def _decay(rows, cols, mask):
-    """``exp(rows_r - cols_i)`` where ``mask[r, i]``, else 0; masked before exp (no inf * 0)."""
-    diff = rows[..., :, None] - cols[..., None, :]
+def _decay(G, mask):
+    """``exp(G_r - G_i)`` where ``mask[r, i]``, else 0; masked before exp (no inf * 0)."""
+    diff = G[..., :, None] - G[..., None, :]
     return diff.masked_fill(~mask, float("-inf")).exp()
+
+
+def _shift_rows(x, fill=0.0):
+    """Row r of the result is row r-1 of x; row 0 is ``fill``."""
+    return F.pad(x[..., :-1, :], (0, 0, 1, 0), value=fill)
