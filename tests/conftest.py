@@ -5,6 +5,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+try:  # test tensors are tiny: one thread avoids OpenMP spin-waits, which cost 10-30x on a busy 2-core machine
+    import torch
+    torch.set_num_threads(1)
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _poison_empty(monkeypatch):
