@@ -33,6 +33,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nlc.backends.torch.ops import check_tensor
+
 __all__ = ["momentum_memory", "mlp_memory", "MomentumState", "MLPState", "ACTIVATIONS",
            "mlp_forward", "mlp_token_grads", "cms_chain", "cms_init", "cms_fast_weights", "cms_step", "MODES"]
 
@@ -222,7 +224,7 @@ def momentum_memory(q, k, v, eta, beta, alpha, erase=None, *, objective="l2", sc
     M0, S0 = (None, None) if initial_state is None else tuple(initial_state)
     for name, t in (("initial_state[0] (M)", M0), ("initial_state[1] (S)", S0)):
         if t is not None:
-            _check_tensor(op, name, t, q)
+            check_tensor(op, name, t, q)
             if tuple(t.shape) != (B, H, K, V):
                 raise ValueError(f"{op}: {name} must have shape [B, H, K, V] = [{B}, {H}, {K}, {V}], "
                                  f"got {tuple(t.shape)}")
@@ -562,15 +564,6 @@ def cms_step(state, grads, n_tokens, *, chunk_sizes, lrs):
 # argument checks
 
 
-def _check_tensor(op, name, t, q):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
-
-
 def _require(op, **named):
     for name, x in named.items():
         if x is None:
@@ -579,7 +572,7 @@ def _require(op, **named):
 
 def _check_common(op, q, k, v, objective, mode, chunk_size):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(op, name, t, q)
+        check_tensor(op, name, t, q)
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be 4-D [B, T, H, K], got shape {tuple(q.shape)}")
     B, T, H, K = q.shape
@@ -599,7 +592,7 @@ def _check_weights(op, W, q, B, H, D, residual, name="weights"):
     if len(W) < 1:
         raise ValueError(f"{op}: {name} must hold at least one matrix")
     for i, w in enumerate(W):
-        _check_tensor(op, f"{name}[{i}]", w, q)
+        check_tensor(op, f"{name}[{i}]", w, q)
         if w.dim() not in (3, 4) or w.shape[-3] != H or (w.dim() == 4 and w.shape[0] != B):
             raise ValueError(f"{op}: {name}[{i}] must be [H, d_out, d_in] or [B, H, d_out, d_in] with "
                              f"B={B}, H={H}, got {tuple(w.shape)}")
@@ -623,7 +616,7 @@ def _per_token(op, name, x, q, dtype):
     B, T, H = q.shape[:3]
     if isinstance(x, Real) and not isinstance(x, bool):
         return torch.full((B, T, H), float(x), dtype=dtype, device=q.device)
-    _check_tensor(op, name, x, q)
+    check_tensor(op, name, x, q)
     if tuple(x.shape) != (B, T, H):
         raise ValueError(f"{op}: {name} must have shape [B, T, H] = [{B}, {T}, {H}] (one scalar per "
                          f"token and head), got {tuple(x.shape)}")

@@ -152,18 +152,23 @@ def _recurrent(q, k, w, a, b, h0):
 # argument checks: every message names the op, the argument, the expected and the actual shape
 
 
+def check_tensor(op, name, t, q):
+    """`t` is a floating-point tensor on q's device (shared with memories.py)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+
+
 def _validate(op, q, k, value, scalars, initial_state, scale, mode, chunk_size):
     vname, v = value
     named = [("q", q), ("k", k), (vname, v), *scalars.items(), ("initial_state", initial_state)]
     for name, t in named:
         if t is None and name == "initial_state":
             continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+        check_tensor(op, name, t, q)
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be 4-D [B, T, H, K], got shape {tuple(q.shape)}")
     B, T, H, K = q.shape

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from .numerics import assert_rel as _assert_rel, rel_err  # noqa: F401
+
 from nlc.backends.torch import ops
 
 DT = torch.float64
@@ -73,18 +75,8 @@ def run_with_grads(op, x, **kwargs):
     return o.detach(), S.detach(), dict(zip(names, grads))
 
 
-def rel_err(x, y) -> float:
-    """max|x - y| relative to max|y|, absolute below 1 (an exactly-zero gradient stays checkable)."""
-    if y.numel() == 0:
-        return 0.0
-    return ((x - y).abs().max() / y.abs().max().clamp_min(1.0)).item()
-
-
 def assert_rel(name, x, y, tol=TOL):
-    assert x.shape == y.shape, f"{name}: shape {tuple(x.shape)} != {tuple(y.shape)}"
-    assert torch.isfinite(x).all(), f"{name}: non-finite values"
-    err = rel_err(x, y)
-    assert err <= tol, f"{name}: relative max error {err:.3e} > {tol:.0e}"
+    _assert_rel(name, x, y, tol)
 
 
 # ---------------------------------------------------------------------------------------------
