@@ -29,7 +29,8 @@ INT_HYPERS = {"slow_every": "a period in steps is a positive integer",
               "ns_steps": "Newton-Schulz steps are a positive integer"}
 
 
-def _hyper_problem(name: str, value) -> str | None:
+def hyper_problem(name: str, value) -> str | None:
+    """Why `value` is out of range for a hyperparameter called `name`, or None."""
     if name in INT_HYPERS:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return INT_HYPERS[name]
@@ -46,14 +47,31 @@ def _hyper_problem(name: str, value) -> str | None:
     return None
 
 
-def check_hyper(spec: S.OptimizerSpec, smap, overrides: dict | None, errors: Collector) -> None:
+def override_value(e: ExprNode, default):
+    """The value of a constant hyperparameter override (`lr=4e-4`, `betas=[0.9, 0.95]`), shaped like
+    its default (an integer stays an integer); None when it is not a constant."""
+    if isinstance(e, ListE):
+        items = [const_value(x) for x in e.items]
+        return None if None in items else items
+    if isinstance(e, Name) and e.id in ("true", "false"):
+        return e.id == "true"
+    v = const_value(e)
+    if v is not None and isinstance(default, int) and not isinstance(default, bool) and v == int(v):
+        return int(v)
+    if v is not None and isinstance(default, bool) and v in (0, 1):
+        return bool(v)
+    return v
+
+
+def check_hyper(spec: S.OptimizerSpec, smap, overrides: dict | None, errors: Collector, at: tuple = ()) -> None:
     """Hyperparameters (the spec's defaults, then overrides) must lie in their valid ranges.
 
     An override's error points at the hyperparameter's declaration and says where the value came from.
+    `at`: where the spec sits in its file (`("optimizer",)` for a model's inline optimizer).
     """
-    get = (lambda *p: smap.get(*p)) if smap else (lambda *p: None)
+    get = (lambda *p: smap.get(*at, *p)) if smap else (lambda *p: None)
     for name, value in spec.hyper.items():
-        why = _hyper_problem(name, value)
+        why = hyper_problem(name, value)
         if why:
             errors.error("E502", f"hyperparameter `{name}` = {value!r} is out of range", get("hyper", name), why)
     for name, value in (overrides or {}).items():
@@ -61,30 +79,40 @@ def check_hyper(spec: S.OptimizerSpec, smap, overrides: dict | None, errors: Col
             errors.error("E208", f"override `{name}` names no hyperparameter of `{spec.name}`",
                          get("hyper"), did_you_mean(name, spec.hyper))
             continue
-        why = _hyper_problem(name, value)
+        why = hyper_problem(name, value)
         if why:
             errors.error("E502", f"override `{name}={value!r}` is out of range", get("hyper", name), why)
 
 
 # ---------------------------------------------------------------- the checker
 
+_CHECKING: list[Path] = []     # the files being checked, outermost first: an optimizer reference back
+                               # into one of them is a cycle (checking it again would never end)
+
+
 def check(loaded, errors: Collector) -> None:
     spec = loaded.spec
-    if isinstance(spec, S.ModelSpec):
-        _ModelChecker(spec, loaded.smap, errors, Path(loaded.file).parent).run()
-    elif isinstance(spec, S.OptimizerSpec):
-        _OptimizerChecker(spec, loaded.smap, errors, Path(loaded.file).parent).run()
+    _CHECKING.append(Path(loaded.file).resolve())
+    try:
+        if isinstance(spec, S.ModelSpec):
+            _ModelChecker(spec, loaded.smap, errors, Path(loaded.file).parent).run()
+        elif isinstance(spec, S.OptimizerSpec):
+            _OptimizerChecker(spec, loaded.smap, errors, Path(loaded.file).parent).run()
+    finally:
+        _CHECKING.pop()
 
 
 class _Base:
-    def __init__(self, spec, smap, errors: Collector, base_dir: Path):
+    def __init__(self, spec, smap, errors: Collector, base_dir: Path, prefix: tuple = ()):
         self.spec, self.smap, self.errors, self.base_dir = spec, smap, errors, base_dir
+        self.prefix = prefix      # where the spec sits in its file: ("optimizer",) for an inline optimizer
 
     def at(self, *path, node: ExprNode | None = None, key: bool = False) -> Span:
         if node is not None and node.span is not None:
             return node.span
         if self.smap is None:
             return Span("<flow>", 1, 1)
+        path = self.prefix + path
         return self.smap.get(*path, key=key) or self.smap.find(path, key=key)
 
     def err(self, code, msg, span, hint=None):
@@ -130,7 +158,9 @@ class _Base:
         if bad_now:
             self.err("E501", f"`{fn}` with {pname} = {c:g} diverges", where, why)
 
-    def resolve_optimizer(self, ref: S.OptimizerRef, path) -> S.OptimizerSpec | None:
+    def resolve_optimizer(self, ref: S.OptimizerRef, path, constant: bool = False) -> S.OptimizerSpec | None:
+        """The optimizer spec `ref` names, its overrides checked: names always; with `constant` (a
+        model's optimizer, where no hyperparameters are in scope) values and ranges too."""
         from nlc.loader import find_spec, load_located
         from nlc.diagnostics import SpecError
         found = find_spec(ref.use, self.base_dir)
@@ -140,6 +170,13 @@ class _Base:
             self.err("E207", f"optimizer spec `{ref.use}` not found", where,
                      did_you_mean(ref.use, shipped_names("optimizer")) or "give a shipped name or a path")
             return None
+        if found.resolve() in _CHECKING:
+            itself = found.resolve() == _CHECKING[-1]
+            self.err("E401", f"`{ref.use}` names {'this file itself' if itself else f'{found}, which uses this file'}: "
+                     "optimizer specs that use each other never end", where,
+                     f"a file named `{found.name}` beside the spec hides the shipped `{ref.use}`; rename one"
+                     if itself else "break the cycle")
+            return None
         try:
             opt = load_located(found).spec
         except SpecError:
@@ -148,10 +185,16 @@ class _Base:
         if not isinstance(opt, S.OptimizerSpec):
             self.err("E207", f"`{ref.use}` is a model spec, not an optimizer spec", where)
             return None
-        for name in ref.hyper:
+        for name, e in ref.hyper.items():
+            where = self.at(*path, node=e)
             if name not in opt.hyper:
-                self.err("E208", f"`{opt.name}` has no hyperparameter `{name}`",
-                         self.at(*path, node=ref.hyper[name]), did_you_mean(name, opt.hyper))
+                self.err("E208", f"`{opt.name}` has no hyperparameter `{name}`", where, did_you_mean(name, opt.hyper))
+            elif constant:
+                value = override_value(e, opt.hyper[name])
+                why = "a number (or a list of numbers)" if value is None else hyper_problem(name, value)
+                if why:
+                    self.err("E502", f"override `{name}={e}` is out of range" if value is not None
+                             else f"override `{name}={e}` is not a constant", where, why)
         return opt
 
 
@@ -190,8 +233,10 @@ class _ModelChecker(_Base):
             self.signal_type(name)
         for name, level in spec.levels.items():
             self.check_level(name, level)
-        if spec.optimizer is not None:
-            self.resolve_optimizer(spec.optimizer, ("optimizer",))
+        if isinstance(spec.optimizer, S.OptimizerSpec):  # written inline: checked as a file would be
+            _OptimizerChecker(spec.optimizer, self.smap, self.errors, self.base_dir, prefix=("optimizer",)).run()
+        elif spec.optimizer is not None:
+            self.resolve_optimizer(spec.optimizer, ("optimizer",), constant=True)
         self.check_schedule()
 
     # -- types of flows
@@ -422,7 +467,7 @@ class _OptimizerChecker(_Base):
 
     def run(self):
         spec = self.spec
-        check_hyper(spec, self.smap, None, self.errors)
+        check_hyper(spec, self.smap, None, self.errors, at=self.prefix)
         for name in spec.hyper:
             if name in V.OPT_NAMES or name in V.OPT_FUNCTIONS:
                 self.err("E206", f"hyperparameter `{name}` has the name of a built-in", self.at("hyper", name, key=True))
@@ -454,7 +499,7 @@ class _OptimizerChecker(_Base):
                             if per not in spec.hyper:
                                 self.err("E208", f"period `{per}` names no hyperparameter", self.at(*lp, "every"),
                                          did_you_mean(per, spec.hyper))
-                            elif _hyper_problem("slow_every", spec.hyper[per]):
+                            elif hyper_problem("slow_every", spec.hyper[per]):
                                 self.err("E502", f"period `{per}` = {spec.hyper[per]!r} is not a positive integer",
                                          self.at("hyper", per))
                     if lv.every.period is None:

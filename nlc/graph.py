@@ -143,8 +143,8 @@ def _uses(spec: S.ModelSpec, e, seen=None) -> tuple[set[str], bool]:
 def _lower_model(spec: S.ModelSpec, base: Path) -> LevelGraph:
     g = nx.MultiDiGraph()
     shape = spec.model
-    opt_name = spec.optimizer.use if spec.optimizer else "outer"
-    opt_name = Path(opt_name).stem
+    opt = spec.optimizer
+    opt_name = opt.name if isinstance(opt, S.OptimizerSpec) else Path(opt.use).stem if opt else "outer"
     g.add_node("context", kind="context", clock="tokens", frequency="-", label="tokens")
     g.add_node(opt_name, kind="optimizer", clock="steps", frequency="1", label=f"{opt_name}\noptimizer",
                state="", period=1)
@@ -201,23 +201,24 @@ def _lower_model(spec: S.ModelSpec, base: Path) -> LevelGraph:
         if not (prev == "context" and isinstance(spec.levels[name].memory, S.AttentionMemory)):
             g.add_edge(prev, nodes[0], kind="conditioning", via="block")
         prev = nodes[-1]
-    if spec.optimizer is not None:
+    if isinstance(opt, S.OptimizerRef):
         from nlc.loader import find_spec
-        found = find_spec(spec.optimizer.use, base)
+        found = find_spec(opt.use, base)
+        opt = None
         if found is not None:
             try:
                 from nlc.loader import load_located
                 opt = load_located(found).spec
             except Exception:  # reported by `check`; the drawing just omits the optimizer's levels
                 opt = None
-            if isinstance(opt, S.OptimizerSpec):
-                for gi, grp in enumerate(opt.groups):
-                    for lname, olv in grp.levels.items():
-                        node = f"{opt_name}.{lname}" if len(opt.groups) == 1 else f"{opt_name}.{grp.params}.{lname}"
-                        period = olv.every.period[0] if olv.every and olv.every.period else 1
-                        g.add_node(node, kind="optimizer", clock="steps", frequency=_freq(period, "steps"),
-                                   period=period, label=node, state="like each parameter")
-                        g.add_edge(node, opt_name, kind="conditioning", via="update")
+    if isinstance(opt, S.OptimizerSpec):  # referenced or written inline
+        for gi, grp in enumerate(opt.groups):
+            for lname, olv in grp.levels.items():
+                node = f"{opt_name}.{lname}" if len(opt.groups) == 1 else f"{opt_name}.{grp.params}.{lname}"
+                period = olv.every.period[0] if olv.every and olv.every.period else 1
+                g.add_node(node, kind="optimizer", clock="steps", frequency=_freq(period, "steps"),
+                           period=period, label=node, state="like each parameter")
+                g.add_edge(node, opt_name, kind="conditioning", via="update")
     return LevelGraph(spec.name, "model", g)
 
 

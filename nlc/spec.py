@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt,
-                      WithJsonSchema)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, WithJsonSchema,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from nlc.expr import Call, Expr, ExprNode, Name, Num
@@ -246,21 +246,12 @@ def _parse_ref(value: Any) -> Any:
     if isinstance(e, Call) and not e.args:
         return {"use": e.fn, "hyper": dict(e.kwargs)}
     raise PydanticCustomError("ref_form", "an optimizer is written `adamw(lr=4e-4)` or "
-                              "`{{use: path/to/opt.yaml, hyper: {{lr: 4e-4}}}}`", {})
+                              "`{use: path/to/opt.yaml, hyper: {lr: 4e-4}}`, or written inline as "
+                              "`{hyper: {...}, groups: [...]}`", {})
 
 
 RefField = Annotated[OptimizerRef, BeforeValidator(_parse_ref),
                      WithJsonSchema({"type": "string", "description": "e.g. `adamw(lr=4e-4, weight_decay=0.1)`"})]
-
-
-class ModelSpec(Node):
-    """A model: levels on the token clock composed into blocks, plus its optimizer (the outer level)."""
-    nlc: Literal[1] = Field(description="language version")
-    name: Identifier = Field(description="model name")
-    model: Shape = Field(description="sizes and block layout")
-    signals: dict[Identifier, ExprField] = Field(default_factory=dict, description="named flows shared by levels")
-    levels: dict[Identifier, Level] = Field(min_length=1, description="the levels, by name")
-    optimizer: RefField | None = Field(None, description="the outermost level: the optimizer of the static parameters")
 
 
 # ---------------------------------------------------------------- optimizers
@@ -291,6 +282,55 @@ class OptimizerSpec(Node):
     hyper: dict[Identifier, Hyper] = Field(default_factory=dict, description="hyperparameters and their defaults")
     groups: tuple[ParamGroup, ...] = Field(min_length=1, description="parameter groups, first match wins")
 
+    def __str__(self) -> str:
+        return self.name
+
+
+class InlineOptimizer(Node):
+    """An optimizer written inside a model spec: an optimizer spec without `nlc` and `name`.
+
+    Validation turns it into an `OptimizerSpec` named `<model>_optimizer`."""
+    hyper: dict[Identifier, Hyper] = Field(default_factory=dict, description="hyperparameters and their defaults")
+    groups: tuple[ParamGroup, ...] = Field(min_length=1, description="parameter groups, first match wins")
+
+
+def _parse_optimizer(value: Any) -> Any:
+    """A model's optimizer: a reference (`adamw(lr=4e-4)`, `{use: ...}`) or a spec written inline.
+
+    Validated here, by its own form, so that errors carry plain paths (`optimizer.hyper.lr`)."""
+    if isinstance(value, (OptimizerRef, InlineOptimizer, OptimizerSpec)):
+        return value
+    if isinstance(value, dict) and "use" not in value:
+        return InlineOptimizer.model_validate(value)
+    return OptimizerRef.model_validate(_parse_ref(value))
+
+
+ModelOptimizer = Annotated[
+    Union[OptimizerRef, InlineOptimizer, OptimizerSpec], BeforeValidator(_parse_optimizer),
+    WithJsonSchema({"anyOf": [
+        {"type": "string", "description": "a shipped optimizer or a path, e.g. `adamw(lr=4e-4, weight_decay=0.1)`"},
+        {"type": "object", "description": "`{use: path/to/opt.yaml, hyper: {lr: 4e-4}}`, or an inline "
+                                          "optimizer: `{hyper: {...}, groups: [...]}` (an optimizer spec without `nlc` and `name`)"}]})]
+
+
+class ModelSpec(Node):
+    """A model: levels on the token clock composed into blocks, plus its optimizer (the outer level)."""
+    nlc: Literal[1] = Field(description="language version")
+    name: Identifier = Field(description="model name")
+    model: Shape = Field(description="sizes and block layout")
+    signals: dict[Identifier, ExprField] = Field(default_factory=dict, description="named flows shared by levels")
+    levels: dict[Identifier, Level] = Field(min_length=1, description="the levels, by name")
+    optimizer: ModelOptimizer | None = Field(
+        None, description="the outermost level: the optimizer of the static parameters; a reference "
+                          "(`adamw(lr=4e-4)`) or an optimizer spec written inline (named `<model>_optimizer`)")
+
+    @model_validator(mode="after")
+    def _name_inline_optimizer(self) -> "ModelSpec":
+        if isinstance(self.optimizer, InlineOptimizer):  # frozen: set once, here, before anyone sees it
+            self.__dict__["optimizer"] = OptimizerSpec(nlc=1, name=f"{self.name}_optimizer",
+                                                       hyper=self.optimizer.hyper, groups=self.optimizer.groups)
+        return self
+
 
 Spec = Union[ModelSpec, OptimizerSpec]
 
@@ -312,6 +352,8 @@ def to_data(node: Any) -> Any:
             out["rule"] = " |> ".join(map(str, node.rule))
         if isinstance(node, OptLevel):
             out["rule"] = " |> ".join(map(str, node.rule))
+        if isinstance(node, ModelSpec) and isinstance(node.optimizer, OptimizerSpec):
+            out["optimizer"] = {k: v for k, v in out["optimizer"].items() if k not in ("nlc", "name")}
         return out
     if isinstance(node, dict):
         return {k: to_data(v) for k, v in node.items()}

@@ -253,3 +253,106 @@ def test_truncated_and_mutated_twins_never_raise(name):
         i, j = sorted(rng.randrange(len(text) + 1) for _ in range(2))
         j = min(j, i + rng.randrange(6))
         _no_raise(text[:i] + rng.choice(pieces + [""]) + text[j:])
+
+
+# ---------------------------------------------------------------- a model's optimizer written inline
+
+INLINE = Path(__file__).resolve().parent / "specs" / "inline_optimizer"
+
+
+def test_inline_optimizer_twins_are_one_spec():
+    a, da = _read(INLINE.with_suffix(".yaml"))
+    b, db = _read(INLINE.with_suffix(".nl"))
+    assert not da and not db, [d.render() for d in da + db]
+    assert a == b
+    opt = a.optimizer
+    assert isinstance(opt, S.OptimizerSpec) and opt.name == "inline_optimizer_optimizer"
+    assert opt.hyper["slow_every"] == 4 and [g.params for g in opt.groups] == ["matrix", "rest"]
+    assert str(opt.groups[1].use) == "adamw(lr=lr, eps=eps)"
+    for ext in (".yaml", ".nl"):  # and both pass every check, the inline optimizer's included
+        assert load_located(INLINE.with_suffix(ext)).spec == a
+
+
+def test_inline_optimizer_dumps_inline_and_reloads():
+    import yaml
+    spec = load_located(INLINE.with_suffix(".yaml")).spec
+    data = yaml.safe_load(S.dump(spec))
+    assert set(data["optimizer"]) == {"hyper", "groups"}
+    errors = Collector("dumped.yaml")
+    from nlc.syntax.source import SourceMap
+    assert validate(data, SourceMap("dumped.yaml"), errors) == spec and not errors.diagnostics
+
+
+def test_inline_optimizer_graph_draws_its_levels():
+    from nlc.graph import lower
+    g = lower(INLINE.with_suffix(".nl"))
+    name = "inline_optimizer_optimizer"
+    assert g.node(name)["kind"] == "optimizer"
+    assert g.node(f"{name}.matrix.s")["frequency"] == "1/slow_every"
+    assert (f"{name}.matrix.m", name) in [(u, v) for u, v, _ in g.edges("conditioning")]
+
+
+@pytest.mark.parametrize("old, new, code, pattern", [
+    ("lr: 0.003", "lr: -0.003", "E502", r"`lr` = -0.003 is out of range"),
+    ("ema(beta2)", "emma(beta2)", "E203", r"unknown rule primitive `emma`"),
+    ("adamw(lr=lr, eps=eps)", "adamw(lr=lr, epps=eps)", "E208", r"`adamw` has no hyperparameter `epps`"),
+    ("prev(s)", "prev(t)", "E204", r"`prev` reads a level of this group"),
+    ("params: rest", "params: rst", "E103", r"`optimizer.groups.1.params` cannot be `rst`"),
+    ("  hyper:", "  name: opt\n  hyper:", "E102", r"unknown key `name`"),
+    ("every: slow_every steps", "every: slow_evry steps", "E208", r"period `slow_evry` names no hyperparameter"),
+])
+def test_inline_optimizer_errors_point_into_the_model_file(tmp_path, old, new, code, pattern):
+    from nlc.diagnostics import SpecError
+    text = INLINE.with_suffix(".yaml").read_text()
+    assert old in text
+    bad = text.replace(old, new, 1)
+    p = tmp_path / "bad.yaml"
+    p.write_text(bad)
+    with pytest.raises(SpecError) as e:
+        load_located(p)
+    d = e.value.diagnostics[0]
+    assert d.code == code and re.search(pattern, d.message), e.value.render()
+    line = next(i for i, ln in enumerate(bad.splitlines(), 1) if new.splitlines()[-1 if code == "E102" else 0] in ln)
+    if code == "E102":
+        line -= 1
+    assert d.span.file == str(p) and d.span.line == line, e.value.render()
+
+
+@pytest.mark.parametrize("old, new, code, line, col", [
+    ("hyper lr=0.003", "hyper lr=-0.003", "E502", 15, 12),
+    ("ema(beta2)", "emma(beta2)", "E203", 18, 25),
+    ("level s = grad   |> ema(beta1) every slow_every steps", "level s = grad |> ema(beta1) every 4 tokens", "E402", 19, 40),
+])
+def test_inline_optimizer_errors_point_into_the_nl_file(tmp_path, old, new, code, line, col):
+    from nlc.diagnostics import SpecError
+    text = INLINE.with_suffix(".nl").read_text()
+    assert old in text
+    p = tmp_path / "bad.nl"
+    p.write_text(text.replace(old, new))
+    with pytest.raises(SpecError) as e:
+        load_located(p)
+    d = e.value.diagnostics[0]
+    assert (d.code, d.span.line, d.span.col) == (code, line, col), e.value.render()
+
+
+def test_inline_optimizer_nl_forms():
+    spec, diags = nl(HEAD + "level a: matrix\noptimizer {\n  hyper lr=0.1\n  params all { level m = grad |> ema(0.9)  update -lr * m }\n}\n")
+    assert not diags, [d.render() for d in diags]
+    assert spec.optimizer == S.OptimizerSpec(nlc=1, name="m_optimizer", hyper={"lr": 0.1}, groups=(
+        S.ParamGroup(params="all", levels={"m": S.OptLevel(input="grad", rule="ema(0.9)")}, update="-lr * m"),))
+    d = one(HEAD + "level a: matrix\noptimizer adamw\noptimizer { params all use adamw }\n", "E008")
+    assert (d.span.line, d.span.col) == (4, 1) and "given twice" in d.message
+    d = one("optimizer o { params all use adamw }\noptimizer { params all use adamw }\n", "E006")
+    assert (d.span.line, d.span.col) == (2, 1) and "belongs in a model spec" in d.message
+    _, diags = nl(HEAD + "level a: matrix\noptimizer { hyper lr=0.1 }\n")
+    assert [d.code for d in diags] == ["E103"]  # `groups` must not be empty
+
+
+def test_model_optimizer_overrides_are_range_checked(tmp_path):
+    from nlc.diagnostics import SpecError
+    p = tmp_path / "m.nl"
+    p.write_text(HEAD + "level a: mlp(residual=false) every never\noptimizer adamw(lr=-0.1, eps=e)\n")
+    with pytest.raises(SpecError) as e:
+        load_located(p)
+    assert [(d.code, d.span.line, d.span.col) for d in e.value.diagnostics] == [("E502", 3, 20), ("E502", 3, 30)]
+    assert "out of range" in e.value.diagnostics[0].message and "not a constant" in e.value.diagnostics[1].message

@@ -43,7 +43,7 @@ from nlc.expr import Bin, Call, ExprNode, Index, ListE, Name, Neg, Num
 from nlc.spec import OptimizerSpec, OptLevel, ParamGroup
 from nlc.vocab import OPT_NAMES
 
-__all__ = ["compile_optimizer", "SpecOptimizer", "newton_schulz", "SPECS_DIR", "NS_COEFFICIENTS", "NS_EPS"]
+__all__ = ["compile_optimizer", "optimizer_of", "SpecOptimizer", "newton_schulz", "SPECS_DIR", "NS_COEFFICIENTS", "NS_EPS"]
 
 SPECS_DIR = Path(nlc.__file__).parent.parent / "specs"      # shipped specs, found by nlc.loader.find_spec
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -621,9 +621,41 @@ class SpecOptimizer(torch.optim.Optimizer):
             env.param.add_(u)
 
 
+def optimizer_of(model, base_dir: str | Path = ".") -> OptimizerSpec | None:
+    """The optimizer spec a model spec trains with, as the model configures it: the spec written
+    inline (``optimizer: {hyper, groups}``), or the one named (``adamw(lr=4e-4)``: a shipped name, or a
+    path relative to ``base_dir``, the model file's folder) with the model's overrides as its
+    defaults. None when the model names no optimizer. A checked model spec's reference resolves;
+    otherwise ``nlc.SpecError`` (E207 not found, E208 unknown name, E502 out of range).
+
+    >>> opt = compile_optimizer(optimizer_of(spec, "specs"), model.parameters(), lr=1e-3)
+    """
+    from nlc.check import override_value
+    from nlc.spec import OptimizerRef
+    ref = model.optimizer
+    if not isinstance(ref, OptimizerRef):
+        return ref
+    errors = Collector(f"model `{model.name}`")
+    opt = _load(ref.use, errors, None, Path(base_dir))[0]
+    hyper = dict(opt.hyper)
+    for name, e in ref.hyper.items():
+        if name not in opt.hyper:
+            errors.error("E208", f"`{opt.name}` has no hyperparameter `{name}`", None, did_you_mean(name, opt.hyper))
+        elif (value := override_value(e, opt.hyper[name])) is None:
+            errors.error("E502", f"override `{name}={e}` is not a constant")
+        else:
+            hyper[name] = value
+    errors.raise_if_any()
+    from nlc.check import check_hyper
+    check_hyper(opt, None, {k: v for k, v in hyper.items() if k in ref.hyper}, errors)
+    errors.raise_if_any()
+    return opt.model_copy(update={"hyper": hyper})
+
+
 def compile_optimizer(spec, params, **hyper) -> SpecOptimizer:
     """An optimizer from a spec: a shipped name (``"adamw"``, ``"muon"``, ``"m3"``...), a path to a
-    ``.yaml``/``.nl`` optimizer spec, or an ``OptimizerSpec``. Keyword arguments override the spec's
+    ``.yaml``/``.nl`` optimizer spec, or an ``OptimizerSpec`` (a model's inline optimizer,
+    ``model_spec.optimizer``, is one; :func:`optimizer_of` gives a model's optimizer in either form). Keyword arguments override the spec's
     hyperparameters by name and are range-checked (``nlc.SpecError``, code E502, located at the
     hyperparameter's declaration).
 

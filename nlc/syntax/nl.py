@@ -256,6 +256,9 @@ class _Builder(ExprBuilder):
     def optimizer_spec(self, meta, items):
         return Stmt("optimizer_spec", items[0], [items[1]], self.meta(meta), items=items[2:])
 
+    def optimizer_inline(self, meta, items):
+        return Stmt("optimizer_inline", items[0], [], self.meta(meta), items=items[1:])
+
     def hyper(self, meta, items):
         return Stmt("hyper", items[0], [], self.meta(meta), clauses=items[1:])
 
@@ -445,20 +448,39 @@ class _Assembler:
 
     def do_optimizer_spec(self, s: Stmt, templates):
         self._top(s)
+        self._optimizer_body(s, self.raw, ())
+
+    def do_optimizer_inline(self, s: Stmt, templates):
+        """`optimizer { hyper ...  params ... }` in a model file: the YAML `optimizer: {hyper, groups}`."""
+        kw = _tok(self.smap.file, s.kw)
+        if "optimizer" in self.raw:
+            self.errors.error("E008", "the optimizer is given twice", kw,
+                              f"the first is on line {self.smap.keys[('optimizer',)].line}")
+            return
+        self.smap.keys[("optimizer",)] = kw
+        self.smap.values[("optimizer",)] = s.span
+        self.raw["optimizer"] = {}
+        self._optimizer_body(s, self.raw["optimizer"], ("optimizer",))
+
+    def _optimizer_body(self, s: Stmt, root: dict, at: tuple):
+        """`hyper` and `params` items into `root` (the file's top level, or a model's `optimizer`)."""
         file = self.smap.file
         groups: list = []
-        self.raw["groups"] = groups
-        self.smap.keys[("groups",)] = self.smap.values[("groups",)] = s.span
+        root["groups"] = groups
+        self.smap.keys[at + ("groups",)] = self.smap.values[at + ("groups",)] = s.span
         for it in s.items:
             if isinstance(it, Stmt):  # hyper
-                sec = self.section("hyper", it.kw, it.span)
+                if "hyper" not in root:
+                    root["hyper"] = {}
+                    self.smap.keys[at + ("hyper",)] = _tok(file, it.kw)
+                    self.smap.values[at + ("hyper",)] = it.span
                 for c in it.clauses:
-                    self.put(sec, ("hyper",), c.key, c.kspan, c.value, f"hyperparameter `{c.key}`")
+                    self.put(root["hyper"], at + ("hyper",), c.key, c.kspan, c.value, f"hyperparameter `{c.key}`")
                 continue
             if not groups:
-                self.smap.keys[("groups",)] = _tok(file, it.kw)
-                self.smap.values[("groups",)] = it.span
-            gpath = ("groups", len(groups))
+                self.smap.keys[at + ("groups",)] = _tok(file, it.kw)
+                self.smap.values[at + ("groups",)] = it.span
+            gpath = at + ("groups", len(groups))
             g: dict = {}
             groups.append(g)
             self.smap.values[gpath] = it.span
