@@ -113,6 +113,53 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
         typer.echo(f"wrote {f}")
 
 
+@app.command(epilog="\b\nExamples:\n  nlc train specs/transformer.yaml --steps 20 --set model.d_model=64\n"
+                    "  nlc train specs/hope.yaml --task recall --context 256 --set lr=1e-3\n"
+                    "  nlc train specs/titans.yaml --data input.txt --steps 2000 --out runs/titans-text\n"
+                    "  nlc train specs/titans.yaml --data input.txt --steps 4000 --out runs/titans-text --resume")
+def train(spec: Path = typer.Argument(..., help="a model spec file"),
+          data: Optional[Path] = typer.Option(None, "--data", help="a text file, read as bytes (vocab 256), "
+                                              "split 90/10 into train/val; without it a synthetic task"),
+          task: Optional[str] = typer.Option(None, "--task", metavar="copy|recall", help="synthetic task: copy (default) or recall"),
+          steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps in all [200]"),
+          batch: Optional[int] = typer.Option(None, "--batch", help="sequences per step [16]"),
+          context: Optional[int] = typer.Option(None, "--context", help="tokens per sequence [64]"),
+          out: Optional[Path] = typer.Option(None, "--out", help="the run's directory [runs/<spec file name>]"),
+          resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out; "
+                                      "settings not given again are the checkpoint's"),
+          sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override: `name=value` an optimizer hyperparameter "
+                                         "(lr=1e-3), `path.key=value` the spec (model.d_model=64); repeatable"),
+          seed: Optional[int] = typer.Option(None, "--seed", help="seeds the initialisation and the data [0]"),
+          device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto [auto]"),
+          log_every: Optional[int] = typer.Option(None, "--log-every", help="steps between log lines [10]"),
+          eval_every: Optional[int] = typer.Option(None, "--eval-every", help="steps between evaluations "
+                                                   "and checkpoints [100]"),
+          clip: Optional[float] = typer.Option(None, "--clip", help="gradient norm clipping, 0 for none [1.0]")):
+    """Train the compiled model of a spec with the optimizer the spec names. Logs a line every
+    --log-every steps, evaluates and saves a checkpoint (DIR/ckpt.pt, atomically) every --eval-every
+    steps and at the end; Ctrl-C saves before it exits."""
+    from pydantic import ValidationError
+    from nlc.runtime.train import TrainError, resolve, train as _train
+    given = dict(data=data, task=task, steps=steps, batch=batch, context=context, out=out, seed=seed,
+                 device=device, log_every=log_every, eval_every=eval_every, clip=clip, sets=tuple(sets) or None)
+    explicit = {"spec": spec, "resume": resume, **{k: v for k, v in given.items() if v is not None}}
+    try:
+        cfg = resolve(explicit)
+    except ValidationError as e:  # a setting out of its range, e.g. --steps 0
+        err = e.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg'][0].lower() + err['msg'][1:]}")
+    except TrainError as e:
+        _fail(str(e))
+    try:
+        summary = _train(cfg)
+    except TrainError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write the run's files: {e.strerror or e}")
+    if summary["interrupted"]:
+        raise typer.Exit(130)
+
+
 @app.command(epilog="\b\nExample:\n  nlc schema > nlc-spec.schema.json   (point your editor's YAML plugin at it)")
 def schema():
     """Print the JSON schema of the YAML form of a spec (model or optimizer), for editors."""

@@ -1,0 +1,420 @@
+"""`nlc train`: train the compiled model of a spec with the optimizer the spec names.
+
+The run reads top to bottom (`train`): settings, the spec (with `--set` applied and checked
+again), the data, the model and its optimizer, maybe the checkpoint to resume, then the loop:
+occasionally evaluate and save, then one step (forward, backward, optimizer), then log.
+
+`--set` takes two kinds of override:
+
+- `path.to.key=value` changes the spec itself (`model.d_model=64`, `levels.attn.memory.window=128`);
+  the changed spec is validated and checked like a file, and a mistake in the value is located on
+  the command line;
+- `name=value` overrides a hyperparameter of the optimizer (`lr=1e-3`, `betas=[0.9,0.95]`);
+  unknown names (E208) and values out of range (E502) are located on the command line.
+
+Each batch is a pure function of (seed, step) (`nlc.runtime.data`), the model is initialised
+from the seed, and a checkpoint holds everything else (parameters, optimizer state, RNG states),
+so stopping and resuming gives the same trajectory as running straight through.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from nlc.diagnostics import Collector, Span, SpecError, did_you_mean
+
+CMDLINE = "<command line>"
+DEFAULT_OPTIMIZER = "adamw"
+
+
+class TrainError(Exception):
+    """A mistake in how a run was asked for (not in a spec): the CLI prints it and exits 2."""
+
+
+class TrainConfig(BaseModel):
+    """The settings of a run. On `--resume`, settings not given again come from the checkpoint."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spec: Path = Field(description="the model spec file")
+    data: Path | None = Field(None, description="a text file, read as bytes; None: a synthetic task")
+    task: Literal["copy", "recall"] = Field("copy", description="the synthetic task when there is no data file")
+    steps: PositiveInt = Field(200, description="optimizer steps in all (a resumed run continues up to this step)")
+    batch: PositiveInt = Field(16, description="sequences per step")
+    context: PositiveInt = Field(64, description="tokens per sequence")
+    out: Path | None = Field(None, description="the run's directory; default runs/<spec file name>")
+    resume: bool = Field(False, description="continue from the checkpoint in `out`")
+    sets: tuple[str, ...] = Field((), description="`--set` overrides: `path.to.key=value` (spec) or `name=value` (optimizer)")
+    seed: int = Field(0, description="seeds the model's initialisation and the data")
+    device: str = Field("auto", description="`cpu`, `cuda`, `cuda:1`...; `auto`: cuda when available")
+    log_every: PositiveInt = Field(10, description="steps between log lines")
+    eval_every: PositiveInt = Field(100, description="steps between evaluations (and checkpoints)")
+    eval_batches: PositiveInt = Field(4, description="validation batches per evaluation")
+    clip: float = Field(1.0, ge=0, description="gradient norm clipping; 0: none")
+
+    # what a resumed run takes from its checkpoint unless given again
+    RESUMED: ClassVar[tuple[str, ...]] = ("data", "task", "steps", "batch", "context", "sets", "seed",
+                                          "log_every", "eval_every", "eval_batches", "clip")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out if self.out is not None else Path("runs") / self.spec.stem
+
+
+# ---------------------------------------------------------------- --set
+
+@dataclass(frozen=True)
+class Override:
+    """One `--set key=value`, with the spans of its key and value on the command line."""
+    key: str
+    value: str
+    key_span: Span
+    span: Span
+
+
+def parse_sets(sets: tuple[str, ...]) -> tuple[str, list[Override]]:
+    """The command line the diagnostics show (`--set a=1 --set b=2`), and each override."""
+    source, items = "", []
+    errors = Collector(CMDLINE)
+    for item in sets:
+        source += ("" if not source else " ") + "--set "
+        col = len(source) + 1
+        source += item
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            errors.error("E103", f"`--set {item}` is not `key=value`", Span(CMDLINE, 1, col, 1, col + len(item)),
+                         "write `--set lr=1e-3` (the optimizer) or `--set model.d_model=64` (the spec)")
+            continue
+        vcol = col + len(key) + 1
+        items.append(Override(key=key.strip(), value=value.strip(), key_span=Span(CMDLINE, 1, col, 1, vcol - 1),
+                              span=Span(CMDLINE, 1, vcol, 1, vcol + len(value))))
+    errors.source = source
+    errors.raise_if_any()
+    return source, items
+
+
+def parse_value(text: str):
+    """`64` -> 64, `1e-3` -> 0.001, `true` -> True, `[0.9, 0.95]` -> [0.9, 0.95]; other text stays text."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text in ("true", "false"):
+        return text == "true"
+    if text.startswith("["):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        if isinstance(value, list):
+            return [parse_value(str(v)) if isinstance(v, str) else v for v in value]
+    return text
+
+
+def load_spec(path: Path, spec_sets: list[Override], cmdline: str):
+    """Read, parse, patch with the spec overrides, validate and check: the loader's steps, with the
+    patch between parsing and validation. Raises SpecError (the command line among its sources)."""
+    from nlc.check import check
+    from nlc.loader import Loaded, load_located, parse_text, read_source, validate
+    from nlc.syntax.source import Located, SourceMap
+    try:
+        if not spec_sets:
+            return load_located(path)
+        file = str(path)
+        errors = Collector(file)
+        text = read_source(path, errors)
+        raw, smap = parse_text(text, file, errors) if text is not None else (None, SourceMap(file))
+        if raw is None and not errors.diagnostics:
+            errors.error("E001", "the file holds no spec", Span(file, 1, 1))
+        errors.raise_if_any()
+        for o in spec_sets:
+            _patch(raw, smap, o, errors, Located)
+        spec = validate(raw, smap, errors)
+        errors.raise_if_any()
+        loaded = Loaded(spec, smap, text, file)
+        check(loaded, errors)
+        errors.raise_if_any()
+        return loaded
+    except SpecError as e:
+        e.sources[CMDLINE] = cmdline
+        raise
+
+
+def _patch(raw, smap, o: Override, errors: Collector, Located) -> None:
+    """Set raw[k1][k2]... = value; the spans of the key and the value point at the command line."""
+    keys, value, span = o.key.split("."), parse_value(o.value), o.span
+    node, path = raw, ()
+    for i, k in enumerate(keys):
+        key = int(k) if isinstance(node, list) and k.isdigit() else k
+        if isinstance(node, list) and isinstance(key, int) and key >= len(node):
+            errors.error("E103", f"`{'.'.join(keys[:i])}` has {len(node)} items; there is no item {key}", o.key_span)
+            return
+        if not isinstance(node, (dict, list)):
+            errors.error("E103", f"`{'.'.join(keys[:i])}` is `{node}`, not a mapping: `{'.'.join(keys)}` cannot be set",
+                         o.key_span)
+            return
+        path += (key,)
+        smap.keys[path] = o.key_span
+        if i == len(keys) - 1:
+            node[key] = Located(value, span) if isinstance(value, str) else value
+            smap.values[path] = span
+            return
+        if isinstance(node, dict) and key not in node:
+            errors.error("E102", f"`--set {'.'.join(keys)}`: the spec has no `{'.'.join(keys[:i + 1])}`", o.key_span,
+                         did_you_mean(key, node) if node else None)
+            return
+        if key == "memory" and isinstance(node[key], str):  # `memory: attention` is short for {kind: attention}
+            node[key] = {"kind": node[key]}
+        node = node[key]
+
+
+def check_hyper_sets(opt, hyper_sets: list[Override], cmdline: str) -> dict:
+    """The optimizer overrides of the command line, checked: names (E208), types and ranges (E502)."""
+    from nlc.check import hyper_problem
+    errors, out = Collector(CMDLINE, cmdline), {}
+    for o in hyper_sets:
+        key, text, span, value = o.key, o.value, o.span, parse_value(o.value)
+        if key not in opt.hyper:
+            errors.error("E208", f"`{key}` is not a hyperparameter of the optimizer `{opt.name}`", o.key_span,
+                         did_you_mean(key, opt.hyper) or f"`{opt.name}` has: {', '.join(opt.hyper)}")
+            continue
+        default = opt.hyper[key]
+        kind_ok = (isinstance(value, list) == isinstance(default, list)
+                   and (isinstance(value, list) or isinstance(value, (int, float)))
+                   and (not isinstance(value, list) or all(isinstance(v, (int, float)) for v in value)))
+        why = hyper_problem(key, value) if kind_ok else (
+            f"`{key}` is a list like `{default}`" if isinstance(default, list) else f"`{key}` is a number like `{default}`")
+        if why:
+            errors.error("E502", f"`--set {key}={text}`: the value is out of range" if kind_ok else
+                         f"`--set {key}={text}`: not a valid value", span, why)
+            continue
+        out[key] = float(value) if isinstance(default, float) and not isinstance(value, bool) else value
+    errors.raise_if_any()
+    return out
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+@contextmanager
+def stop_requests(log: Callable[[str], None]):
+    """The first Ctrl-C (or SIGTERM) asks the loop to stop after the current step and save; a
+    second Ctrl-C interrupts at once. `flag["stop"]` says whether a stop was asked for."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        log("interrupted: finishing this step and saving (Ctrl-C again to quit at once)")
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------- the run
+
+def resolve(explicit: dict) -> TrainConfig:
+    """The run's settings: given ones, then (on --resume) the checkpoint's, then the defaults."""
+    cfg = TrainConfig(**explicit)
+    if not cfg.resume:
+        return cfg
+    from nlc.runtime import checkpoint
+    try:
+        saved = checkpoint.load(cfg.run_dir).config
+    except checkpoint.CheckpointError as e:
+        raise TrainError(str(e)) from None
+    merged = {k: saved[k] for k in TrainConfig.RESUMED if k in saved and k not in explicit}
+    sets = {item.partition("=")[0].strip(): item for item in (*saved.get("sets", ()), *explicit.get("sets", ()))}
+    merged["sets"] = tuple(sets.values())       # the checkpoint's --set values, then the new ones (a later one wins)
+    return TrainConfig(**{**explicit, **merged})
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
+    """Train as `cfg` says; returns a summary (losses first and last, steps, time, checkpoint)."""
+    import torch
+    import torch.nn.functional as F
+
+    import nlc
+    from nlc import spec as S
+    from nlc.backends.torch.codegen import Unsupported
+    from nlc.backends.torch.optim import _load as load_optimizer, compile_optimizer, optimizer_of
+    from nlc.runtime import checkpoint
+    from nlc.runtime.data import DataError, make_data
+
+    # -- the spec, with --set applied, checked like a file
+    cmdline, sets = parse_sets(cfg.sets)
+    spec_sets = [o for o in sets if "." in o.key]
+    hyper_sets = [o for o in sets if "." not in o.key]
+    loaded = load_spec(cfg.spec, spec_sets, cmdline)
+    spec = loaded.spec
+    if not isinstance(spec, S.ModelSpec):
+        raise TrainError(f"{cfg.spec} is the optimizer spec `{spec.name}`; `nlc train` trains a model spec "
+                         f"(name this optimizer in one: `optimizer: {spec.name}(lr=...)`)")
+    opt_spec = optimizer_of(spec, Path(loaded.file).parent)
+    if opt_spec is None:
+        opt_spec = load_optimizer(DEFAULT_OPTIMIZER)[0]
+        log(f"note: `{spec.name}` names no optimizer; training with `{DEFAULT_OPTIMIZER}` and its defaults")
+    hyper = check_hyper_sets(opt_spec, hyper_sets, cmdline)
+    trained = spec.model_copy(update={"optimizer": opt_spec.model_copy(update={"name": f"{spec.name}_optimizer"})})
+    spec_text = S.dump(trained)               # the spec as trained: model, and its optimizer inline
+    spec_sha = checkpoint.spec_hash(spec_text)
+    out = cfg.run_dir
+
+    # -- the device and the data
+    device = _device(cfg.device)
+    try:
+        data = make_data(cfg.data, cfg.task, spec.model.vocab, cfg.context, cfg.seed)
+    except DataError as e:
+        raise TrainError(str(e)) from None
+
+    # -- the model and its optimizer
+    torch.manual_seed(cfg.seed)
+    try:
+        model = nlc.compile(spec).to(device)
+    except Unsupported as e:
+        raise TrainError(f"{cfg.spec}: {e}") from None
+    optimizer = compile_optimizer(opt_spec, model.parameters(), **hyper)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # -- maybe resume
+    step, history = 0, []
+    if cfg.resume:
+        try:
+            ck = checkpoint.load(out, device)
+        except checkpoint.CheckpointError as e:
+            raise TrainError(str(e)) from None
+        if ck.spec_sha256 != spec_sha:
+            raise TrainError(f"{out / checkpoint.CKPT} was trained from another spec (its text is in "
+                             f"{out / checkpoint.SPEC}); give the same spec and --set values, or train "
+                             f"without --resume to start over")
+        model.load_state_dict(ck.model)
+        optimizer.load_state_dict(ck.optimizer)
+        for group in optimizer.param_groups:  # hyperparameters given again win over the checkpoint's
+            group.update(hyper)
+        checkpoint.set_rng_state(ck.rng)
+        step, history = ck.step, list(ck.history)
+    elif (out / checkpoint.CKPT).exists():
+        log(f"note: starting over; the checkpoint in {out} will be replaced (--resume continues it)")
+    start = step
+    if start >= cfg.steps:
+        log(f"nothing to do: the checkpoint in {out} is at step {start}, and --steps is {cfg.steps}")
+        return {"step": step, "steps": cfg.steps, "interrupted": False, "seconds": 0.0, "first_loss": None,
+                "last_loss": None, "first_val": None, "last_val": None, "checkpoint": out / checkpoint.CKPT,
+                "floor": data.floor}
+
+    log(f"train `{spec.name}`: {n_params:,} parameters, {spec.model.layers} layers, d_model {spec.model.d_model}, "
+        f"optimizer `{opt_spec.name}` ({', '.join(f'{k}={v}' for k, v in {**opt_spec.hyper, **hyper}.items())})")
+    log(f"data: {data.describe}; batch {cfg.batch} x {cfg.context} tokens; device {device}; run {out}"
+        + (f"; resumed at step {step}" if cfg.resume else ""))
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = [loss_of(*data.batch("val", i, cfg.batch)) for i in range(cfg.eval_batches)]
+        model.train()
+        return sum(x.item() for x in losses) / len(losses)
+
+    def loss_of(x, y):
+        logits, _ = model(x.to(device))
+        return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100)
+
+    def save() -> Path:
+        ck = checkpoint.Checkpoint(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                   rng=checkpoint.rng_state(), spec=spec_text, spec_sha256=spec_sha,
+                                   config=_json_config(cfg), history=history)
+        return checkpoint.save(out, ck)
+
+    # -- the loop: evaluate and save now and then, step, log
+    evaluated = {r["step"] for r in history if "val_loss" in r}
+    t_start = t_log = time.perf_counter()
+    tokens, steps_since_log, path = 0, 0, None
+    with stop_requests(log) as flag:
+        while True:
+            last, stop = step >= cfg.steps, flag["stop"]
+            t_pause = time.perf_counter()
+            if (step % cfg.eval_every == 0 or last) and step not in evaluated and not stop:
+                val = evaluate()
+                evaluated.add(step)
+                history.append({"step": step, "val_loss": val})
+                log(f"step {step:>6}/{cfg.steps} | val loss {val:.4f}"
+                    + (f" (without memory: {data.floor:.4f})" if data.floor else ""))
+            if (step > start and (step % cfg.eval_every == 0 or last)) or stop:
+                path = save()
+            if last or stop:
+                break
+            t_log += time.perf_counter() - t_pause    # the log reports training speed only
+
+            x, y = data.batch("train", step, cfg.batch)
+            try:
+                loss = loss_of(x, y)
+            except ValueError as e:  # an op's precondition, such as a retention gate that reached 0
+                raise TrainError(f"step {step + 1}: {e}. The run has probably diverged (try a lower learning "
+                                 f"rate: --set lr=...); the last checkpoint is kept") from None
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            step += 1
+            tokens += x.numel()
+            steps_since_log += 1
+
+            if step % cfg.log_every == 0 or step == start + 1:
+                lossf = loss.item()
+                now = time.perf_counter()
+                history.append({"step": step, "loss": lossf, "tokens_per_s": tokens / (now - t_log)})
+                log(f"step {step:>6}/{cfg.steps} | loss {lossf:.4f} | {tokens / (now - t_log):,.0f} tok/s | "
+                    f"{1000 * (now - t_log) / steps_since_log:.1f} ms/step")
+                t_log, tokens, steps_since_log = now, 0, 0
+                if not math.isfinite(lossf):
+                    raise TrainError(f"the loss is {lossf} at step {step}: training diverged (lower the "
+                                     f"learning rate, e.g. --set lr=...); the last checkpoint is kept")
+
+    stopped = stop and not last
+    elapsed = time.perf_counter() - t_start
+    train_losses = [r["loss"] for r in history if "loss" in r]
+    val_losses = [r["val_loss"] for r in history if "val_loss" in r]
+    summary = {"step": step, "steps": cfg.steps, "interrupted": stopped, "seconds": elapsed,
+               "first_loss": train_losses[0] if train_losses else None,
+               "last_loss": train_losses[-1] if train_losses else None,
+               "first_val": val_losses[0] if val_losses else None, "last_val": val_losses[-1] if val_losses else None,
+               "checkpoint": path, "floor": data.floor}
+    what = "interrupted" if stopped else "done"
+    log(f"{what}: step {step}/{cfg.steps} ({step - start} steps in {elapsed:.1f} s); "
+        + (f"train loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; " if train_losses else "")
+        + (f"val loss {summary['first_val']:.4f} -> {summary['last_val']:.4f}; " if val_losses else "")
+        + f"checkpoint {path}" + ("; continue with --resume" if stopped else ""))
+    return summary
+
+
+def _device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"unknown device `{name}`: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device `{name}` asked for, but torch sees no CUDA device here: use --device cpu")
+    return device
+
+
+def _json_config(cfg: TrainConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in cfg.model_dump().items()}

@@ -1,0 +1,195 @@
+"""`nlc train`: the loss falls on a task that needs memory, resuming repeats the trajectory bit for
+bit, checkpoints are whole files, and every mistake is a located diagnostic with exit status 2."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nlc
+from nlc.backends.torch.optim import compile_optimizer, optimizer_of
+from nlc.runtime import checkpoint
+from nlc.runtime.data import IGNORE, CopyTask, RecallTask, TextData
+from nlc.runtime.train import TrainConfig, TrainError, train
+
+ROOT = Path(__file__).parent.parent
+INLINE = ROOT / "tests" / "specs" / "inline_optimizer.yaml"
+TINY = ("model.d_model=32", "model.layers=2", "model.heads=2")   # the shipped specs are vocab 256
+
+
+def run(tmp_path, spec="specs/transformer.yaml", sets=TINY, **kw) -> dict:
+    kw = {"steps": 6, "batch": 8, "context": 32, "out": tmp_path / "run", "device": "cpu", "eval_every": 1000,
+          "eval_batches": 2, **kw}
+    lines: list[str] = []
+    summary = train(TrainConfig(spec=ROOT / spec if not Path(spec).is_absolute() else spec, sets=sets, **kw),
+                    log=lines.append)
+    summary["log"] = lines
+    return summary
+
+
+def nlc_cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # as conftest.py does for this process
+    return subprocess.run([sys.executable, "-m", "nlc.runtime.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+# ---------------------------------------------------------------- data
+
+def test_tasks_are_seeded_and_count_only_what_memory_can_predict():
+    copy = CopyTask(256, 32, seed=1)
+    x, y = copy.batch("train", 5, 4)
+    assert x.shape == y.shape == (4, 32)
+    assert torch.equal(x, copy.batch("train", 5, 4)[0]) and not torch.equal(x, copy.batch("train", 6, 4)[0])
+    assert not torch.equal(x, copy.batch("val", 5, 4)[0])
+    n = 16
+    counted = y != IGNORE
+    assert counted.sum(1).tolist() == [n] * 4 and torch.equal(y[:, n:], x[:, :n])   # the copy, after the separator
+    recall = RecallTask(256, 32, seed=1)
+    x, y = recall.batch("train", 0, 4)
+    for row_x, row_y in zip(x, y):
+        pairs = dict(zip(row_x[:16:2].tolist(), row_x[1:16:2].tolist()))
+        asked = row_y != IGNORE
+        keys = row_x[asked]
+        assert len(pairs) == 8 and asked.sum() == 8
+        assert [pairs[k] for k in keys.tolist()] == row_y[asked].tolist()
+
+
+def test_text_data_windows(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_bytes(bytes(range(256)) * 4)
+    data = TextData(p, context=16, seed=0)
+    x, y = data.batch("val", 0, 3)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) < 256
+    assert len(data.parts["train"]) == int(0.9 * 1024)
+
+
+# ---------------------------------------------------------------- training
+
+def test_loss_falls_on_the_copy_task(tmp_path):
+    s = run(tmp_path, steps=30, batch=16, sets=TINY + ("lr=3e-3",), log_every=10)
+    assert s["first_val"] > 5.0 and s["last_val"] < s["first_val"] - 2.0, s["log"]   # ln(256) = 5.55 at the start
+    assert s["last_loss"] < s["first_loss"] - 2.0
+    steps = [ln for ln in s["log"] if "| loss" in ln]
+    assert len(steps) == 4 and "tok/s" in steps[0] and steps[-1].startswith("step     30/30")
+    assert s["log"][-1].startswith("done: step 30/30")
+
+
+def test_resume_repeats_the_trajectory_bit_for_bit(tmp_path):
+    spec = INLINE   # its optimizer's slow level sums steps 1-4 and fires at step 4: resumed in between
+    straight = run(tmp_path, spec=spec, out=tmp_path / "a", steps=6)
+    first = run(tmp_path, spec=spec, out=tmp_path / "b", steps=3)
+    assert first["step"] == 3
+    resumed = run(tmp_path, spec=spec, out=tmp_path / "b", steps=6, resume=True)
+    assert resumed["step"] == 6 and any("resumed at step 3" in ln for ln in resumed["log"])
+    assert resumed["last_val"] == straight["last_val"]
+    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    assert any("s.sum" in st for st in b.optimizer["state"].values())
+    assert a.model.keys() == b.model.keys()
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    sa, sb = a.optimizer["state"], b.optimizer["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
+    # a finished run has nothing to do; another spec cannot resume it
+    again = run(tmp_path, spec=spec, out=tmp_path / "b", steps=6, resume=True)
+    assert again["step"] == 6 and "nothing to do" in again["log"][-1]
+    with pytest.raises(TrainError, match="trained from another spec"):
+        run(tmp_path, spec=spec, out=tmp_path / "b", steps=8, resume=True, sets=("model.d_model=64",))
+
+
+def test_checkpoint_files(tmp_path, monkeypatch):
+    s = run(tmp_path, steps=4, log_every=2)
+    out = tmp_path / "run"
+    assert s["checkpoint"] == out / "ckpt.pt"
+    names = sorted(p.name for p in out.iterdir())
+    assert {"ckpt.pt", "spec.yaml", "metrics.jsonl"} <= set(names) and not [n for n in names if n.endswith(".tmp")]
+    ck = checkpoint.load(out)
+    text = (out / "spec.yaml").read_text()
+    assert ck.step == 4 and ck.spec == text and ck.spec_sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert ck.config["sets"] == list(TINY) and ck.config["steps"] == 4
+    assert set(ck.rng) >= {"torch", "python"} and "state" in ck.optimizer
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records == ck.history and [r["step"] for r in records if "loss" in r] == [1, 2, 4]
+    # the spec as trained (sizes from --set, the optimizer inline) is itself a spec that checks
+    spec = nlc.load(out / "spec.yaml")
+    assert spec.model.d_model == 32 and spec.optimizer.hyper["lr"] == 4e-4
+    model = nlc.compile(spec)
+    model.load_state_dict(ck.model)
+    # a save that fails half way leaves the previous checkpoint whole
+    before = (out / "ckpt.pt").read_bytes()
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        checkpoint.save(out, ck, plot=False)
+    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_inline_optimizer_trains(tmp_path):
+    spec = nlc.load(INLINE)
+    opt = optimizer_of(spec, INLINE.parent)
+    assert opt is spec.optimizer and opt.name == "inline_optimizer_optimizer"
+    model = nlc.compile(spec)
+    o = compile_optimizer(spec.optimizer, model.parameters(), lr=1e-3)
+    assert o.defaults["lr"] == 1e-3 and o.defaults["slow_every"] == 4
+    named = optimizer_of(nlc.load(ROOT / "specs/titans.yaml"), ROOT / "specs")
+    assert named.name == "adamw" and named.hyper["lr"] == 4e-4 and named.hyper["weight_decay"] == 0.1
+    s = run(tmp_path, spec=INLINE, sets=(), steps=5, context=16)
+    assert s["last_val"] < s["first_val"] and "optimizer `inline_optimizer_optimizer`" in s["log"][0]
+
+
+# ---------------------------------------------------------------- the command
+
+def test_cli_trains_and_ctrl_c_saves(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "nlc.runtime.cli", "train", "specs/transformer.yaml", "--steps",
+                          "100000", "--context", "16", "--batch", "4", "--log-every", "1", "--out", out, "--device",
+                          "cpu", *[a for s in TINY for a in ("--set", s)]], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = 0
+    for line in p.stdout:
+        seen += line.startswith("step ") and "| loss" in line
+        if seen == 3:
+            p.send_signal(signal.SIGINT)
+            break
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted: step" in rest and "continue with --resume" in rest
+    step = checkpoint.load(out).step
+    assert step >= 3
+    r = nlc_cli("train", "specs/transformer.yaml", "--out", out, "--resume", "--steps", step + 2)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed at step {step}" in r.stdout and f"done: step {step + 2}/{step + 2}" in r.stdout
+
+
+@pytest.mark.parametrize("args, where, pattern", [
+    (("--set", "lrr=1e-3"), "<command line>:1:7: error[E208 unknown-hyper]", r"hint: did you mean `lr`\?"),
+    (("--set", "lr=-1e-3"), "<command line>:1:10: error[E502 bad-hyper]", r"a learning rate is positive"),
+    (("--set", "model.heads=3"), "<command line>:1:19: error[E301 shape-mismatch]", r"d_model 256 is not divisible by heads 3"),
+    (("--set", "model.d_modle=64"), "<command line>:1:7: error[E102 unknown-key]", r"did you mean `d_model`"),
+])
+def test_cli_bad_set_is_located_on_the_command_line(args, where, pattern):
+    r = nlc_cli("train", "specs/transformer.yaml", "--steps", 1, *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(where), r.stderr
+    assert re.search(pattern, r.stderr)
+
+
+def test_cli_mistakes_exit_2(tmp_path):
+    r = nlc_cli("train", "no/such.yaml")
+    assert r.returncode == 2 and "no/such.yaml:1:1: error[E009" in r.stderr and "Traceback" not in r.stderr
+    r = nlc_cli("train", "specs/adamw.yaml")
+    assert r.returncode == 2 and "is the optimizer spec `adamw`" in r.stderr and "trains a model spec" in r.stderr
+    r = nlc_cli("train", "specs/transformer.yaml", "--resume", "--out", tmp_path / "none")
+    assert r.returncode == 2 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
