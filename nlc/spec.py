@@ -339,6 +339,8 @@ def to_data(node: Any) -> Any:
     """Plain data of a Spec with expressions as canonical strings (the YAML form, defaults omitted)."""
     if isinstance(node, ExprNode):
         return str(node)
+    if isinstance(node, OptimizerRef) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", node.use):  # a path
+        return {"use": node.use, **({"hyper": {k: str(v) for k, v in node.hyper.items()}} if node.hyper else {})}
     if isinstance(node, (Every, Objective, OptimizerRef)):
         return str(node)
     if isinstance(node, BaseModel):

@@ -139,7 +139,7 @@ def test_checkpoint_files(tmp_path, monkeypatch):
 def test_inline_optimizer_trains(tmp_path):
     spec = nlc.load(INLINE)
     opt = optimizer_of(spec, INLINE.parent)
-    assert opt is spec.optimizer and opt.name == "inline_optimizer_optimizer"
+    assert opt == spec.optimizer and opt.name == "inline_optimizer_optimizer"
     model = nlc.compile(spec)
     o = compile_optimizer(spec.optimizer, model.parameters(), lr=1e-3)
     assert o.defaults["lr"] == 1e-3 and o.defaults["slow_every"] == 4
@@ -147,6 +147,13 @@ def test_inline_optimizer_trains(tmp_path):
     assert named.name == "adamw" and named.hyper["lr"] == 4e-4 and named.hyper["weight_decay"] == 0.1
     s = run(tmp_path, spec=INLINE, sets=(), steps=5, context=16)
     assert s["last_val"] < s["first_val"] and "optimizer `inline_optimizer_optimizer`" in s["log"][0]
+    # a group's `use:` of a file beside the model resolves there, not where the optimizer is compiled
+    (tmp_path / "opts").mkdir()
+    (tmp_path / "opts" / "mine.yaml").write_text((ROOT / "specs/sgd_momentum.yaml").read_text())
+    (tmp_path / "m.yaml").write_text(INLINE.read_text().replace("use: adamw(lr=lr, eps=eps)", "use: {use: opts/mine.yaml}"))
+    opt = optimizer_of(nlc.load(tmp_path / "m.yaml"), tmp_path)
+    assert opt.groups[1].use.use == str((tmp_path / "opts" / "mine.yaml").resolve())
+    compile_optimizer(opt, model.parameters())
 
 
 # ---------------------------------------------------------------- the command

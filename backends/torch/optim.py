@@ -625,7 +625,8 @@ def optimizer_of(model, base_dir: str | Path = ".") -> OptimizerSpec | None:
     """The optimizer spec a model spec trains with, as the model configures it: the spec written
     inline (``optimizer: {hyper, groups}``), or the one named (``adamw(lr=4e-4)``: a shipped name, or a
     path relative to ``base_dir``, the model file's folder) with the model's overrides as its
-    defaults. None when the model names no optimizer. A checked model spec's reference resolves;
+    defaults; a group's ``use:`` of a file (not a shipped name) becomes its absolute path, so the
+    spec compiles from anywhere. None when the model names no optimizer. A checked model spec's reference resolves;
     otherwise ``nlc.SpecError`` (E207 not found, E208 unknown name, E502 out of range).
 
     >>> opt = compile_optimizer(optimizer_of(spec, "specs"), model.parameters(), lr=1e-3)
@@ -633,10 +634,13 @@ def optimizer_of(model, base_dir: str | Path = ".") -> OptimizerSpec | None:
     from nlc.check import override_value
     from nlc.spec import OptimizerRef
     ref = model.optimizer
+    if ref is None:
+        return None
     if not isinstance(ref, OptimizerRef):
-        return ref
+        return _uses_resolved(ref, Path(base_dir))
     errors = Collector(f"model `{model.name}`")
-    opt = _load(ref.use, errors, None, Path(base_dir))[0]
+    opt, _, file, _ = _load(ref.use, errors, None, Path(base_dir))
+    opt = _uses_resolved(opt, Path(file).parent)
     hyper = dict(opt.hyper)
     for name, e in ref.hyper.items():
         if name not in opt.hyper:
@@ -650,6 +654,19 @@ def optimizer_of(model, base_dir: str | Path = ".") -> OptimizerSpec | None:
     check_hyper(opt, None, {k: v for k, v in hyper.items() if k in ref.hyper}, errors)
     errors.raise_if_any()
     return opt.model_copy(update={"hyper": hyper})
+
+
+def _uses_resolved(opt: OptimizerSpec, base_dir: Path) -> OptimizerSpec:
+    """`opt` with each group's `use:` of a file beside it (not a shipped name) as an absolute path,
+    so that the spec compiles wherever it is handed on."""
+    from nlc.loader import find_spec
+    groups = []
+    for g in opt.groups:
+        found = find_spec(g.use.use, base_dir) if g.use is not None else None
+        if found is not None and found.resolve().parent != SPECS_DIR.resolve():
+            g = g.model_copy(update={"use": g.use.model_copy(update={"use": str(found.resolve())})})
+        groups.append(g)
+    return opt.model_copy(update={"groups": tuple(groups)})
 
 
 def compile_optimizer(spec, params, **hyper) -> SpecOptimizer:
