@@ -215,14 +215,22 @@ def _lower_model(spec: S.ModelSpec, base: Path) -> LevelGraph:
         for gi, grp in enumerate(opt.groups):
             for lname, olv in grp.levels.items():
                 node = f"{opt_name}.{lname}" if len(opt.groups) == 1 else f"{opt_name}.{grp.params}.{lname}"
-                period = olv.every.period[0] if olv.every and olv.every.period else 1
+                period, hyper = _opt_period(olv, opt)
                 g.add_node(node, kind="optimizer", clock="steps", frequency=_freq(period, "steps"),
-                           period=period, label=node, state="like each parameter")
+                           period=period, period_hyper=hyper, label=node, state="like each parameter")
                 g.add_edge(node, opt_name, kind="conditioning", via="update")
     return LevelGraph(spec.name, "model", g)
 
 
 # ---------------------------------------------------------------- optimizers
+
+def _opt_period(lv: S.OptLevel, spec: S.OptimizerSpec) -> tuple[int, str | None]:
+    """An optimizer level's period in steps, and the hyperparameter that names it (if one does)."""
+    period = lv.every.period[0] if lv.every and lv.every.period else 1
+    if isinstance(period, str):
+        return spec.hyper.get(period, period), period
+    return period, None
+
 
 def _lower_optimizer(spec: S.OptimizerSpec) -> LevelGraph:
     g = nx.MultiDiGraph()
@@ -237,9 +245,9 @@ def _lower_optimizer(spec: S.OptimizerSpec) -> LevelGraph:
         g.add_node(upd, kind="update", clock="steps", frequency="1", label=f"{grp.params}: update", period=1)
         for lname, lv in grp.levels.items():
             node = f"{grp.params}.{lname}" if len(spec.groups) > 1 else lname
-            period = lv.every.period[0] if lv.every and lv.every.period else 1
+            period, hyper = _opt_period(lv, spec)
             g.add_node(node, kind="optimizer", clock="steps", frequency=_freq(period, "steps"), period=period,
-                       label=node, state="like each parameter", rule=" |> ".join(map(str, lv.rule)))
+                       period_hyper=hyper, label=node, state="like each parameter", rule=" |> ".join(map(str, lv.rule)))
             g.add_edge("grad", node, kind="generation", via=str(lv.input))
             delayed = grp.update is not None and any(
                 isinstance(c, Call) and c.fn == "prev" and c.args and str(c.args[0]) == lname for c in grp.update.walk())

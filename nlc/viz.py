@@ -52,7 +52,8 @@ def _label(name: str, d: dict) -> str:
     elif freq == "0":
         lines.append("frequency 0 (trained by the outer level)")
     elif period is not None:
-        lines.append(f"every {period} {unit}{'s' if period != 1 else ''}")
+        named = f" ({d['period_hyper']})" if d.get("period_hyper") else ""
+        lines.append(f"every {period} {unit}{'s' if period != 1 else ''}{named}")
     if d.get("chunk"):
         lines.append(f"chunk {d['chunk']}")
     return "\n".join(lines)

@@ -66,7 +66,8 @@ def test_m3_graph_marks_the_lagged_read():
     g = nlc.lower(SPECS / "m3.yaml")
     delayed = [(u, v) for u, v, d in g.edges() if d.get("delayed")]
     assert delayed == [("matrix.M2", "matrix.update")]
-    assert g.node("matrix.M2")["period"] == "slow_every"
+    assert g.node("matrix.M2")["period"] == 16 and g.node("matrix.M2")["period_hyper"] == "slow_every"
+    assert g.node("matrix.M2")["frequency"] == "1/16"
 
 
 def test_verify_rejects_an_undelayed_cycle():
