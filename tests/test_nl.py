@@ -288,7 +288,7 @@ def test_inline_optimizer_graph_draws_its_levels():
     g = lower(INLINE.with_suffix(".nl"))
     name = "inline_optimizer_optimizer"
     assert g.node(name)["kind"] == "optimizer"
-    assert g.node(f"{name}.matrix.s")["frequency"] == "1/slow_every"
+    assert g.node(f"{name}.matrix.s")["frequency"] == "1/4"  # slow_every = 4, resolved
     assert (f"{name}.matrix.m", name) in [(u, v) for u, v, _ in g.edges("conditioning")]
 
 
