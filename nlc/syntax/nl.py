@@ -437,14 +437,19 @@ class _Assembler:
     def do_template(self, s: Stmt, templates):
         self._named(s, "templates", "template", templates)
 
-    def do_optimizer_ref(self, s: Stmt, templates):
+    def _claim_optimizer(self, s: Stmt) -> bool:
+        """Record the model's one `optimizer` statement; a second one is E008."""
         kw = _tok(self.smap.file, s.kw)
         if "optimizer" in self.raw:
             self.errors.error("E008", "the optimizer is given twice", kw,
                               f"the first is on line {self.smap.keys[('optimizer',)].line}")
-            return
+            return False
         self.smap.keys[("optimizer",)] = kw
-        self.raw["optimizer"] = self.emit(("optimizer",), s.value)
+        return True
+
+    def do_optimizer_ref(self, s: Stmt, templates):
+        if self._claim_optimizer(s):
+            self.raw["optimizer"] = self.emit(("optimizer",), s.value)
 
     def do_optimizer_spec(self, s: Stmt, templates):
         self._top(s)
@@ -452,12 +457,8 @@ class _Assembler:
 
     def do_optimizer_inline(self, s: Stmt, templates):
         """`optimizer { hyper ...  params ... }` in a model file: the YAML `optimizer: {hyper, groups}`."""
-        kw = _tok(self.smap.file, s.kw)
-        if "optimizer" in self.raw:
-            self.errors.error("E008", "the optimizer is given twice", kw,
-                              f"the first is on line {self.smap.keys[('optimizer',)].line}")
+        if not self._claim_optimizer(s):
             return
-        self.smap.keys[("optimizer",)] = kw
         self.smap.values[("optimizer",)] = s.span
         self.raw["optimizer"] = {}
         self._optimizer_body(s, self.raw["optimizer"], ("optimizer",))
