@@ -43,6 +43,7 @@ class _Gen:
         self.names: dict[str, int] = {}
         self.signals: dict[str, tuple[str, list[str]]] = {}   # name -> (code, signals it reads)
         self.cms_levels: list[tuple[str, int, float]] = []     # (sublevel, period, step size)
+        self.derived = derive(spec)                              # each level's update rule
 
     def module(self, base: str, ctor: str) -> str:
         n = self.names.get(base, 0)
@@ -148,7 +149,7 @@ class _Gen:
             return [f"# level `{name}`: softmax attention (non-parametric, frequency infinity)"] + body + [
                 f"o = L.attention(query, key, value, {m.window}, state, new, p + {name!r})",
                 f"h = h + self.{out}(o.reshape(B, T, {D}))"]
-        d = derive(self.spec)[name]
+        d = self.derived[name]
         if isinstance(m, S.MatrixMemory) and d.family == "generalized_delta":
             onorm = self.module(f"{name}_onorm", f"nn.RMSNorm({K}, eps=1e-6)")
             s0 = "None"
@@ -177,7 +178,7 @@ class _Gen:
     def memory_update(self, name: str, lv: S.Level, body: list[str], done: set[str], read: str) -> tuple[str, list[str]]:
         """The call that reads and updates a momentum / MLP memory, with the lines that fetch its state.
         `read`: the code of what the memory is applied to (its query, or x for a generator)."""
-        d = derive(self.spec)[name]
+        d = self.derived[name]
         m = lv.memory
         why = None
         if d.pre_retain is not None:
@@ -269,7 +270,7 @@ class _Gen:
             lv = self.spec.levels[g]
             if lv.key is None or not isinstance(lv.memory, S.MLPMemory):
                 raise Unsupported(f"generator `{g}` must be an MLP memory with a key")
-            d = derive(self.spec)[g]
+            d = self.derived[g]
             K, H = self.K, self.H
             hidden = int(round(K * lv.memory.expansion))
             d_out = 1 if lv.out == "scalar" else K
