@@ -154,7 +154,24 @@ def _fields_at(cls: type, loc: tuple) -> list[str]:
         elif typing.get_origin(tp) is tuple:
             tp = typing.get_args(tp)[0]
     tp = _unwrap(tp, None)
-    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    # a union pydantic resolved without naming the member: every member's fields are candidates
+    members = _members(tp)
+    return sorted({f for m in members if isinstance(m, type) and issubclass(m, BaseModel) for f in m.model_fields})
+
+
+def _members(tp) -> list:
+    """A union's members, with Annotated stripped and nested unions flattened (None left out)."""
+    out = []
+    for a in typing.get_args(tp):
+        while typing.get_origin(a) is typing.Annotated:
+            a = typing.get_args(a)[0]
+        if typing.get_origin(a) is typing.Union or str(typing.get_origin(a)) == "<class 'types.UnionType'>":
+            out += _members(a)
+        elif a is not type(None):
+            out.append(a)
+    return out
 
 
 def _unwrap(tp, tag):
@@ -164,7 +181,7 @@ def _unwrap(tp, tag):
         if origin is typing.Annotated:
             tp = typing.get_args(tp)[0]
         elif origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            members = _members(tp)
             tagged = {typing.get_args(a.model_fields["kind"].annotation)[0]: a for a in members
                       if isinstance(a, type) and issubclass(a, BaseModel) and "kind" in a.model_fields}
             if tag in tagged:

@@ -183,3 +183,9 @@ def test_rendering_shows_line_caret_and_hint(tmp_path):
     assert "   11 |     value: memroy(x)" in text
     assert "      |            ^^^^^^^^^" in text
     assert "hint: did you mean `memory`?" in text
+
+
+def test_unknown_key_in_an_inline_optimizer_gets_a_hint(tmp_path):
+    text = BASE.replace("optimizer: adamw(lr=4e-4)\n", "optimizer:\n  hyper: {lr: 0.1}\n  grups: []\n")
+    err = diagnose(tmp_path, text)
+    one(err, "E102", 27, 3, "unknown key `grups`", "did you mean `groups`")
