@@ -209,7 +209,8 @@ def _report(err: dict, cls: type, smap: SourceMap, errors: Collector) -> None:
     span = smap.find(loc)
     if kind == "missing":
         errors.error("E101", f"missing key `{loc[-1]}`" + (f" in `{'.'.join(map(str, loc[:-1]))}`" if len(loc) > 1 else ""),
-                     smap.find(loc[:-1]), f"add `{loc[-1]}: ...`; see `nlc schema` for what it takes")
+                     smap.find(loc[:-1]), f"add `{loc[-1]} ...`; specs/README.md shows the .nl form" if smap.file.endswith(".nl")
+                     else f"add `{loc[-1]}: ...`; see `nlc schema` for what it takes")
     elif kind == "extra_forbidden":
         allowed = _fields_at(cls, loc[:-1])
         errors.error("E102", f"unknown key `{loc[-1]}`", smap.find(loc, key=True),
