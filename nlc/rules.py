@@ -129,7 +129,8 @@ def derive_level(name: str, lv: S.Level) -> Derived:
         win = f" over the last {m.window} tokens" if m.window else ""
         return Derived(name, "attention", "", [
             r"o_t = \sum_{s \le t} \frac{\exp(q_t^\top k_s / \sqrt{d})}{\sum_{r \le t} \exp(q_t^\top k_r / \sqrt{d})}\, v_s"],
-            notes=[f"Non-parametric: the closed-form minimiser of a weighted L2 objective{win}; frequency infinity."])
+            notes=[f"Non-parametric: the closed-form minimiser of a weighted L2 objective{win}; frequency infinity."]
+            + (["Queries and keys are rotated by their absolute positions (RoPE)."] if m.rope else []))
     if lv.every is not None and lv.every.period is None:
         return Derived(name, "static", "", [r"y_t = \mathrm{MLP}_{\theta}(x_t)"],
                        notes=["Frequency 0: its parameters are trained by the outer level (the optimizer) only."])

@@ -156,6 +156,7 @@ class AttentionMemory(Node):
     """Softmax attention: a non-parametric level that keeps the raw context (frequency infinity)."""
     kind: Literal["attention"] = Field(description="softmax attention")
     window: PositiveInt | None = Field(None, description="sliding window in tokens; null = full causal context")
+    rope: bool = Field(True, description="rotary position embedding of queries and keys (by absolute position)")
 
 
 Memory = Annotated[Union[MatrixMemory, MLPMemory, VectorMemory, AttentionMemory], Field(discriminator="kind")]

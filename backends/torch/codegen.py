@@ -147,7 +147,7 @@ class _Gen:
         out = self.module(f"{name}_out", f"nn.Linear({D}, {D}, bias=False)")
         if isinstance(m, S.AttentionMemory):
             return [f"# level `{name}`: softmax attention (non-parametric, frequency infinity)"] + body + [
-                f"o = L.attention(query, key, value, {m.window}, state, new, p + {name!r})",
+                f"o = L.attention(query, key, value, {m.window}, state, new, p + {name!r}, use_rope={m.rope})",
                 f"h = h + self.{out}(o.reshape(B, T, {D}))"]
         d = self.derived[name]
         if isinstance(m, S.MatrixMemory) and d.family == "generalized_delta":

@@ -106,10 +106,27 @@ class MLP(nn.Module):
         return x
 
 
-def attention(q, k, v, window: int | None, state: dict, new: dict, key: str):
+def rope(x: torch.Tensor, start: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding of [B, T, H, K] for absolute positions start, start + 1, ...:
+    pairs (x_i, x_{i + K/2}) rotate by angle position * base^(-2i/K)."""
+    T, K = x.shape[1], x.shape[-1]
+    half = K // 2
+    freq = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / K)
+    angle = (torch.arange(start, start + T, dtype=torch.float64, device=x.device)[:, None] * freq).to(x.dtype)
+    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    a, b = x[..., :half], x[..., half:2 * half]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos, x[..., 2 * half:]], dim=-1)
+
+
+def attention(q, k, v, window: int | None, state: dict, new: dict, key: str, use_rope: bool = False):
     """Causal softmax attention over [B, T, H, K], with the past keys and values carried in
-    `state` (all of them, or the last `window - 1` with a sliding window)."""
+    `state` (all of them, or the last `window - 1` with a sliding window); with `use_rope`, queries
+    and keys are rotated by their absolute positions (the count of tokens seen is carried too)."""
     B, T, H, K = q.shape
+    if use_rope:
+        start = int(state.get(key + ".n", 0))
+        q, k = rope(q, start), rope(k, start)
+        new[key + ".n"] = torch.tensor(start + T)
     past_k, past_v = state.get(key + ".k"), state.get(key + ".v")
     if past_k is not None:
         k, v = torch.cat([past_k.to(k.dtype), k], 1), torch.cat([past_v.to(v.dtype), v], 1)
