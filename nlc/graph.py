@@ -13,7 +13,7 @@ from pathlib import Path
 import networkx as nx
 
 from nlc import spec as S
-from nlc.expr import Call, Name
+from nlc.expr import Call
 
 FLOW_KINDS = ("conditioning", "nonparametric", "backprop", "init", "generation")
 NODE_KINDS = ("context", "matrix", "mlp", "vector", "attention", "static", "cms", "optimizer", "projection", "update")
@@ -121,25 +121,6 @@ def _state(lv: S.Level, shape: S.Shape) -> str:
     return f"[{H}, {per}]" if lv.key is not None else f"[{per}]"
 
 
-def _uses(spec: S.ModelSpec, e, seen=None) -> tuple[set[str], bool]:
-    """Levels an expression applies (through signals too), and whether it uses static projections."""
-    seen = set() if seen is None else seen
-    levels, static = set(), False
-    if e is None:
-        return levels, static
-    for n in e.walk():
-        if isinstance(n, Call) and n.fn in spec.levels:
-            levels.add(n.fn)
-        if isinstance(n, Call) and n.fn in _STATIC_FNS:
-            static = True
-        if isinstance(n, Name) and n.id in spec.signals and n.id not in seen:
-            seen.add(n.id)
-            lv, st = _uses(spec, spec.signals[n.id], seen)
-            levels |= lv
-            static |= st
-    return levels, static
-
-
 def _lower_model(spec: S.ModelSpec, base: Path) -> LevelGraph:
     g = nx.MultiDiGraph()
     shape = spec.model
@@ -168,13 +149,8 @@ def _lower_model(spec: S.ModelSpec, base: Path) -> LevelGraph:
         for a, b in zip(nodes, nodes[1:]):
             g.add_edge(a, b, kind="conditioning", via="chain")
             g.add_edge(b, a, kind="backprop", via="chain")
-        flows = [lv.key, lv.value, lv.query] + ([lv.objective.pred, lv.objective.target] if lv.objective else [])
-        flows += [a for step in lv.rule for a in (*step.args, *step.kwargs.values())]
-        generators, static = set(), False
-        for e in flows:
-            gens, st = _uses(spec, e)
-            generators |= gens
-            static |= st
+        generators, _, fns = S.reads(spec, lv.flows())
+        static = bool(fns & _STATIC_FNS)
         uses_static |= static
         if static:
             g.add_edge("projections", nodes[0], kind="conditioning", via="static projections")

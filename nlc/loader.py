@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from nlc import spec as S
 from nlc.diagnostics import CODES, Collector, Span, did_you_mean
-from nlc.syntax.source import Located, SourceMap
+from nlc.syntax.source import SourceMap
 
 MAX_BYTES = 1 << 20
 

@@ -92,7 +92,7 @@ def tex(e: ExprNode | None, t: str = "t") -> str:
         if "_" in e.id and e.id.split("_")[0] != "":
             head, sub = e.id.split("_", 1)
             base = ("\\" + head if head in _GREEK else head) + "_{\\mathrm{" + sub + "}}"
-            return base + (f",{t}" if False else "")
+            return base
         return f"{base}_{t}" if t else base
     if isinstance(e, Neg):
         return "-" + tex(e.arg, t)
@@ -195,7 +195,7 @@ def derive_level(name: str, lv: S.Level) -> Derived:
         d.equations = [
             rf"M_t = M_{{t-1}}\left(a_t I - b_t\, {kt} {kt}^\top\right) + w_t\, {kt}^\top",
             rf"a_t = {tex(d.a)},\quad b_t = {tex(d.b)},\quad w_t = {tex(d.w)}",
-            rf"o_t = M_t\, q_t"]
+            r"o_t = M_t\, q_t"]
         d.notes.append("Chunkwise-parallel form: the WY/UT transform of `generalized_delta` (gradients need no anchor: "
                        "the rule is linear in M).")
         return d

@@ -220,6 +220,30 @@ class Level(Node):
     init: Literal["meta", "zeros"] = Field("meta", description="`meta`: the initial state is learned by the outer level")
 
 
+    def flows(self) -> list:
+        """Every expression of the level: key, value, query, objective, rule arguments."""
+        exprs = [self.key, self.value, self.query]
+        if self.objective is not None:
+            exprs += [self.objective.pred, self.objective.target]
+        exprs += [a for step in self.rule for a in (*step.args, *step.kwargs.values())]
+        return [e for e in exprs if e is not None]
+
+
+def reads(spec: "ModelSpec", exprs) -> tuple[set[str], set[str], set[str]]:
+    """What expressions read, following signals transitively: (levels applied, signals read,
+    functions called)."""
+    levels, signals, fns = set(), set(), set()
+    todo = list(exprs)
+    while todo:
+        for n in todo.pop().walk():
+            if isinstance(n, Call):
+                (levels if n.fn in spec.levels else fns).add(n.fn)
+            elif isinstance(n, Name) and n.id in spec.signals and n.id not in signals:
+                signals.add(n.id)
+                todo.append(spec.signals[n.id])
+    return levels, signals, fns
+
+
 class Shape(Node):
     """The model's size and the order of levels in each layer's block."""
     vocab: PositiveInt = Field(description="vocabulary size")

@@ -134,9 +134,6 @@ def to_dot(graph: LevelGraph) -> str:
                 continue
             drawn.add(key)
             lines.append(f"  {_q(u)} -> {_q(v)} [ltail=cluster_generators, color=\"#8e44ad\", arrowhead=vee, "
-                         f"style=dashed, penwidth=1.6, label=\"k, v, eta, alpha\" , fontcolor=\"#8e44ad\"];"
-                         if False else
-                         f"  {_q(u)} -> {_q(v)} [ltail=cluster_generators, color=\"#8e44ad\", arrowhead=vee, "
                          f"style=dashed, penwidth=1.6];")
             continue
         key = (u, v, d["kind"], bool(d.get("delayed")))

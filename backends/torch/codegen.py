@@ -237,24 +237,12 @@ class _Gen:
     def generators(self, name: str) -> list[str]:
         """Levels applied (through signals, transitively, and through the generators' own flows)
         by level `name`'s flows."""
-        found: list[str] = []
-        todo = [name]
-        while todo:
-            lv = self.spec.levels[todo.pop()]
-            exprs = [lv.key, lv.value, lv.query] + ([lv.objective.pred, lv.objective.target] if lv.objective else [])
-            exprs += [a for st in lv.rule for a in (*st.args, *st.kwargs.values())]
-            seen_sigs: set[str] = set()
-            while exprs:
-                e = exprs.pop()
-                if e is None:
-                    continue
-                for n in e.walk():
-                    if isinstance(n, Call) and n.fn in self.spec.levels and n.fn not in found and n.fn != name:
-                        found.append(n.fn)
-                        todo.append(n.fn)
-                    if isinstance(n, Name) and n.id in self.spec.signals and n.id not in seen_sigs:
-                        seen_sigs.add(n.id)
-                        exprs.append(self.spec.signals[n.id])
+        found: set[str] = set()
+        frontier = {name}
+        while frontier:
+            applied = S.reads(self.spec, [e for n in frontier for e in self.spec.levels[n].flows()])[0]
+            frontier = applied - found - {name}
+            found |= frontier
         return sorted(found)
 
     def scan(self, consumer: str, gens: list[str], done: set[str]) -> list[str]:
@@ -280,7 +268,7 @@ class _Gen:
         loop: list[str] = []
         inner_done: set[str] = set()
         sigs = [n for n in self.spec.signals]  # every signal the consumer or the generators read
-        needed = self.signals_needed(consumer, gens)
+        needed = S.reads(self.spec, [e for n in (consumer, *gens) for e in self.spec.levels[n].flows()])[1]
         for s in sigs:
             if s in needed:
                 self.signal(s, loop, inner_done)
@@ -300,22 +288,6 @@ class _Gen:
         lines += [f"L.mlp_save(new, p + '{g}', gst_{g})" for g in gens]
         done.update(computed)
         return lines
-
-    def signals_needed(self, consumer: str, gens: list[str]) -> set[str]:
-        out: set[str] = set()
-        for name in [consumer, *gens]:
-            lv = self.spec.levels[name]
-            exprs = [lv.key, lv.value, lv.query] + ([lv.objective.pred, lv.objective.target] if lv.objective else [])
-            exprs += [a for st in lv.rule for a in (*st.args, *st.kwargs.values())]
-            while exprs:
-                e = exprs.pop()
-                if e is None:
-                    continue
-                for n in e.walk():
-                    if isinstance(n, Name) and n.id in self.spec.signals and n.id not in out:
-                        out.add(n.id)
-                        exprs.append(self.spec.signals[n.id])
-        return out
 
     def cms(self, name: str, lv: S.Level, first_norm: str) -> list[str]:
         """A Continuum Memory System level: one pre-norm residual MLP per period, run on every
