@@ -355,7 +355,9 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
     lines += ["class Model(nn.Module):",
               f'    """{spec.name}: embedding, {shape.layers} blocks, norm, output head. forward(input_ids, state) returns',
               '    (logits, state); feeding a sequence in pieces with the state carried equals feeding it whole' +
-              (' (pieces cut at multiples of WINDOW tokens)."""' if g.cms_levels else '."""'),
+              (' (pieces cut at multiples of WINDOW tokens);\n'
+               "    state['cms.pending'] holds the last token's logits and the CMS fast weights that made them,\n"
+               '    so that their pair with the next call\'s first token is counted."""' if g.cms_levels else '."""'),
               "",
               "    def __init__(self):",
               "        super().__init__()",
@@ -379,22 +381,24 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
                   ""]
     else:
         lines += ["    def forward(self, input_ids, state=None):",
-                  "        # Window by window: run, then take the gradient of the window's next-token loss with",
-                  "        # respect to the CMS fast weights (first order) and update the levels whose chunk ends.",
-                  "        # The inner gradient is taken on a pass that sees the carried state as constants (it",
-                  "        # needs nothing else, and so never walks the graph of earlier windows); when the outer",
-                  "        # gradient is wanted, a second pass keeps the full graph (backprop through time).",
+                  "        # Window by window: run, then take the gradient of the next-token loss of every pair",
+                  "        # whose target arrived in the window (the previous window's last token included) with",
+                  "        # respect to the CMS fast weights that made the prediction (first order), and update the",
+                  "        # levels whose chunk ends. The inner gradient is taken on a pass that sees the carried",
+                  "        # state as constants (it needs nothing else, and so never walks the graph of earlier",
+                  "        # windows); when the outer gradient is wanted, a second pass keeps the full graph.",
                   "        state = dict(state or {})",
                   "        keep_graph = torch.is_grad_enabled()",
                   "        pos = int(state.pop('t', torch.zeros((), dtype=torch.long)))",
-                  "        outs, s, T = [], 0, input_ids.shape[1]",
+                  "        pending = state.pop('cms.pending', None)  # the last token's logits: its target comes next",
+                  "        outs, s, (B, T) = [], 0, input_ids.shape",
                   "        while s < T:",
                   "            e = min(T, s + WINDOW - (pos + s) % WINDOW)",
                   "            ids = input_ids[:, s:e]",
                   "            with torch.enable_grad():",
-                  "                fast = L.cms_fast(self, state, CMS)",
+                  "                fast = L.cms_fast(self, state, CMS, B)",
                   "                logits, new = self.run(ids, {k: v.detach() for k, v in state.items()}, fast)",
-                  "                L.cms_step(ids, logits, fast, state, new, CMS, pos + e)",
+                  "                pending = L.cms_step(ids, logits, fast, pending, state, new, CMS, pos + e)",
                   "            if keep_graph:",
                   "                logits, outer = self.run(ids, state, {k: [d.detach() for d in v] for k, v in fast.items()})",
                   "                new.update({k: v for k, v in outer.items() if '.delta' not in k and '.acc' not in k})",
@@ -404,6 +408,7 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
                   "            outs.append(logits)",
                   "            s = e",
                   "        state['t'] = torch.tensor(pos + T)",
+                  "        state['cms.pending'] = pending",
                   "        return torch.cat(outs, 1), state",
                   ""]
     return "\n".join(lines)

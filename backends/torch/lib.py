@@ -3,6 +3,8 @@ convolutions with carried state, attention with a KV cache, MLPs. Small and plai
 the generated `model.py` reads as the spec, and these are its vocabulary."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,53 +158,86 @@ def initial(state: dict, key: str, param: torch.Tensor | None, like: torch.Tenso
 # ---------------------------------------------------------------- the Continuum Memory System
 
 def mlp_with(mlp: MLP, x: torch.Tensor, deltas: list | None) -> torch.Tensor:
-    """An MLP run with fast weights: each layer's weight plus its in-context delta."""
+    """An MLP run with fast weights: each layer's weight plus the sequence's own in-context delta
+    (`deltas[j]` is [B, out, in]: in-context weights belong to one sequence)."""
     if deltas is None:
         return mlp(x)
     for i, (layer, d) in enumerate(zip(mlp.layers, deltas)):
-        x = F.linear(x, layer.weight + d.to(layer.weight.dtype))
+        x = x @ (layer.weight + d.to(layer.weight.dtype)).mT
         if i < len(mlp.layers) - 1:
             x = mlp.act(x)
     return x
 
 
-def cms_fast(model, state: dict, levels) -> dict:
-    """Per layer and CMS level, leaf tensors for the in-context deltas of the level's weights
-    (carried in `state`, zero at first): the window's gradients are taken with respect to them."""
+class Pending(NamedTuple):
+    """The last token's logits of a window, with the fast weights that computed them: its
+    next-token pair is counted when the target arrives (the next window's, or the next call's,
+    first token)."""
+    logits: torch.Tensor          # [B, vocab], with its graph to `fast`
+    fast: dict                    # level key -> the window's delta leaves
+
+
+def cms_fast(model, state: dict, levels, batch: int) -> dict:
+    """Per layer and CMS level, leaf tensors [B, out, in] for the in-context deltas of the level's
+    weights (carried in `state`, zero at first): the window's gradients are taken with respect to
+    them."""
     fast = {}
     for i, block in enumerate(model.blocks):
         for name, _, _ in levels:
             mlp = getattr(block, f"{name}_mlp")
-            fast[f"{i}.{name}"] = [state.get(f"{i}.{name}.delta{j}", torch.zeros_like(layer.weight)).detach()
-                                   .to(layer.weight.dtype).requires_grad_() for j, layer in enumerate(mlp.layers)]
+            fast[f"{i}.{name}"] = [
+                (state[f"{i}.{name}.delta{j}"] if f"{i}.{name}.delta{j}" in state
+                 else layer.weight.new_zeros(batch, *layer.weight.shape)).detach().to(layer.weight.dtype).requires_grad_()
+                for j, layer in enumerate(mlp.layers)]
     return fast
 
 
-def cms_step(ids, logits, fast: dict, state: dict, new: dict, levels, end: int) -> None:
-    """After one window (NESTED_LEARNING.md §5, first order): add the gradient of the window's
-    next-token loss to each CMS level's accumulator; a level whose chunk ends at token `end`
-    applies `delta -= lr * accumulated` and starts a new accumulation."""
-    leaves = [d for ds in fast.values() for d in ds]
+def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of logits [..., V] against targets [...] (computed in float32 at least)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat if flat.dtype in (torch.float32, torch.float64) else flat.float(),
+                           targets.reshape(-1), reduction="sum")
+
+
+def cms_step(ids, logits, fast: dict, pending: Pending | None, state: dict, new: dict, levels, end: int) -> Pending:
+    """After one window (tokens up to absolute position `end`), first order: add to each CMS
+    level's accumulator the gradient of every next-token pair whose target arrived in the window,
+    each taken at the fast weights that made its prediction: the pair from the previous window's
+    last token (`pending`) and the pairs inside the window. A level whose chunk ends at `end`
+    applies `delta -= lr * accumulated` and starts a new accumulation. The loss is summed over
+    the batch, and each sequence has its own deltas, so each gets its own gradient. Returns the
+    window's last token as the next pending pair."""
+    losses, inputs = [], []
     if ids.shape[1] > 1:
-        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-        loss = F.cross_entropy(flat if flat.dtype in (torch.float32, torch.float64) else flat.float(),
-                               ids[:, 1:].reshape(-1), reduction="sum")
-        grads = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
-    else:
-        grads = [None] * len(leaves)
+        losses.append(_next_token_loss(logits[:, :-1], ids[:, 1:]))
+        inputs.append(fast)
+    if pending is not None:
+        losses.append(_next_token_loss(pending.logits, ids[:, 0]))
+        inputs.append(pending.fast)
+    leaves = [d for f in inputs for ds in f.values() for d in ds]
+    grads = torch.autograd.grad(sum(losses), leaves, retain_graph=True, allow_unused=True) if losses else []
+    total: dict = {}
     it = iter(grads)
+    for f in inputs:
+        for key, ds in f.items():
+            sums = total.setdefault(key, [None] * len(ds))
+            for j in range(len(ds)):
+                g = next(it)
+                if g is not None:
+                    sums[j] = g if sums[j] is None else sums[j] + g
     periods = {name: (period, lr) for name, period, lr in levels}
     for key, deltas in fast.items():
         period, lr = periods[key.split(".", 1)[1]]
         for j, d in enumerate(deltas):
-            g = next(it)
-            acc = state.get(f"{key}.acc{j}", torch.zeros_like(d)).detach()
+            acc = state[f"{key}.acc{j}"].detach() if f"{key}.acc{j}" in state else torch.zeros_like(d)
+            g = total.get(key, [None] * len(deltas))[j]
             if g is not None:
                 acc = acc + g.detach()
             delta = d.detach()
             if end % period == 0:
                 delta, acc = delta - lr * acc, torch.zeros_like(acc)
             new[f"{key}.delta{j}"], new[f"{key}.acc{j}"] = delta, acc
+    return Pending(logits[:, -1], fast)
 
 
 # ---------------------------------------------------------------- deep (MLP) memories
