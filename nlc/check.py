@@ -310,6 +310,10 @@ class _ModelChecker(_Base):
             t = self.type_of(e.args[0], path, level)
             if t not in (None, "vec"):
                 self.err("E301", f"memory `{e.fn}` reads a vector per head, got a {_tname(t)}", self.at(*path, node=e.args[0]))
+            elif e.fn != "M" and self.spec.model.heads > 1 and self.head_slice(e.args[0]):
+                self.err("E301", f"generator `{e.fn}` would read one head's slice of `x`: a head's flows would never "
+                         "see the other heads' channels", self.at(*path, node=e.args[0]),
+                         f"mix the channels first, `{e.fn}(proj(x))`, or set `heads: 1` so that it reads all of x (Eq. 94)")
             if isinstance(target.memory, S.AttentionMemory) or (target.every and target.every.period is None) \
                     or target.key is None and e.fn != "M":
                 self.err("E301", f"level `{e.fn}` is not a memory that can generate a flow", where,
@@ -340,6 +344,19 @@ class _ModelChecker(_Base):
                      self.at(*path, node=e.args[0]))
             return None
         return types[0] if fn.returns == "same" else fn.returns
+
+    def head_slice(self, e: ExprNode, seen: frozenset = frozenset()) -> bool:
+        """Whether `e` reads the block input `x` per head without mixing its channels first (through
+        `proj` or a generator)."""
+        if isinstance(e, Name):
+            if e.id == "x":
+                return True
+            if e.id in self.spec.signals and e.id not in seen:
+                return self.head_slice(self.spec.signals[e.id], seen | {e.id})
+            return False
+        if isinstance(e, Call):
+            return e.fn != "proj" and e.fn not in self.spec.levels and any(self.head_slice(a, seen) for a in e.args)
+        return any(self.head_slice(c, seen) for c in e.children())
 
     def expect(self, e, path, level, want: set[str], what: str):
         t = self.type_of(e, path, level)
@@ -373,8 +390,22 @@ class _ModelChecker(_Base):
                      self.at(*p, "memory"), "use `depth: 2` or `kind: matrix`")
         for f in ("key", "value", "query"):
             e = getattr(lv, f)
-            if e is not None and not isinstance(mem, S.AttentionMemory) or isinstance(mem, S.AttentionMemory) and e is not None:
+            if e is not None:
                 self.expect(e, p + (f,), here, {"vec"}, f"a {f}")
+        if lv.gate is not None:
+            if lv.query is None:
+                self.err("E305", f"level `{name}` has no `query`, so no output to gate", self.at(*p, "gate"),
+                         "an output gate belongs to a level of the block that is read with a `query`")
+            else:
+                self.expect(lv.gate, p + ("gate",), here, {"vec", "head"}, "an output gate")
+        if lv.read is not None and not isinstance(mem, S.MLPMemory):
+            self.err("E305", f"level `{name}`: `read` chooses what an MLP memory's tokens read inside a chunk",
+                     self.at(*p, "read"), f"a {mem.kind} memory reads the state after the token's own write; remove `read`")
+        if lv.read == "current" and lv.chunk_size() > 1 and name in S.reads(
+                self.spec, [x for other in self.spec.levels.values() for x in other.flows()] + list(self.spec.signals.values()))[0]:
+            self.err("E403", f"generator `{name}` with `read: current`: the flows it generates feed its own update "
+                     "inside the chunk, so the chunk cannot run in parallel", self.at(*p, "read"),
+                     "use `read: anchor` (the chunk's start state), or `chunk: 1`")
         if static:
             for f in ("key", "value", "objective", "chunk"):
                 if getattr(lv, f) is not None:

@@ -143,7 +143,11 @@ def derive_level(name: str, lv: S.Level) -> Derived:
             r" \sum_{t \in \text{chunk}} \nabla_{\theta^{(\ell)}} \mathcal{L}_{\mathrm{task}}(x_t)"
             r" \quad \text{once per chunk of } C_\ell \text{ tokens}"],
             notes=[f"Continuum memory: level ell has chunk C_ell in ({periods}); every block runs on every token, "
-                   "only its update is gated (NESTED_LEARNING.md §5)."])
+                   "only its update is gated.",
+                   "The sum counts every next-token pair whose target arrives in the chunk (the pair that crosses a "
+                   "window or a call boundary included), each gradient taken at the fast weights that made the "
+                   "prediction; first order (the update is not differentiated by the outer level). In-context "
+                   "weights belong to one sequence."])
     pred = lv.objective.pred if lv.objective and lv.objective.pred is not None else Call(fn="M", args=(Name(id="key"),))
     target = lv.objective.target if lv.objective and lv.objective.target is not None else Name(id="value")
     key = Name(id="key")
@@ -176,7 +180,7 @@ def derive_level(name: str, lv: S.Level) -> Derived:
         else:
             extra_u.append(f"u_t \\leftarrow \\mathrm{{{step.fn.replace('_', chr(92) + '_')}}}(u_t)")
     kt = tex(key)
-    anchor = r"M_{\xi}" if (lv.chunk or 1) > 1 else r"M_{t-1}"
+    anchor = r"M_{\xi}" if lv.chunk_size() > 1 else r"M_{t-1}"
     grad = (rf"\nabla \mathcal{{L}}({anchor})")
     state_tex = rf"M_{{t-1}}\left({tex(_or1(_mul(a1, a2)))}\, I - {tex(_mul(a1, b2) or Num(value=0))}\, {kt} {kt}^\top\right)"
     if b2 is None:
@@ -216,10 +220,23 @@ def derive_level(name: str, lv: S.Level) -> Derived:
                    (r"z + W_1 \sigma(W_2 z)" if m.residual and m.depth == 2 else r"W_1 \sigma(\cdots \sigma(W_L z))"))
         d.notes.append("Deep memory: the chain is applied to each weight matrix; the erase acts on the input-side "
                        "matrix (the one that reads the key), the others get plain retention.")
-    if (lv.chunk or 1) > 1:
-        d.notes.append(f"Chunked form (chunk {lv.chunk}): inside a chunk every gradient is taken at the anchor "
+    chunk = lv.chunk_size()
+    if chunk > 1:
+        d.notes.append(f"Chunked form (chunk {chunk}): inside a chunk every gradient is taken at the anchor "
                        r"state M_xi (the state at the end of the previous chunk); the decays and momentum then form a "
                        "linear recurrence inside the chunk, computed in parallel.")
+    if lv.query is not None and isinstance(m, S.MLPMemory):
+        if lv.read == "current":
+            eqs.append(r"o_t = M_{t-1}(q_t)")
+            d.notes.append("Read (`read: current`): token t reads the anchor state updated by the anchor-taken "
+                           "gradients of the chunk's earlier tokens, through momentum, retention and the erase.")
+        else:
+            eqs.append(r"o_t = M_{\xi}(q_t)" if chunk > 1 else r"o_t = M_{t-1}(q_t)")
+            d.notes.append("Read (`read: anchor`, Eq. 90 as printed): token t reads the chunk's anchor state, so no "
+                           "token reads what its own chunk wrote." if chunk > 1 else
+                           "Read: token t reads the state after the previous token (chunk 1: both reads agree).")
+    elif lv.query is not None:
+        eqs.append(r"o_t = M_t\, q_t")
     d.equations = eqs
     return d
 
@@ -265,6 +282,10 @@ def explain(spec: S.Spec) -> str:
         if lv.rule:
             out += [f"Rule chain: `{' |> '.join(map(str, lv.rule))}`", ""]
         out += ["$$", " \\\\\n".join(d.equations), "$$", ""]
+        if lv.gate is not None:
+            norm = "o_t" if isinstance(lv.memory, S.AttentionMemory) else r"\mathrm{RMSNorm}(o_t)"
+            out += [rf"Output: $y_t = W_o\,\big({norm} \odot g_t\big)$ with the output gate "
+                    rf"$g_t = {tex(lv.gate)}$.", ""]
         out += [f"- {n}" for n in d.notes]
         out.append("")
     return "\n".join(out)

@@ -212,6 +212,12 @@ class Level(Node):
     key: ExprField | None = Field(None, description="the key flow (what the memory is addressed by)")
     value: ExprField | None = Field(None, description="the value flow (what the memory should return)")
     query: ExprField | None = Field(None, description="the read flow; the level's output is M(query)")
+    gate: ExprField | None = Field(None, description="output gate: the level's normalised output is multiplied by it "
+                                   "before the output projection (Titans §4.4), e.g. `sigmoid(proj(x))`")
+    read: Literal["anchor", "current"] | None = Field(
+        None, description="MLP memories: what token t reads inside a chunk: `anchor`, the chunk's start state (Eq. 90 as "
+        "printed), or `current`, the state after the chunk's earlier tokens (gradients still at the anchor); "
+        "default `anchor`")
     objective: ObjectiveField | None = Field(None, description="the inner objective; default `l2` for memories with a key")
     rule: Chain = Field((), description="the update rule as a chain of primitives, e.g. "
                         "`grad |> scale(eta) |> momentum(0.9) |> retain(alpha)`")
@@ -220,9 +226,13 @@ class Level(Node):
     init: Literal["meta", "zeros"] = Field("meta", description="`meta`: the initial state is learned by the outer level")
 
 
+    def chunk_size(self) -> int:
+        """The chunk the parallel form runs in: `chunk`, else 64."""
+        return self.chunk or 64
+
     def flows(self) -> list:
-        """Every expression of the level: key, value, query, objective, rule arguments."""
-        exprs = [self.key, self.value, self.query]
+        """Every expression of the level: key, value, query, gate, objective, rule arguments."""
+        exprs = [self.key, self.value, self.query, self.gate]
         if self.objective is not None:
             exprs += [self.objective.pred, self.objective.target]
         exprs += [a for step in self.rule for a in (*step.args, *step.kwargs.values())]

@@ -189,3 +189,20 @@ def test_unknown_key_in_an_inline_optimizer_gets_a_hint(tmp_path):
     text = BASE.replace("optimizer: adamw(lr=4e-4)\n", "optimizer:\n  hyper: {lr: 0.1}\n  grups: []\n")
     err = diagnose(tmp_path, text)
     one(err, "E102", 27, 3, "unknown key `grups`", "did you mean `groups`")
+
+
+def test_output_gates_reads_and_generators_are_checked(tmp_path):
+    """The level options that decide what a model computes are refused where they cannot mean
+    anything: a gate on a level without an output, `read` on a matrix memory, `read: current` on
+    a generator with a chunk, and a generator fed one head's slice of the raw input."""
+    err = diagnose(tmp_path, edit("    every: never\n", "    every: never\n    gate: sigmoid(proj(x))\n"))
+    one(err, "E305", 20, 11, "no `query`, so no output to gate")
+    err = diagnose(tmp_path, edit("    chunk: 16\n", "    chunk: 16\n    gate: eta + x\n"))
+    one(err, "E301", 17, 11, "`\\+` of a scalar per head and a vector per head")
+    err = diagnose(tmp_path, edit("{kind: mlp, depth: 2, expansion: 2}", "matrix").replace("chunk: 16\n", "chunk: 16\n    read: current\n"))
+    one(err, "E305", 17, 11, "`read` chooses what an MLP memory's tokens read", "remove `read`")
+    gen = edit("  eta: 0.1 * gate(x)\n", "  eta: 0.1 * softplus(memory(x))\n")
+    one(diagnose(tmp_path, gen), "E301", 5, 30, "generator `memory` would read one head's slice of `x`",
+        r"`memory\(proj\(x\)\)`.*`heads: 1`")
+    gen = edit("  eta: 0.1 * gate(x)\n", "  eta: 0.1 * softplus(memory(proj(x)))\n").replace("chunk: 16\n", "chunk: 16\n    read: current\n")
+    one(diagnose(tmp_path, gen), "E403", 17, 11, "generator `memory` with `read: current`", "chunk: 1")

@@ -146,9 +146,10 @@ class _Gen:
                 flows[f] = code
         out = self.module(f"{name}_out", f"nn.Linear({D}, {D}, bias=False)")
         if isinstance(m, S.AttentionMemory):
+            gated = self.gated(name, lv, "o", body, done)
             return [f"# level `{name}`: softmax attention (non-parametric, frequency infinity)"] + body + [
                 f"o = L.attention(query, key, value, {m.window}, state, new, p + {name!r}, use_rope={m.rope})",
-                f"h = h + self.{out}(o.reshape(B, T, {D}))"]
+                f"h = h + self.{out}({gated}.reshape(B, T, {D}))"]
         d = self.derived[name]
         if isinstance(m, S.MatrixMemory) and d.family == "generalized_delta":
             onorm = self.module(f"{name}_onorm", f"nn.RMSNorm({K}, eps=1e-6)")
@@ -160,20 +161,30 @@ class _Gen:
             w, wt = self.expr(d.w, f"{name}_rule", name, body, done)
             if wt != "vec":
                 raise Unsupported(f"level `{name}`: a write that is not a vector per head")
-            chunk = lv.chunk or 64
+            chunk = lv.chunk_size()
+            gated = self.gated(name, lv, f"self.{onorm}(o)", body, done)
             return [f"# level `{name}`: matrix memory, M_t = M_(t-1) (a I - b k k^T) + w k^T",
                     f"#   a = {d.a}, b = {d.b}, w = {d.w}"] + body + [
                 f"a, b, w = L.per_head({a}, key), L.per_head({b}, key), {w}",
                 f"S0 = L.initial(state, p + '{name}.S', {s0}, key, ({H}, {K}, {K}))",
                 f"o, new[p + '{name}.S'] = generalized_delta(query, key, w, a, b, initial_state=S0, mode=mode, chunk_size={chunk})",
-                f"h = h + self.{out}(self.{onorm}(o).reshape(B, T, {D}))"]
+                f"h = h + self.{out}({gated}.reshape(B, T, {D}))"]
         if isinstance(m, (S.MatrixMemory, S.MLPMemory)):
             onorm = self.module(f"{name}_onorm", f"nn.RMSNorm({K}, eps=1e-6)")
             call, state_lines = self.memory_update(name, lv, body, done, read="query")
+            gated = self.gated(name, lv, f"self.{onorm}(o)", body, done)
             return [f"# level `{name}`: {m.kind} memory, {' |> '.join(map(str, lv.rule))} (gradients at each chunk's anchor)"] + \
                 body + state_lines + [f"o, st = {call}", *self.save_state(name, lv),
-                                      f"h = h + self.{out}(self.{onorm}(o).reshape(B, T, {D}))"]
+                                      f"h = h + self.{out}({gated}.reshape(B, T, {D}))"]
         raise Unsupported(f"level `{name}` ({m.kind} memory, {d.family} rule) is not supported by the torch backend yet")
+
+    def gated(self, name: str, lv: S.Level, o: str, body: list[str], done: set[str]) -> str:
+        """The level's output `o` times its output gate, if it has one (its code is emitted into `body`)."""
+        if lv.gate is None:
+            return o
+        code, t = self.expr(lv.gate, f"{name}_gate", name, body, done)
+        body.append(f"gate = {code}  # output gate")
+        return f"({o} * {'L.vec(gate)' if t == 'head' else 'gate'})"
 
     def memory_update(self, name: str, lv: S.Level, body: list[str], done: set[str], read: str) -> tuple[str, list[str]]:
         """The call that reads and updates a momentum / MLP memory, with the lines that fetch its state.
@@ -206,7 +217,7 @@ class _Gen:
         beta = code(d.momentum[1]) if d.momentum is not None else "None"
         args = (f"{read}, {code(Name(id='key'))}, {target}, {code(d.step) if d.step is not None else '1.0'}, "
                 f"{beta}, {code(d.retain)}, {code(d.erase)}")
-        chunk = lv.chunk or 64
+        chunk = lv.chunk_size()
         H, K = self.H, self.K
         if isinstance(m, S.MatrixMemory):
             if lv.out == "scalar":
@@ -248,7 +259,7 @@ class _Gen:
     def scan(self, consumer: str, gens: list[str], done: set[str]) -> list[str]:
         """Generators learn in context and generate the consumer's flows: run chunk by chunk (their
         chunk), every generator read at the chunk's anchor, then all of them updated over the chunk."""
-        chunks = {self.spec.levels[g].chunk or 64 for g in gens}
+        chunks = {self.spec.levels[g].chunk_size() for g in gens}
         if len(chunks) != 1:
             raise Unsupported(f"generators {', '.join(gens)} with different chunk sizes")
         C = chunks.pop()

@@ -207,11 +207,18 @@ class _Builder(ExprBuilder):
     def chunk(self, meta, items):
         return Clause("chunk", self.tok(items[0]), items[1])
 
+    def _word(self, field, items):
+        """A clause whose value is one word: `init meta`, `read current`, `out scalar`."""
+        return Clause(field, self.tok(items[0]), V(Located(str(items[1]), self.tok(items[1])), self.tok(items[1])))
+
     def init(self, meta, items):
-        return Clause("init", self.tok(items[0]), V(Located(str(items[1]), self.tok(items[1])), self.tok(items[1])))
+        return self._word("init", items)
+
+    def read(self, meta, items):
+        return self._word("read", items)
 
     def out(self, meta, items):
-        return Clause("out", self.tok(items[0]), V(Located(str(items[1]), self.tok(items[1])), self.tok(items[1])))
+        return self._word("out", items)
 
     def flow(self, meta, items):
         return Clause(str(items[0]), self.tok(items[0]), V(items[1], items[1].span))
@@ -524,8 +531,8 @@ def _tok(file: str, t: Token) -> Span:
 _PUNCT = {"LBRACE": "{", "RBRACE": "}", "LPAR": "(", "RPAR": ")", "LSQB": "[", "RSQB": "]",
           "COMMA": ",", "EQUAL": "=", "COLON": ":", "MINUS": "-", "PLUS": "+", "STAR": "*",
           "SLASH": "/", "CIRCUMFLEX": "^", "PIPE": "|>"}
-_KEYWORDS = {"MODEL", "SIGNAL", "LEVEL", "TEMPLATE", "OPTIMIZER", "EVERY", "NEVER", "CHUNK", "INIT",
-             "OUT", "KEY", "VALUE", "QUERY", "MINIMIZE", "BY", "HYPER", "PARAMS", "UPDATE", "USE"}
+_KEYWORDS = {"MODEL", "SIGNAL", "LEVEL", "TEMPLATE", "OPTIMIZER", "EVERY", "NEVER", "CHUNK", "INIT", "READ",
+             "OUT", "KEY", "VALUE", "QUERY", "GATE", "MINIMIZE", "BY", "HYPER", "PARAMS", "UPDATE", "USE"}
 _OPERATORS = {"PLUS", "STAR", "SLASH", "CIRCUMFLEX"}
 _EXPR_START = {"NAME", "NUMBER", "LPAR", "LSQB", "MINUS"}
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
@@ -641,7 +648,7 @@ def _syntax_error(e: lark.exceptions.UnexpectedInput, text: str, file: str, erro
         return
     if "EQUAL" in expected and tok.type != "EQUAL" and len(expected) <= 3:
         last = words[-2:] if len(words) >= 2 else words + [""]
-        if words and words[-1] in ("key", "value", "query"):
+        if words and words[-1] in ("key", "value", "query", "gate"):
             hint = f"write `{words[-1]} = EXPR`"
         elif len(words) >= 2 and words[-2] == "signal":
             hint = f"write `signal {words[-1]} = EXPR`"
