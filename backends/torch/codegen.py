@@ -236,9 +236,10 @@ class _Gen:
             d_out = 1 if lv.out == "scalar" else K
             w = self.module(f"{name}_W", f"L.mlp_params({H}, {K}, {hidden}, {d_out}, depth={m.depth}, residual={m.residual})")
             lines = [f"st = L.mlp_state(state, p + '{name}', self.{w}, momentum={d.momentum is not None})"]
+        reads = f"read={lv.read or 'anchor'!r}, " if read != "x" else ""   # a generator is read at its anchor
         return (f"mlp_memory({args}, initial_state={'st' if read != 'x' else f'gst_{name}'}, objective={d.loss!r}, "
                 f"self_target={self_target}, activation={m.activation!r}, residual={m.residual}, "
-                f"mode=mode, chunk_size={chunk})", lines)
+                f"{reads}mode=mode, chunk_size={chunk})", lines)
 
     def save_state(self, name: str, lv: S.Level) -> list[str]:
         if isinstance(lv.memory, S.MatrixMemory):

@@ -42,8 +42,25 @@ def test_generated_source_matches_golden(name):
 
 @pytest.mark.parametrize("name", COMPILED)
 def test_chunk_equals_recurrent_and_state_carries(name, tmp_path):
+    check_chunk_recurrent_and_state(small(name, tmp_path))
+
+
+@pytest.mark.parametrize("option", ["read: current", "gate: silu(proj(x))", "gate: gate(x)"])
+def test_level_options_compile_exactly(option, tmp_path):
+    """Titans' memory read at the current state, or gated: chunk == recurrent, the state carries,
+    and the option changes the output."""
+    p = small("titans", tmp_path)
+    p.write_text(p.read_text().replace("    init: meta\n", f"    init: meta\n    {option}\n", 1))
+    model = check_chunk_recurrent_and_state(p)
+    plain = nlc.compile(small("titans", tmp_path)).double()    # the same spec without the option
+    plain.load_state_dict(model.state_dict(), strict=False)
+    ids = torch.randint(0, 50, (2, 29))
+    assert (plain(ids)[0] - model(ids)[0]).abs().max() > 1e-6
+
+
+def check_chunk_recurrent_and_state(spec_path):
     torch.manual_seed(0)
-    model = nlc.compile(small(name, tmp_path)).double()
+    model = nlc.compile(spec_path).double()
     for p in model.parameters():  # learned initial states start at zero: make them count
         if p.dim() == 3:
             torch.nn.init.normal_(p, std=0.1)
@@ -69,6 +86,8 @@ def test_chunk_equals_recurrent_and_state_carries(name, tmp_path):
     for (n, _), a, b in zip(model.named_parameters(), g_chunk, g_rec):
         assert a is not None, f"{n} gets no gradient"
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=n)
+    model.mode = "chunk"
+    return model
 
 
 @pytest.mark.parametrize("name", ["deltanet", "transformer"])

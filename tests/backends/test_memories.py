@@ -176,6 +176,7 @@ MLP_CASES = {
     "titans": (2, None, True, "silu", "l2", False, True, False, False),    # Titans §3
     "scalar": (2, 1, False, "silu", "l2", True, False, True, True),       # M_eta: out = 1 per head
     "deep": (3, V_DIM, False, "gelu", "dot", False, False, True, True),   # depth 3, no residual
+    "shallow": (1, None, True, "silu", "dot", False, True, True, False),  # depth 1: a matrix + residual
 }
 
 
@@ -234,10 +235,12 @@ def mlp_apply(z, W1, W2, residual=True):
     return z + y if residual else y
 
 
-def transcribe_mlp(x, *, self_target, momentum, erase, detach_target=False):
-    """The rule token by token (chunk 1), weights [B, H, out, in]: the read is M_{t-1}(q_t) (MLP
-    memories read the anchor); the inner gradient comes from autograd on clones of the weights
-    that the target does not see (the target is data of the inner loss, not a function of it)."""
+def transcribe_mlp(x, *, self_target, momentum, erase, detach_target=False, chunk=1, read="anchor"):
+    """The rule token by token, weights [B, H, out, in]. Every `chunk` tokens the anchor (A1, A2)
+    becomes the running weights; the target and the inner gradient are taken at the anchor, the
+    read o_t is M_A(q_t) (Eq. 90) or M_{t-1}(q_t) with read="current" (the same at chunk 1). The
+    inner gradient comes from autograd on clones of the anchor that the target does not see (the
+    target is data of the inner loss, not a function of it)."""
     B, T, H, _ = x["q"].shape
     W1, W2 = (x[n].expand(B, *x[n].shape[-3:]) for n in ("W1", "W2"))
     S1, S2 = (torch.zeros_like(W1), torch.zeros_like(W2)) if not momentum else \
@@ -247,11 +250,13 @@ def transcribe_mlp(x, *, self_target, momentum, erase, detach_target=False):
     for t in range(T):
         q, k, v = (x[n][:, t] for n in ("q", "k", "v"))
         eta, alpha = x["eta"][:, t, :, None, None], x["alpha"][:, t, :, None, None]
-        ys.append(mlp_apply(q, W1, W2))
-        target = mlp_apply(v, W1, W2) if self_target else v
+        if t % chunk == 0:
+            A1, A2 = W1, W2
+        ys.append(mlp_apply(q, W1, W2) if read == "current" else mlp_apply(q, A1, A2))
+        target = mlp_apply(v, A1, A2) if self_target else v
         if detach_target:
             target = target.detach()
-        P1, P2 = W1.clone(), W2.clone()
+        P1, P2 = A1.clone(), A2.clone()
         loss = 0.5 * ((mlp_apply(k, P1, P2) - target) ** 2).sum()
         g1, g2 = torch.autograd.grad(loss, (P1, P2), create_graph=True)
         if momentum:                                  # Titans: S = beta S - eta grad, W = alpha W + S
@@ -320,7 +325,7 @@ def test_closed_form_gradient_is_autograd(activation, depth, residual):
 # carried state, float32, edges
 
 
-@pytest.mark.parametrize("which", ["momentum", "mlp"])
+@pytest.mark.parametrize("which", ["momentum", "mlp", "mlp_current"])
 @pytest.mark.parametrize("mode", mem.MODES)
 def test_carried_state(which, mode):
     """[0:T1] then [T1:T] == [0:T] with T1 a multiple of the chunk (the anchors line up)."""
@@ -334,6 +339,7 @@ def test_carried_state(which, mode):
     else:
         x, depth, kw = mlp_leaves("hope", T, 2)
         x = {n: (t if t is None else t.detach()) for n, t in x.items()}
+        kw["read"] = "current" if which == "mlp_current" else "anchor"
         call = lambda y, st: mem.mlp_memory(  # noqa: E731
             y["q"], y["k"], y["v"], y["eta"], y["beta"], y["alpha"], y["erase"], initial_state=st,
             mode=mode, chunk_size=C, **kw)
@@ -385,6 +391,8 @@ def test_argument_errors():
         mem.momentum_memory(x["q"], x["k"], x["v"], x["eta"], 0.9, 1.0, initial_state=(x["W1"], None))
     with pytest.raises(ValueError, match="activation"):
         mem.mlp_memory(x["q"], x["k"], x["v"], x["eta"], initial_state=W, activation="swish")
+    with pytest.raises(ValueError, match=r"mlp_memory: read must be one of \('anchor', 'current'\), got 'latest'"):
+        mem.mlp_memory(x["q"], x["k"], x["v"], x["eta"], initial_state=W, read="latest")
 
 
 # ---------------------------------------------------------------------------------------------
