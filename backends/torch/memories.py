@@ -5,7 +5,7 @@ to this file, section "Memories"):
 
 - :func:`momentum_memory`: a matrix memory per head with Titans momentum, a forget gate and an
   optional DGD erase, gradients taken at the chunk's anchor state.
-- :func:`mlp_memory` (in ``mlp_memory.py``, re-exported here): the deep memory of Titans / Hope,
+- :func:`mlp_memory` (in ``deep_memory.py``, re-exported here): the deep memory of Titans / Hope,
   ``M(z) = z + W1 act(W2 z)`` (or any depth, with or without the residual), fast weights per batch
   element and head, trained at the chunk's anchor (Eq. 90) and read at the anchor or at the
   current weights, targets given or self-generated (Eq. 95), per-token gradients in closed form
@@ -44,7 +44,7 @@ from nlc.backends.torch.ops import check_tensor
 
 __all__ = ["momentum_memory", "mlp_memory", "MomentumState", "MLPState", "ACTIVATIONS", "READS",
            "mlp_forward", "mlp_token_grads", "cms_chain", "cms_init", "cms_fast_weights", "cms_step",
-           "MODES", "OBJECTIVES"]      # the MLP memory's names re-exported from mlp_memory.py
+           "MODES", "OBJECTIVES"]      # the MLP memory's names re-exported from deep_memory.py
 
 
 class MomentumState(NamedTuple):
