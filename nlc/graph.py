@@ -2,7 +2,7 @@
 
 Nodes carry a level's kind, clock (`tokens` in context, `steps` on the optimizer's clock, or
 `static` for frequency 0), period, chunk and state shape. Edges carry one of `FLOW_KINDS`
-(NESTED_LEARNING.md §1) and `delayed=True` where the flow reads the source's previous state
+(Nested Learning §3) and `delayed=True` where the flow reads the source's previous state
 (a generator read at the chunk's anchor, an optimizer's `prev`): only such edges may close a cycle.
 """
 from __future__ import annotations

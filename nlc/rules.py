@@ -1,7 +1,7 @@
 """Derive each level's update rule from (memory kind, objective, rule chain).
 
 For matrix memories the result is the per-token triple of the generalized delta recurrence
-(NESTED_LEARNING.md §4, memory M of shape V x K, unit-norm keys where an erase is combined):
+(Nested Learning §8, memory M of shape V x K, unit-norm keys where an erase is combined):
 
     M_t = M_{t-1} (a_t I - b_t k_t k_t^T) + w_t k_t^T
 

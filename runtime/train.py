@@ -367,8 +367,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
                                  f"rate: --set lr=...); the last checkpoint is kept") from None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
+            if not math.isfinite(norm.item()):  # before the step: a NaN gradient never reaches the parameters
+                raise TrainError(f"the gradient is {norm.item()} at step {step + 1} (loss {loss.item():.4g}): training "
+                                 f"diverged (lower the learning rate, e.g. --set lr=...); the last checkpoint is kept")
             optimizer.step()
             step += 1
             tokens += x.numel()

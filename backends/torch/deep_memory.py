@@ -100,7 +100,7 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
                self_target=False, detach_target=False, activation="silu", residual=True,
                read="anchor", output_final_state=True, mode="chunk", chunk_size=64):
     r"""The deep memory of Titans / Hope: per head an MLP with fast weights, trained at the
-    chunk's anchor weights (NESTED_LEARNING.md §4, Eq. 90) and read there or at the current ones.
+    chunk's anchor weights (Nested Learning Eq. 90) and read there or at the current ones.
 
     ``M(z) = z + W1 act(W2 z)`` at depth 2 with the residual; in general
     ``M(z) = [z +] W1 act(W2 act(... act(WL z)))``. For token t of a chunk with anchor weights

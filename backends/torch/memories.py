@@ -1,6 +1,6 @@
 """Functional memories beyond the plain delta family: Titans momentum, deep (MLP) memories, CMS.
 
-Three pieces, each a pure function (NESTED_LEARNING.md §3-5; the maths is in ``README.md`` next
+Three pieces, each a pure function (Titans §3, Nested Learning §7-8; the maths is in ``README.md`` next
 to this file, section "Memories"):
 
 - :func:`momentum_memory`: a matrix memory per head with Titans momentum, a forget gate and an

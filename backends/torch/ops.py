@@ -1,6 +1,6 @@
 """Functional ops of the torch backend: the numerical reference of nlc.
 
-One recurrence carries every matrix-memory rule (NESTED_LEARNING.md §4). Per head, with the
+One recurrence carries every matrix-memory rule (Nested Learning §8). Per head, with the
 state ``h`` of shape ``[K, V]`` (the transpose of the paper's memory ``M``, which is ``V x K``):
 
     h_t = a_t h_{t-1} - b_t k_t (k_t^T h_{t-1}) + k_t w_t^T        o_t = h_t^T (scale q_t)

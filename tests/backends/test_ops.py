@@ -176,7 +176,7 @@ def test_carried_state(op, mode, T1):
 
 
 # ---------------------------------------------------------------------------------------------
-# recurrent == the rules as written in NESTED_LEARNING.md (memory M is V x K; h = M^T)
+# recurrent == the rules as written in the papers (memory M is V x K; h = M^T)
 
 
 def naive_memory(op, x, scale):
