@@ -65,7 +65,7 @@ def test_expressions_carry_nl_positions():
     spec, _ = _read(SPECS / "titans.nl")
     eta = spec.signals["eta"]
     text = (SPECS / "titans.nl").read_text().splitlines()
-    assert text[eta.span.line - 1][eta.span.col - 1:eta.span.end_col - 1] == "0.02 * gate(x)"
+    assert text[eta.span.line - 1][eta.span.col - 1:eta.span.end_col - 1] == "0.015 * gate(x)"
     step = spec.levels["memory"].rule[1]
     assert text[step.span.line - 1][step.span.col - 1:step.span.end_col - 1] == "scale(eta)"
 

@@ -45,14 +45,18 @@ def test_chunk_equals_recurrent_and_state_carries(name, tmp_path):
     check_chunk_recurrent_and_state(small(name, tmp_path))
 
 
-@pytest.mark.parametrize("option", ["read: current", "gate: silu(proj(x))", "gate: gate(x)"])
-def test_level_options_compile_exactly(option, tmp_path):
-    """Titans' memory read at the current state, or gated: chunk == recurrent, the state carries,
-    and the option changes the output."""
+@pytest.mark.parametrize("old, new", [("read: current", "read: anchor"),
+                                      ("    init: meta\n", "    init: meta\n    gate: silu(proj(x))\n"),
+                                      ("    init: meta\n", "    init: meta\n    gate: gate(x)\n")])
+def test_level_options_compile_exactly(old, new, tmp_path):
+    """Titans' memory read at its anchor instead of the current state, or gated: chunk ==
+    recurrent, the state carries, and the option changes the output."""
     p = small("titans", tmp_path)
-    p.write_text(p.read_text().replace("    init: meta\n", f"    init: meta\n    {option}\n", 1))
+    text = p.read_text()
+    assert old in text
+    p.write_text(text.replace(old, new, 1))
     model = check_chunk_recurrent_and_state(p)
-    plain = nlc.compile(small("titans", tmp_path)).double()    # the same spec without the option
+    plain = nlc.compile(small("titans", tmp_path)).double()    # the shipped spec
     plain.load_state_dict(model.state_dict(), strict=False)
     ids = torch.randint(0, 50, (2, 29))
     assert (plain(ids)[0] - model(ids)[0]).abs().max() > 1e-6
