@@ -237,6 +237,9 @@ def derive_level(name: str, lv: S.Level) -> Derived:
                            "Read: token t reads the state after the previous token (chunk 1: both reads agree).")
     elif lv.query is not None:
         eqs.append(r"o_t = M_t\, q_t")
+    elif isinstance(m, S.MLPMemory):
+        d.notes.append("Read where a flow applies it (a generator): at its chunk's anchor state, the flows it "
+                       "generates for a chunk feed its own update over that chunk.")
     d.equations = eqs
     return d
 
