@@ -483,9 +483,14 @@ class _ModelChecker(_Base):
         if window is None:
             return
         for name, lv in spec.levels.items():
-            if lv.chunk is not None and window % lv.chunk:
-                self.err("E403", f"level `{name}`'s chunk {lv.chunk} does not divide the fastest CMS period {window}",
-                         self.at("levels", name, "chunk"),
+            # a chunk matters where gradients are taken at its anchor: deep memories and momentum
+            anchored = lv.key is not None and (isinstance(lv.memory, S.MLPMemory)
+                                               or any(r.fn in ("momentum", "ema") for r in lv.rule))
+            chunk = lv.chunk_size() if anchored else lv.chunk
+            if chunk is not None and window % chunk:
+                self.err("E403", f"level `{name}`'s chunk {chunk}{'' if lv.chunk else ' (the default)'} does not "
+                         f"divide the fastest CMS period {window}",
+                         self.at("levels", name, "chunk") if lv.chunk else self.at("levels", name, key=True),
                          "the model is run in windows of the fastest CMS period; every chunk must divide it")
 
 

@@ -206,3 +206,10 @@ def test_output_gates_reads_and_generators_are_checked(tmp_path):
         r"`memory\(proj\(x\)\)`.*`heads: 1`")
     gen = edit("  eta: 0.1 * gate(x)\n", "  eta: 0.1 * softplus(memory(proj(x)))\n").replace("chunk: 16\n", "chunk: 16\n    read: current\n")
     one(diagnose(tmp_path, gen), "E403", 17, 11, "generator `memory` with `read: current`", "chunk: 1")
+
+
+def test_the_default_chunk_is_scheduled_too(tmp_path):
+    """A deep memory without `chunk` runs in chunks of 64: a fastest CMS period of 32 cannot hold
+    them (each window would re-anchor the memory), so it is refused where the level is named."""
+    err = diagnose(tmp_path, edit("    chunk: 16\n", "").replace("every: 64, 512 tokens", "every: 32, 512 tokens"))
+    one(err, "E403", 8, 3, r"`memory`'s chunk 64 \(the default\) does not divide the fastest CMS period 32")
