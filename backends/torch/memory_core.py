@@ -1,4 +1,4 @@
-"""The in-chunk algebra and the argument checks shared by :mod:`memories` and :mod:`mlp_memory`.
+"""The in-chunk algebra and the argument checks shared by :mod:`memories` and :mod:`deep_memory`.
 
 Every memory here keeps, per matrix, ``S_r = beta_r S_{r-1} + k_r G_r^T`` and
 ``h_r = (alpha_r I - erase_r k_r k_r^T) h_{r-1} - S_r`` over the tokens ``r = 1..C`` of a chunk,
