@@ -4,90 +4,22 @@ Names (undefined, misspelt, clashing), types and shapes of flows (`vec` per head
 scalars), objectives a memory cannot take, ill-formed rule chains, cycles with no delayed edge,
 clock mismatches, chunk sizes that cannot be scheduled, rules that diverge for certain, and
 optimizer hyperparameters out of range. All errors of a file are collected, none raised early.
+This module checks model specs; `check_common` holds what both checkers share and
+`check_optimizer` the optimizer checker.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from nlc import spec as S
 from nlc import vocab as V
-from nlc.diagnostics import Collector, Span, did_you_mean
-from nlc.expr import Bin, Call, ExprNode, Index, ListE, Name, Neg, Num, const_value
+from nlc.diagnostics import Collector, did_you_mean
+from nlc.expr import Bin, Call, ExprNode, Name, Neg, Num, const_value
 
-# ---------------------------------------------------------------- optimizer hyperparameters
-
-# name (or name prefix `beta`) -> (low, high, low allowed, why)
-HYPER_RANGES = {
-    "lr": (0.0, None, False, "a learning rate is positive"),
-    "eps": (0.0, None, True, "eps is >= 0"),
-    "weight_decay": (0.0, None, True, "weight decay is >= 0"),
-    "alpha": (0.0, None, True, "alpha (the slow memory's weight) is >= 0"),
-    "momentum": (0.0, 1.0, True, "a momentum decay lies in [0, 1)"),
-    "beta": (0.0, 1.0, True, "a decay rate lies in [0, 1)"),
-}
-INT_HYPERS = {"slow_every": "a period in steps is a positive integer",
-              "ns_steps": "Newton-Schulz steps are a positive integer"}
-
-
-def hyper_problem(name: str, value) -> str | None:
-    """Why `value` is out of range for a hyperparameter called `name`, or None."""
-    if name in INT_HYPERS:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return INT_HYPERS[name]
-        return None
-    key = "beta" if name.startswith("beta") else name
-    if key not in HYPER_RANGES:
-        return None
-    lo, hi, lo_ok, why = HYPER_RANGES[key]
-    for v in value if isinstance(value, (list, tuple)) else [value]:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return why
-        if v < lo or (v == lo and not lo_ok) or (hi is not None and v >= hi):
-            return why
-    return None
-
-
-def override_value(e: ExprNode, default):
-    """The value of a constant hyperparameter override (`lr=4e-4`, `betas=[0.9, 0.95]`), shaped like
-    its default (an integer stays an integer); None when it is not a constant."""
-    if isinstance(e, ListE):
-        items = [const_value(x) for x in e.items]
-        return None if None in items else items
-    if isinstance(e, Name) and e.id in ("true", "false"):
-        return e.id == "true"
-    v = const_value(e)
-    if v is not None and isinstance(default, int) and not isinstance(default, bool) and v == int(v):
-        return int(v)
-    if v is not None and isinstance(default, bool) and v in (0, 1):
-        return bool(v)
-    return v
-
-
-def check_hyper(spec: S.OptimizerSpec, smap, overrides: dict | None, errors: Collector, at: tuple = ()) -> None:
-    """Hyperparameters (the spec's defaults, then overrides) must lie in their valid ranges.
-
-    An override's error points at the hyperparameter's declaration and says where the value came from.
-    `at`: where the spec sits in its file (`("optimizer",)` for a model's inline optimizer).
-    """
-    get = (lambda *p: smap.get(*at, *p)) if smap else (lambda *p: None)
-    for name, value in spec.hyper.items():
-        why = hyper_problem(name, value)
-        if why:
-            errors.error("E502", f"hyperparameter `{name}` = {value!r} is out of range", get("hyper", name), why)
-    for name, value in (overrides or {}).items():
-        if name not in spec.hyper:
-            errors.error("E208", f"override `{name}` names no hyperparameter of `{spec.name}`",
-                         get("hyper"), did_you_mean(name, spec.hyper))
-            continue
-        why = hyper_problem(name, value)
-        if why:
-            errors.error("E502", f"override `{name}={value!r}` is out of range", get("hyper", name), why)
-
-
-# ---------------------------------------------------------------- the checker
-
-_CHECKING: list[Path] = []     # the files being checked, outermost first: an optimizer reference back
-                               # into one of them is a cycle (checking it again would never end)
+from nlc.check_common import (_CHECKING, HYPER_RANGES, INT_HYPERS, _arity, _Base, check_hyper,  # noqa: F401 (re-exported)
+                              hyper_problem, override_value)
+from nlc.check_optimizer import _OptimizerChecker
 
 
 def check(loaded, errors: Collector) -> None:
@@ -100,108 +32,6 @@ def check(loaded, errors: Collector) -> None:
             _OptimizerChecker(spec, loaded.smap, errors, Path(loaded.file).parent).run()
     finally:
         _CHECKING.pop()
-
-
-class _Base:
-    def __init__(self, spec, smap, errors: Collector, base_dir: Path, prefix: tuple = ()):
-        self.spec, self.smap, self.errors, self.base_dir = spec, smap, errors, base_dir
-        self.prefix = prefix      # where the spec sits in its file: ("optimizer",) for an inline optimizer
-
-    def at(self, *path, node: ExprNode | None = None, key: bool = False) -> Span:
-        if node is not None and node.span is not None:
-            return node.span
-        if self.smap is None:
-            return Span("<flow>", 1, 1)
-        path = self.prefix + path
-        return self.smap.get(*path, key=key) or self.smap.find(path, key=key)
-
-    def err(self, code, msg, span, hint=None):
-        self.errors.error(code, msg, span, hint)
-
-    def check_chain(self, chain, path, model: bool, arg_type=None):
-        """Primitive names and arities; constants that make the rule diverge."""
-        for i, step in enumerate(chain):
-            where = self.at(*path, i, node=step)
-            prim = V.RULES.get(step.fn)
-            if prim is None:
-                self.err("E203", f"unknown rule primitive `{step.fn}`", where, did_you_mean(step.fn, V.RULES))
-                continue
-            if model and step.fn in V.OPTIMIZER_ONLY_RULES:
-                self.err("E203", f"`{step.fn}` is an optimizer primitive; model levels cannot use it", where,
-                         "move it into an optimizer spec's level")
-                continue
-            if not model and step.fn in V.MODEL_ONLY_RULES:
-                self.err("E203", f"`{step.fn}` needs a model level's objective; optimizer levels cannot use it", where)
-                continue
-            n = len(step.args) + len(step.kwargs)
-            unknown_kw = [k for k in step.kwargs if k not in [p.rstrip("?") for p in prim.params]]
-            if unknown_kw or not prim.min_args <= n <= prim.max_args:
-                self.err("E302", f"`{step.fn}` takes {_arity(prim)}, got `{step}`", where, f"write `{prim.signature()}`")
-                continue
-            bound = dict(zip([p.rstrip("?") for p in prim.params], step.args)) | dict(step.kwargs)
-            for pname, e in bound.items():
-                if arg_type is not None:
-                    arg_type(e, step, pname)
-                self._diverges(step.fn, pname, e, where)
-
-    def _diverges(self, fn, pname, e, where):
-        c = const_value(e)
-        if c is None:
-            return
-        bad = {("retain", "alpha"): (not 0 <= c <= 1, "a retention outside [0, 1] grows the memory without bound"),
-               ("momentum", "beta"): (not 0 <= c < 1, "a momentum decay outside [0, 1) never forgets"),
-               ("ema", "beta"): (not 0 <= c < 1, "an EMA decay lies in [0, 1)"),
-               ("scale", "c"): (c < 0, "a negative step size climbs the objective"),
-               ("dgd", "lr"): (not 0 <= c <= 2, "with unit keys the erase (I - lr k k^T) expands unless 0 <= lr <= 2"),
-               ("delta_momentum", "alpha"): (not 0 <= c <= 1, "a retention outside [0, 1] grows without bound")}
-        bad_now, why = bad.get((fn, pname), (False, ""))
-        if bad_now:
-            self.err("E501", f"`{fn}` with {pname} = {c:g} diverges", where, why)
-
-    def resolve_optimizer(self, ref: S.OptimizerRef, path, constant: bool = False) -> S.OptimizerSpec | None:
-        """The optimizer spec `ref` names, its overrides checked: names always; with `constant` (a
-        model's optimizer, where no hyperparameters are in scope) values and ranges too."""
-        from nlc.loader import find_spec, load_located
-        from nlc.diagnostics import SpecError
-        found = find_spec(ref.use, self.base_dir)
-        where = self.at(*path)
-        if found is None:
-            from nlc.loader import shipped_names
-            self.err("E207", f"optimizer spec `{ref.use}` not found", where,
-                     did_you_mean(ref.use, shipped_names("optimizer")) or "give a shipped name or a path")
-            return None
-        if found.resolve() in _CHECKING:
-            itself = found.resolve() == _CHECKING[-1]
-            self.err("E401", f"`{ref.use}` names {'this file itself' if itself else f'{found}, which uses this file'}: "
-                     "optimizer specs that use each other never end", where,
-                     f"a file named `{found.name}` beside the spec hides the shipped `{ref.use}`; rename one"
-                     if itself else "break the cycle")
-            return None
-        try:
-            opt = load_located(found).spec
-        except SpecError:
-            self.err("E207", f"optimizer spec `{ref.use}` ({found}) has errors", where, f"run `nlc check {found}`")
-            return None
-        if not isinstance(opt, S.OptimizerSpec):
-            self.err("E207", f"`{ref.use}` is a model spec, not an optimizer spec", where)
-            return None
-        for name, e in ref.hyper.items():
-            where = self.at(*path, node=e)
-            if name not in opt.hyper:
-                self.err("E208", f"`{opt.name}` has no hyperparameter `{name}`", where, did_you_mean(name, opt.hyper))
-            elif constant:
-                value = override_value(e, opt.hyper[name])
-                why = "a number (or a list of numbers)" if value is None else hyper_problem(name, value)
-                if why:
-                    self.err("E502", f"override `{name}={e}` is out of range" if value is not None
-                             else f"override `{name}={e}` is not a constant", where, why)
-        return opt
-
-
-def _arity(fn: V.Fn) -> str:
-    if fn.min_args == fn.max_args:
-        return "no arguments" if fn.max_args == 0 else f"{fn.max_args} argument{'s' * (fn.max_args > 1)}"
-    return f"{fn.min_args} to {fn.max_args} arguments"
 
 
 class _ModelChecker(_Base):
@@ -222,6 +52,11 @@ class _ModelChecker(_Base):
         for name in spec.levels:
             if name in V.RESERVED:
                 self.err("E206", f"level `{name}` has the name of a built-in", self.at("levels", name, key=True))
+        for what, names in (("signal", spec.signals), ("level", spec.levels)):
+            for name in names:
+                if "__" in name:
+                    self.err("E206", f"{what} `{name}`: names with `__` are reserved", self.at(f"{what}s", name, key=True),
+                             "a level named twice in the block is instanced as `name__2`; rename it")
         for i, name in enumerate(spec.model.block):
             if name not in spec.levels:
                 self.err("E204", f"block names level `{name}`, which is not defined",
@@ -262,7 +97,13 @@ class _ModelChecker(_Base):
             return "const"
         if isinstance(e, Name):
             if e.id in V.SIGNAL_NAMES:
-                return "vec"
+                return "head" if e.id == "head" else "vec"
+            if e.id in V.OUTPUT_NAMES:
+                if path and path[-1] == "output":
+                    return "vec"
+                self.err("E201", f"`{e.id}` is the level's read; it is defined only in a level's `output`",
+                         self.at(*path, node=e))
+                return None
             if level is not None and e.id in V.LEVEL_NAMES:
                 field = getattr(level[1], e.id)
                 if field is None:
@@ -271,7 +112,7 @@ class _ModelChecker(_Base):
                 return self.type_of(field, ("levels", level[0], e.id), level)
             if e.id in self.spec.signals:
                 return self.signal_type(e.id)
-            scope = set(self.spec.signals) | set(V.SIGNAL_NAMES) | (set(V.LEVEL_NAMES) if level else set())
+            scope = (set(self.spec.signals) - set(self.visiting)) | set(V.SIGNAL_NAMES) | (set(V.LEVEL_NAMES) if level else set())
             if e.id in self.spec.levels:
                 self.err("E301", f"`{e.id}` is a level; read it by applying it, e.g. `{e.id}(x)`", self.at(*path, node=e))
             else:
@@ -283,10 +124,11 @@ class _ModelChecker(_Base):
             a, b = self.type_of(e.left, path, level), self.type_of(e.right, path, level)
             if a is None or b is None:
                 return None
-            if e.op == "^" and b != "const":
-                self.err("E301", "an exponent must be a constant", self.at(*path, node=e.right))
+            if e.op == "^" and not (b == "const" or b == "head" and a in ("const", "head")):
+                self.err("E301", "an exponent must be a constant (or a scalar per head, over a scalar)",
+                         self.at(*path, node=e.right))
                 return None
-            if e.op in "+-" and "const" not in (a, b) and a != b:
+            if e.op in "+-" and "const" not in (a, b) and a != b and not self.derived:
                 self.err("E301", f"`{e.op}` of a {_tname(a)} and a {_tname(b)}", self.at(*path, node=e),
                          "both sides need the same shape; a per-head scalar can scale a vector with `*`")
                 return None
@@ -322,7 +164,7 @@ class _ModelChecker(_Base):
             return "head" if target.out == "scalar" else "vec"
         fn = V.SIGNAL_FUNCTIONS.get(e.fn)
         if fn is None:
-            if did_you_mean(e.fn, self.spec.levels) and did_you_mean(e.fn, self.spec.levels).startswith("did"):
+            if difflib.get_close_matches(e.fn, list(self.spec.levels), n=1, cutoff=0.6):   # a misspelt level
                 self.err("E204", f"flow reads level `{e.fn}`, which is not defined", where, did_you_mean(e.fn, self.spec.levels))
             else:
                 self.err("E202", f"unknown function `{e.fn}`", where,
@@ -338,6 +180,14 @@ class _ModelChecker(_Base):
                 self.err("E302", "a convolution's width is a positive whole number", self.at(*path, node=e.args[1]))
                 return None
         if None in types:
+            return None
+        if e.fn == "param" and any(isinstance(n, Call) and n.fn not in _ELEMENTWISE or isinstance(n, Name) and n.id != "head"
+                                   for n in e.args[0].walk()):
+            self.err("E302", "`param`'s initial value is a constant expression of numbers and `head`",
+                     self.at(*path, node=e.args[0]), "e.g. `param(log(1 + head))`; a learned flow is `rate(x)`")
+            return None
+        if e.fn == "dot" and types[1] != "vec":
+            self.err("E301", f"`dot` takes two vectors per head, got a {_tname(types[1])}", self.at(*path, node=e.args[1]))
             return None
         if fn.takes and types[0] not in fn.takes:
             self.err("E301", f"`{e.fn}` takes a {' or '.join(map(_tname, fn.takes))}, got a {_tname(types[0])}",
@@ -358,19 +208,39 @@ class _ModelChecker(_Base):
             return e.fn != "proj" and e.fn not in self.spec.levels and any(self.head_slice(a, seen) for a in e.args)
         return any(self.head_slice(c, seen) for c in e.children())
 
-    def expect(self, e, path, level, want: set[str], what: str):
+    def expect(self, e, path, level, want: set[str], what: str, hint: str | None = None):
         t = self.type_of(e, path, level)
         if t is not None and t not in want:
             self.err("E301", f"{what} must be a {' or '.join(map(_tname, sorted(want)))}, got a {_tname(t)}",
-                     self.at(*path, node=e))
+                     self.at(*path, node=e), hint)
         return t
 
     # -- levels
     def check_level(self, name: str, lv: S.Level):
+        """A level: its memory's options and outputs, then (if it updates) its objective, clock and rule."""
+        self.check_outputs(name, lv)
+        static = lv.every is not None and lv.every.period is None
+        if static:
+            for f in ("key", "value", "objective", "chunk"):
+                if getattr(lv, f) is not None:
+                    self.err("E305", f"static level `{name}` (`every: never`) takes no `{f}`", self.at("levels", name, f))
+            if lv.rule:
+                self.err("E305", f"static level `{name}` (`every: never`) takes no rule", self.at("levels", name, "rule"))
+            return
+        if isinstance(lv.memory, S.AttentionMemory):
+            return
+        loss = self.check_objective(name, lv)
+        if loss is None:
+            return
+        self.check_clock(name, lv, loss)
+        if lv.rule:
+            self.check_rule(name, lv, loss)
+
+    def check_outputs(self, name: str, lv: S.Level):
+        """Options of the memory and of what the level reads and outputs."""
         p = ("levels", name)
         here = (name, lv)
         mem = lv.memory
-        static = lv.every is not None and lv.every.period is None
         if isinstance(mem, S.AttentionMemory):
             for f in ("key", "value", "query"):
                 if getattr(lv, f) is None:
@@ -385,9 +255,6 @@ class _ModelChecker(_Base):
         if isinstance(mem, S.MLPMemory) and mem.residual and lv.out == "scalar":
             self.err("E305", f"level `{name}`: a residual memory returns its input's shape, but `out` is scalar",
                      self.at(*p, "out"), "set `residual: false` in its memory")
-        if isinstance(mem, S.MLPMemory) and mem.residual and mem.depth < 2:
-            self.err("E305", f"level `{name}`: a residual memory of depth 1 is the identity plus a matrix",
-                     self.at(*p, "memory"), "use `depth: 2` or `kind: matrix`")
         for f in ("key", "value", "query"):
             e = getattr(lv, f)
             if e is not None:
@@ -398,6 +265,15 @@ class _ModelChecker(_Base):
                          "an output gate belongs to a level of the block that is read with a `query`")
             else:
                 self.expect(lv.gate, p + ("gate",), here, {"vec", "head"}, "an output gate")
+        if lv.output is not None:
+            if lv.query is None:
+                self.err("E305", f"level `{name}` has no `query`, so no read `o` to transform", self.at(*p, "output"),
+                         "`output` belongs to a level of the block that is read with a `query`")
+            elif lv.gate is not None:
+                self.err("E305", f"level `{name}` has both `gate` and `output`", self.at(*p, "gate"),
+                         "write the gate into the output: `output: onorm(o) * GATE`")
+            else:
+                self.expect(lv.output, p + ("output",), here, {"vec"}, "an output")
         if lv.read is not None and not isinstance(mem, S.MLPMemory):
             self.err("E305", f"level `{name}`: `read` chooses what an MLP memory's tokens read inside a chunk",
                      self.at(*p, "read"), f"a {mem.kind} memory reads the state after the token's own write; remove `read`")
@@ -406,20 +282,17 @@ class _ModelChecker(_Base):
             self.err("E403", f"generator `{name}` with `read: current`: the flows it generates feed its own update "
                      "inside the chunk, so the chunk cannot run in parallel", self.at(*p, "read"),
                      "use `read: anchor` (the chunk's start state), or `chunk: 1`")
-        if static:
-            for f in ("key", "value", "objective", "chunk"):
-                if getattr(lv, f) is not None:
-                    self.err("E305", f"static level `{name}` (`every: never`) takes no `{f}`", self.at(*p, f))
-            if lv.rule:
-                self.err("E305", f"static level `{name}` (`every: never`) takes no rule", self.at(*p, "rule"))
-            return
-        if isinstance(mem, S.AttentionMemory):
-            return
+
+    def check_objective(self, name: str, lv: S.Level) -> str | None:
+        """The objective the memory takes and the flows it compares; its loss (None after an error)."""
+        p = ("levels", name)
+        here = (name, lv)
+        mem = lv.memory
         loss = lv.objective.loss if lv.objective else ("l2" if lv.key is not None else None)
         if loss is None:
             self.err("E101", f"level `{name}` updates but has no `key` and no objective", self.at(*p, key=True),
                      "give a `key` and `value` (an in-context memory), `objective: task` (a CMS level), or `every: never`")
-            return
+            return None
         if loss not in V.OBJECTIVES[mem.kind]:
             self.err("E303", f"a {mem.kind} memory cannot take the `{loss}` objective", self.at(*p, "objective"),
                      did_you_mean(loss, V.OBJECTIVES[mem.kind]) or "")
@@ -442,6 +315,10 @@ class _ModelChecker(_Base):
                 self.err("E301", f"level `{name}`: the objective compares a {_tname(tp)} with a {_tname(tt)}",
                          self.at(*p, "objective") if lv.objective else self.at(*p, "value"),
                          "a scalar-output memory needs a scalar target, e.g. `l2(M(k), M(v))`")
+        return loss
+
+    def check_clock(self, name: str, lv: S.Level, loss: str):
+        p = ("levels", name)
         if lv.every is not None and lv.every.unit == "steps" and loss != "task":
             self.err("E402", f"in-context level `{name}` ticks on the optimizer's clock (`steps`)",
                      self.at(*p, "every"), "in-context memories update every N `tokens`; only a task-loss level may tick in steps")
@@ -452,16 +329,63 @@ class _ModelChecker(_Base):
                              self.at(*p, "every"), "write a number of tokens")
         if lv.chunk is not None and lv.every is not None and lv.every.period and len(lv.every.period) > 1:
             self.err("E403", f"CMS level `{name}`: each level's chunk is its period; drop `chunk`", self.at(*p, "chunk"))
-        if lv.rule:
-            grads = [i for i, r in enumerate(lv.rule) if r.fn == "grad"]
-            if len(grads) != 1:
-                self.err("E306", f"level `{name}`: a rule chain takes the gradient exactly once, found {len(grads)} `grad`",
-                         self.at(*p, "rule"), "start the chain with `grad`, e.g. `grad |> scale(eta)`")
 
-            def arg_type(e, step, pname):
-                want = {"key": {"vec"}}.get(pname, {"head", "const"})
-                self.expect(e, p + ("rule",), here, want, f"`{step.fn}`'s {pname}")
-            self.check_chain(lv.rule, p + ("rule",), model=True, arg_type=arg_type)
+    def check_rule(self, name: str, lv: S.Level, loss: str):
+        """The chain: one `grad`, known primitives, argument shapes, one rank-one erase, contraction."""
+        p = ("levels", name)
+        here = (name, lv)
+        grads = [i for i, r in enumerate(lv.rule) if r.fn == "grad"]
+        if len(grads) != 1:
+            self.err("E306", f"level `{name}`: a rule chain takes the gradient exactly once, found {len(grads)} `grad`",
+                     self.at(*p, "rule"), "add `grad` where the update is taken, e.g. `grad |> scale(eta)`"
+                     if not grads else "keep one `grad`; several gradient steps per token are not in the language")
+
+        def arg_type(e, step, pname):
+            # retention and the erase rate may be per key channel (a diagonal decay, GLA / RWKV-7)
+            want = {("dgd", "key"): {"vec"}, ("retain", "alpha"): {"vec", "head", "const"},
+                    ("dgd", "lr"): {"vec", "head", "const"}}.get((step.fn, pname), {"head", "const"})
+            self.expect(e, p + ("rule",), here, want, f"`{step.fn}`'s {pname}",
+                        hint=None if "vec" in want else "only `retain` and `dgd`'s lr take a vector per key channel; "
+                        "a per-channel step would write along a different vector than the key it reads")
+        self.check_chain(lv.rule, p + ("rule",), model=True, arg_type=arg_type)
+        self.check_erase(name, lv, loss)
+        self.check_contraction(name, lv)
+
+    def check_erase(self, name: str, lv: S.Level, loss: str):
+        """A matrix rule is one rank-one step: an erase along `dgd(key=K)` and the L2 gradient's own
+        erase along the key would make two."""
+        dgd = [st for st in lv.rule if st.fn == "dgd"]
+        if not dgd or not isinstance(lv.memory, S.MatrixMemory) or loss != "l2" \
+                or any(st.fn in ("momentum", "ema") for st in lv.rule):
+            return
+        keys = {str(st.kwargs.get("key", st.args[0] if st.args else Name(id="key"))) for st in dgd}
+        other = keys - {"key", str(lv.key)}
+        if other:
+            self.err("E305", f"level `{name}`: `dgd` erases along `{sorted(other)[0]}`, and the L2 objective's "
+                     "gradient erases along the key: two rank-one erases per token", self.at("levels", name, "rule"),
+                     "erase along the key (`dgd(key=key, ...)`), or write without the gradient's erase with "
+                     "`objective: dot` (RWKV-7's form: M (diag(w) - K (lr K)^T) + v k^T)")
+
+    def unit_norm(self, e: ExprNode | None, seen: frozenset = frozenset()) -> bool:
+        """Whether a flow is L2-normalised (its outermost function is `l2norm`)."""
+        if isinstance(e, Name) and e.id in self.spec.signals and e.id not in seen:
+            return self.unit_norm(self.spec.signals[e.id], seen | {e.id})
+        return isinstance(e, Call) and e.fn == "l2norm"
+
+    def check_contraction(self, name: str, lv: S.Level):
+        """With unit keys and constant a, b, the rule's eigenvalue along the key is a - b: warn when
+        |a - b| > 1 (the memory grows along every key it sees)."""
+        from nlc.rules import derive_level
+        if not isinstance(lv.memory, S.MatrixMemory) or not self.unit_norm(lv.key):
+            return
+        d = derive_level(name, lv)
+        if d.family != "generalized_delta" or d.b is None:
+            return
+        a, b = const_value(d.a), const_value(d.b)
+        if a is not None and b is not None and abs(a - b) > 1:
+            self.errors.warn("E501", f"level `{name}` expands along its keys: with unit keys the step multiplies "
+                             f"the state along k by a - b = {a - b:g}", self.at("levels", name, "rule"),
+                             "keep the step's erase b in [a - 1, a + 1], e.g. `scale(c)` with 0 < c <= 2")
 
     # -- schedule
     def check_schedule(self):
@@ -494,82 +418,30 @@ class _ModelChecker(_Base):
                          "the model is run in windows of the fastest CMS period; every chunk must divide it")
 
 
+_ELEMENTWISE = {"exp", "log", "sigmoid", "softplus", "tanh", "silu", "gelu", "relu"}
+
+
 def _tname(t: str) -> str:
     return {"vec": "vector per head", "head": "scalar per head", "const": "constant"}.get(t, t)
 
 
-class _OptimizerChecker(_Base):
-    spec: S.OptimizerSpec
+class FlowTypes:
+    """Shape types of the flows of a checked spec, for code generators: `vec`, `head` or `const`.
+    One checker per spec, its signal types cached."""
 
-    def run(self):
-        spec = self.spec
-        check_hyper(spec, self.smap, None, self.errors, at=self.prefix)
-        for name in spec.hyper:
-            if name in V.OPT_NAMES or name in V.OPT_FUNCTIONS:
-                self.err("E206", f"hyperparameter `{name}` has the name of a built-in", self.at("hyper", name, key=True))
-        for gi, g in enumerate(spec.groups):
-            p = ("groups", gi)
-            if (g.update is None) == (g.use is None):
-                self.err("E103", "a parameter group gives either an `update` or a `use`, exactly one",
-                         self.at(*p), "write `update: <expression>` or `use: adamw(lr=lr)`")
-            if g.use is not None:
-                if g.levels:
-                    self.err("E103", "a group that delegates with `use` has no levels of its own", self.at(*p, "levels"))
-                for k, e in g.use.hyper.items():
-                    self.expr(e, p + ("use",), set(), values_only=True)
-                self.resolve_optimizer(g.use, p + ("use",))
-            for name, lv in g.levels.items():
-                lp = p + ("levels", name)
-                if name in V.OPT_NAMES or name in spec.hyper:
-                    self.err("E206", f"level `{name}` has the name of a {'built-in' if name in V.OPT_NAMES else 'hyperparameter'}",
-                             self.at(*lp, key=True))
-                self.expr(lv.input, lp + ("input",), set())
-                self.check_chain(lv.rule, lp + ("rule",), model=False,
-                                 arg_type=lambda e, step, pname, lp=lp: self.expr(e, lp + ("rule",), set(), values_only=True))
-                if lv.every is not None:
-                    if lv.every.unit != "steps":
-                        self.err("E402", f"optimizer level `{name}` ticks in `tokens`; optimizers run on the step clock",
-                                 self.at(*lp, "every"), f"write `every: {lv.every.period[0] if lv.every.period else 1} steps`")
-                    for per in lv.every.period or ():
-                        if isinstance(per, str):
-                            if per not in spec.hyper:
-                                self.err("E208", f"period `{per}` names no hyperparameter", self.at(*lp, "every"),
-                                         did_you_mean(per, spec.hyper))
-                            elif hyper_problem("slow_every", spec.hyper[per]):
-                                self.err("E502", f"period `{per}` = {spec.hyper[per]!r} is not a positive integer",
-                                         self.at("hyper", per))
-                    if lv.every.period is None:
-                        self.err("E305", f"optimizer level `{name}` never updates", self.at(*lp, "every"))
-            if g.update is not None:
-                self.expr(g.update, p + ("update",), set(g.levels))
+    def __init__(self, spec: S.ModelSpec):
+        self.spec = spec
+        self._checker = _ModelChecker(spec, None, Collector("<flow>"), Path("."))
+        self._checker.sig_types, self._checker.visiting = {}, []
+        self._checker.derived = True   # derived terms may add a scalar per head to a vector: broadcast
 
-    def expr(self, e, path, levels: set[str], values_only: bool = False):
-        """Names and calls of an optimizer expression. `values_only`: hyperparameters and numbers only."""
-        scope = set(self.spec.hyper) | (set() if values_only else set(V.OPT_NAMES) | levels)
-        for n in e.walk():
-            if isinstance(n, Name) and n.id not in scope:
-                hint = did_you_mean(n.id, scope)
-                if values_only and n.id in V.OPT_NAMES:
-                    hint = "only hyperparameters and numbers can be used here"
-                self.err("E201", f"`{n.id}` is not defined here", self.at(*path, node=n), hint)
-            elif isinstance(n, Call):
-                fn = V.OPT_FUNCTIONS.get(n.fn)
-                if fn is None:
-                    self.err("E202", f"unknown function `{n.fn}`", self.at(*path, node=n), did_you_mean(n.fn, V.OPT_FUNCTIONS))
-                elif n.kwargs or not fn.min_args <= len(n.args) <= fn.max_args:
-                    self.err("E302", f"`{n.fn}` takes {_arity(fn)}", self.at(*path, node=n), f"write `{fn.signature()}`")
-                elif n.fn == "prev" and not (isinstance(n.args[0], Name) and n.args[0].id in levels):
-                    self.err("E204", f"`prev` reads a level of this group, not `{n.args[0]}`", self.at(*path, node=n),
-                             did_you_mean(str(n.args[0]), levels))
-            elif isinstance(n, Index) and not isinstance(n.index, Num):
-                self.err("E302", "an index is a number, e.g. `betas[0]`", self.at(*path, node=n))
-            elif isinstance(n, ListE):
-                self.err("E301", "a list is not a value here", self.at(*path, node=n))
+    def __call__(self, expr: ExprNode | None, level: str | None = None) -> str | None:
+        if expr is None:
+            return None
+        lv = (level, self.spec.levels[level]) if level is not None else None
+        return self._checker.type_of(expr, (), lv)
 
 
 def flow_type(spec: S.ModelSpec, expr: ExprNode, level: str | None = None) -> str | None:
-    """The shape type of a flow of a checked spec: `vec`, `head` or `const` (for code generators)."""
-    checker = _ModelChecker(spec, None, Collector("<flow>"), Path("."))
-    checker.sig_types, checker.visiting = {}, []
-    lv = (level, spec.levels[level]) if level is not None else None
-    return checker.type_of(expr, (), lv)
+    """The shape type of one flow of a checked spec (see `FlowTypes` for many)."""
+    return FlowTypes(spec)(expr, level)

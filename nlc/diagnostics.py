@@ -16,7 +16,7 @@ import difflib
 from dataclasses import dataclass, field
 
 # code -> (name, what it means). Grouped: E0 input, E1 schema, E2 names, E3 types and shapes,
-# E4 graph and schedule, E5 numerics.
+# E4 graph and schedule, E5 numerics, E6 backend.
 CODES: dict[str, tuple[str, str]] = {
     "E001": ("empty-file", "the file holds no spec"),
     "E002": ("not-text", "the file is not UTF-8 text (binary or another encoding)"),
@@ -52,6 +52,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E403": ("chunk-schedule", "chunk sizes or periods that cannot be scheduled together"),
     "E501": ("diverges", "a rule that diverges for certain with the constants given"),
     "E502": ("bad-hyper", "an optimizer hyperparameter outside its valid range"),
+    "E601": ("unsupported", "a valid construct that the backend cannot compile yet"),
 }
 
 
@@ -135,12 +136,21 @@ class Collector:
     def __init__(self, file: str, source: str | None = None):
         self.file, self.source = file, source
         self.diagnostics: list[Diagnostic] = []
+        self.warnings: list[Diagnostic] = []
 
     def error(self, code: str, message: str, span: Span | None = None, hint: str | None = None) -> None:
         assert code in CODES, code
         if span is None:
             span = Span(self.file, 1, 1)
         self.diagnostics.append(Diagnostic(code, message, span, hint))
+
+    def warn(self, code: str, message: str, span: Span | None = None, hint: str | None = None) -> None:
+        """A likely mistake that still has a meaning: reported, never fatal."""
+        assert code in CODES, code
+        self.warnings.append(Diagnostic(code, message, span or Span(self.file, 1, 1), hint, "warning"))
+
+    def render_warnings(self) -> str:
+        return "\n".join(d.render(self.source) for d in self.warnings)
 
     def raise_if_any(self) -> None:
         if self.diagnostics:

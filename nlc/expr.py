@@ -158,3 +158,24 @@ def const_value(e: ExprNode) -> float | None:
         except (OverflowError, ZeroDivisionError, TypeError):
             return None
     return None
+
+
+def subst(e: ExprNode, names: dict | None = None, fns: dict | None = None) -> ExprNode:
+    """`e` with names replaced (by expressions) and called functions renamed, spans kept."""
+    names, fns = names or {}, fns or {}
+    if isinstance(e, Name):
+        return names[e.id] if names.get(e.id) is not None else e
+    if isinstance(e, Call):
+        out = Call(fn=fns.get(e.fn, e.fn), args=tuple(subst(a, names, fns) for a in e.args),
+                   kwargs={k: subst(v, names, fns) for k, v in e.kwargs.items()})
+    elif isinstance(e, Bin):
+        out = Bin(op=e.op, left=subst(e.left, names, fns), right=subst(e.right, names, fns))
+    elif isinstance(e, Neg):
+        out = Neg(arg=subst(e.arg, names, fns))
+    elif isinstance(e, ListE):
+        out = ListE(items=tuple(subst(i, names, fns) for i in e.items))
+    elif isinstance(e, Index):
+        out = Index(base=subst(e.base, names, fns), index=subst(e.index, names, fns))
+    else:
+        return e
+    return out.at(e.span)

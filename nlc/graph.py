@@ -122,6 +122,8 @@ def _state(lv: S.Level, shape: S.Shape) -> str:
 
 
 def _lower_model(spec: S.ModelSpec, base: Path) -> LevelGraph:
+    from nlc.instance import instanced
+    spec = instanced(spec)   # a level named twice in the block is two levels
     g = nx.MultiDiGraph()
     shape = spec.model
     opt = spec.optimizer

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -24,6 +24,7 @@ class Loaded:
     smap: SourceMap
     source: str
     file: str
+    warnings: list = field(default_factory=list)   # Diagnostics of severity "warning"
 
 
 def read_source(path: str | Path, errors: Collector) -> str | None:
@@ -111,6 +112,10 @@ def validate(raw: object, smap: SourceMap, errors: Collector) -> S.Spec | None:
                 continue
             seen.add(where)
             _report(dict(err, loc=where), cls, smap, errors)
+        # a comma inside `{...}` also leaves the value's tail as a key (`4)`): the E007 says it all
+        cut = {d.span.line for d in errors.diagnostics if d.code == "E007" and d.hint and "a comma ends" in d.hint}
+        errors.diagnostics = [d for d in errors.diagnostics if not (
+            d.code == "E102" and d.span.line in cut and not re.fullmatch(r"`[A-Za-z_]\w*`", d.message.split()[-1]))]
         return None
 
 
@@ -121,6 +126,7 @@ def load_located(path: str | Path) -> Loaded:
     errors = Collector(file)
     text = read_source(path, errors)
     spec, smap = None, SourceMap(file)
+    errors.source = text
     if text is not None:
         raw, smap = parse_text(text, file, errors)
         if raw is None and not errors.diagnostics:
@@ -129,8 +135,10 @@ def load_located(path: str | Path) -> Loaded:
             spec = validate(raw, smap, errors)
     errors.raise_if_any()
     loaded = Loaded(spec, smap, text or "", file)
+    errors.source = loaded.source
     check(loaded, errors)
     errors.raise_if_any()
+    loaded.warnings = errors.warnings
     return loaded
 
 
@@ -217,10 +225,18 @@ def _report(err: dict, cls: type, smap: SourceMap, errors: Collector) -> None:
                      did_you_mean(str(loc[-1]), allowed))
     elif kind == "expr_syntax":
         base = getattr(inp, "span", None) or span
+        hint = "expressions look like `l2norm(conv(proj(x), 4))` or `0.1 * softplus(M_eta(x))`"
+        lines = (errors.source or "").splitlines()
+        if base and "ends too early" in str(ctx.get("msg")) and 0 < base.line <= len(lines) \
+                and "{" in lines[base.line - 1][:base.col]:
+            hint = (f"inside `{{...}}` a comma ends the value: quote it (`{loc[-1]}: \"{inp}, ...\"`) "
+                    "or write the mapping in block style, one key per line")
         errors.error("E007", f"in `{where}`: {ctx.get('msg')}",
-                     base.shifted(ctx.get("line", 1), ctx.get("col", 1), None, None) if base else span,
-                     "expressions look like `l2norm(conv(proj(x), 4))` or `0.1 * softplus(M_eta(x))`")
+                     base.shifted(ctx.get("line", 1), ctx.get("col", 1), None, None) if base else span, hint)
     elif kind in ("greater_than", "greater_than_equal") and ctx.get("gt", ctx.get("ge")) in (0, 0.0):
+        if "every" in loc:   # `every: 0 tokens`: name the key the user wrote, not the parsed field
+            where = ".".join(str(x) for x in loc[:loc.index("every") + 1] if not _is_branch(x)
+                             and x not in ("matrix", "mlp", "vector", "attention"))
         errors.error("E104", f"`{where}` must be positive, not `{inp}`", span,
                      "a level that never updates is `every: never` (frequency 0)" if "every" in loc
                      else "sizes, counts and periods are at least 1")

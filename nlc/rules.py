@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from nlc import spec as S
 from nlc.expr import Bin, Call, ExprNode, Index, ListE, Name, Neg, Num
 
-_GREEK = {"alpha", "beta", "gamma", "delta", "eta", "theta", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "phi", "psi", "omega", "epsilon"}
+_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",
+          "xi", "rho", "sigma", "tau", "phi", "chi", "psi", "omega"}
 
 
 _OPT_TEX = {"grad": "g_{t}", "param": r"\theta_{t-1}", "step": "t", "key": "k_{t}", "value": "v_{t}", "query": "q_{t}"}
@@ -37,6 +38,9 @@ class Derived:
     a: ExprNode | None = None        # generalized delta scalars per token (matrix memories)
     b: ExprNode | None = None
     w: ExprNode | None = None
+    u: ExprNode | None = None        # the rank-one erase in general: M (diag(a) - e u^T), vectors per key channel
+    e: ExprNode | None = None
+    diagonal: bool = False           # a, u or e is per key channel (or the erase key is not the key): use (a, u, e)
     momentum: tuple[str, ExprNode] | None = None   # ("momentum" | "ema", decay)
     notes: list[str] = field(default_factory=list)
     # the chain's parts, for backends: u = step * grad (then momentum); M = retain M - erase M key key^T - u
@@ -79,14 +83,28 @@ def _or1(e: ExprNode | None) -> ExprNode:
     return Num(value=1.0) if e is None else e
 
 
-def tex(e: ExprNode | None, t: str = "t") -> str:
-    """LaTeX for an expression; flows get the token subscript `t`."""
+def _const_tex(name: str) -> str:
+    """`beta1` -> \\beta_{1}, `lr` -> \\mathrm{lr}, `weight_decay` -> \\mathrm{weight\\_decay}."""
+    import re
+    m = re.fullmatch(r"([A-Za-z]+)(\d+)", name)
+    head, sub = (m[1], m[2]) if m else (name, "")
+    body = "\\" + head if head in _GREEK else (head if len(head) == 1 else r"\mathrm{" + head.replace("_", r"\_") + "}")
+    return f"{body}_{{{sub}}}" if sub else body
+
+
+def tex(e: ExprNode | None, t: str = "t", consts: frozenset = frozenset()) -> str:
+    """LaTeX for an expression; flows get the token subscript `t`, names in `consts`
+    (hyperparameters) none."""
     if e is None:
         return "1"
     if isinstance(e, Num):
         return str(e)
     if isinstance(e, Name) and e.id in _OPT_TEX:
         return _OPT_TEX[e.id].replace("{t}", t or "t")
+    if isinstance(e, Name) and e.id == "head":
+        return "h"
+    if isinstance(e, Name) and e.id in consts:   # a hyperparameter: no time index
+        return _const_tex(e.id)
     if isinstance(e, Name):
         base = "\\" + e.id if e.id in _GREEK else e.id
         if "_" in e.id and e.id.split("_")[0] != "":
@@ -95,9 +113,9 @@ def tex(e: ExprNode | None, t: str = "t") -> str:
             return base
         return f"{base}_{t}" if t else base
     if isinstance(e, Neg):
-        return "-" + tex(e.arg, t)
+        return "-" + tex(e.arg, t, consts)
     if isinstance(e, Bin):
-        l, r = tex(e.left, t), tex(e.right, t)
+        l, r = tex(e.left, t, consts), tex(e.right, t, consts)
         if isinstance(e.left, Bin) and e.left.op in "+-" and e.op in "*/^":
             l = f"({l})"
         if isinstance(e.right, Bin) and e.right.op in "+-" and e.op in "*-/^":
@@ -105,7 +123,7 @@ def tex(e: ExprNode | None, t: str = "t") -> str:
         return {"+": f"{l} + {r}", "-": f"{l} - {r}", "*": f"{l}\\,{r}", "/": f"\\frac{{{l}}}{{{r}}}",
                 "^": f"{{{l}}}^{{{r}}}"}[e.op]
     if isinstance(e, Call):
-        args = ", ".join([tex(a, t) for a in e.args] + [f"{k}={tex(v, t)}" for k, v in e.kwargs.items()])
+        args = ", ".join([tex(a, t, consts) for a in e.args] + [f"{k}={tex(v, t, consts)}" for k, v in e.kwargs.items()])
         fn = e.fn.replace("_", "\\_")
         if e.fn == "M":
             return f"M({args})"
@@ -115,15 +133,18 @@ def tex(e: ExprNode | None, t: str = "t") -> str:
             return f"\\sqrt{{{args}}}"
         return f"\\mathrm{{{fn}}}({args})"
     if isinstance(e, Index):
-        return f"{tex(e.base, '')}_{{{tex(e.index, '')}}}"
+        return f"{tex(e.base, '', consts)}_{{{tex(e.index, '', consts)}}}"
     if isinstance(e, ListE):
-        return "[" + ", ".join(tex(i, t) for i in e.items) + "]"
+        return "[" + ", ".join(tex(i, t, consts) for i in e.items) + "]"
     return str(e)
 
 
 # ---------------------------------------------------------------- derivation
 
-def derive_level(name: str, lv: S.Level) -> Derived:
+def derive_level(name: str, lv: S.Level, typeof=None) -> Derived:
+    """The update rule of level `name`. `typeof(expr, level)` gives a flow's shape type (`vec`,
+    `head`, `const`; nlc.check.FlowTypes): it decides whether a matrix rule is scalar or diagonal."""
+    typeof = typeof or (lambda e, level=None: None)
     m = lv.memory
     if isinstance(m, S.AttentionMemory):
         win = f" over the last {m.window} tokens" if m.window else ""
@@ -191,17 +212,7 @@ def derive_level(name: str, lv: S.Level) -> Derived:
     if a1 is not None:
         d.notes.append("Retention before `grad`: the gradient is taken at the retained state.")
     if mom is None and not extra_u and isinstance(m, S.MatrixMemory):
-        d.family = "generalized_delta"
-        d.a = _or1(_mul(a1, a2))
-        erase = _add(b2, _or1(c)) if loss == "l2" else b2   # the L2 gradient erases along k too
-        d.b = _mul(a1, erase) if erase is not None else Num(value=0.0)
-        d.w = _mul(c, target)
-        d.equations = [
-            rf"M_t = M_{{t-1}}\left(a_t I - b_t\, {kt} {kt}^\top\right) + w_t\, {kt}^\top",
-            rf"a_t = {tex(d.a)},\quad b_t = {tex(d.b)},\quad w_t = {tex(d.w)}",
-            r"o_t = M_t\, q_t"]
-        d.notes.append("Chunkwise-parallel form: the WY/UT transform of `generalized_delta` (gradients need no anchor: "
-                       "the rule is linear in M).")
+        _generalized_delta(d, name, lv, typeof, a1, a2, b2, c, key, target, loss)
         return d
     d.family = "momentum" if mom is not None else ("mlp" if isinstance(m, S.MLPMemory) else "generalized_delta")
     u0 = rf"{tex(c)}\, {grad}" if c is not None else grad
@@ -216,8 +227,8 @@ def derive_level(name: str, lv: S.Level) -> Derived:
         eqs += extra_u
         eqs.append(rf"M_t = {state_tex} - {u0}")
     if isinstance(m, S.MLPMemory):
-        eqs.append(rf"{tex(pred)} \text{{ with }} M(z) = " +
-                   (r"z + W_1 \sigma(W_2 z)" if m.residual and m.depth == 2 else r"W_1 \sigma(\cdots \sigma(W_L z))"))
+        body = {1: r"W_1 z", 2: r"W_1 \sigma(W_2 z)"}.get(m.depth, rf"W_1 \sigma(\cdots \sigma(W_{{{m.depth}}} z))")
+        eqs.append(rf"{tex(pred)} \text{{ with }} M(z) = " + ("z + " if m.residual else "") + body)
         d.notes.append("Deep memory: the chain is applied to each weight matrix; the erase acts on the input-side "
                        "matrix (the one that reads the key), the others get plain retention.")
     chunk = lv.chunk_size()
@@ -244,6 +255,41 @@ def derive_level(name: str, lv: S.Level) -> Derived:
     return d
 
 
+def _generalized_delta(d: Derived, name, lv, typeof, a1, a2, b2, c, key, target, loss) -> None:
+    """The matrix rule as one step of M_t = M_{t-1}(diag(a) - e u^T) + w k^T (see the module doc):
+    a = a1 a2; with the erase along K (the level's key unless `dgd(key=K)`), e = a1 K and
+    u = (dgd's lr, times later retentions) K, plus c k for the L2 gradient, which erases along the
+    key (one rank-one erase needs K = the key there: the checker refuses the rest). Scalar a1, a2 and
+    lr with K = the key give the scalar triple (a, b, w) with b = a1 (lr + c)."""
+    d.family = "generalized_delta"
+    d.a = _or1(_mul(a1, a2))
+    coef = _add(b2, _or1(c)) if loss == "l2" else b2      # the L2 gradient erases along k too
+    d.b = _mul(a1, coef) if coef is not None else Num(value=0.0)
+    d.w = _mul(c, target)
+    level_key = Name(id="key")
+    erase_key = key if str(key) not in ("key", str(lv.key)) else level_key
+    if coef is not None:
+        d.u, d.e = _mul(coef, erase_key), _mul(a1, erase_key)
+    d.diagonal = erase_key is not level_key or "vec" in (typeof(d.a, name), typeof(coef, name), typeof(a1, name))
+    if d.diagonal:
+        d.b = None
+        d.equations = [
+            r"M_t = M_{t-1}\left(\mathrm{diag}(\bar a_t) - \bar e_t \bar u_t^\top\right) + \bar w_t\, k_t^\top",
+            rf"\bar a_t = {tex(d.a)},\quad \bar e_t = {tex(d.e) if d.e is not None else '0'},\quad "
+            rf"\bar u_t = {tex(d.u) if d.u is not None else '0'},\quad \bar w_t = {tex(d.w)}",
+            r"o_t = M_t\, q_t"]
+        d.notes.append("Products of two vectors here are element-wise (per key channel).")
+        d.notes.append("Diagonal plus rank one: a retention per key channel and a rank-one erase; chunkwise-parallel "
+                       "form: the WY/UT transform with per-channel decays (`generalized_delta` with `erase=(u, e)`).")
+        return
+    d.equations = [
+        r"M_t = M_{t-1}\left(\bar a_t I - \bar b_t\, k_t k_t^\top\right) + \bar w_t\, k_t^\top",
+        rf"\bar a_t = {tex(d.a)},\quad \bar b_t = {tex(d.b)},\quad \bar w_t = {tex(d.w)}",
+        r"o_t = M_t\, q_t"]
+    d.notes.append("Chunkwise-parallel form: the WY/UT transform of `generalized_delta` (gradients need no anchor: "
+                   "the rule is linear in M, so the chunked form is exact for any chunk).")
+
+
 def _chain_scale(lv: S.Level) -> ExprNode:
     c = None
     for step in lv.rule:
@@ -252,8 +298,11 @@ def _chain_scale(lv: S.Level) -> ExprNode:
     return _or1(c)
 
 
-def derive(spec: S.ModelSpec) -> dict[str, Derived]:
-    return {name: derive_level(name, lv) for name, lv in spec.levels.items()}
+def derive(spec: S.ModelSpec, typeof=None) -> dict[str, Derived]:
+    if typeof is None:
+        from nlc.check import FlowTypes
+        typeof = FlowTypes(spec)
+    return {name: derive_level(name, lv, typeof) for name, lv in spec.levels.items()}
 
 
 # ---------------------------------------------------------------- explain
@@ -285,6 +334,9 @@ def explain(spec: S.Spec) -> str:
         if lv.rule:
             out += [f"Rule chain: `{' |> '.join(map(str, lv.rule))}`", ""]
         out += ["$$", " \\\\\n".join(d.equations), "$$", ""]
+        if lv.output is not None:
+            out += [rf"Output: $y_t = W_o\,\big({tex(lv.output)}\big)$, with $o_t$ the level's read "
+                    r"(`onorm`: an RMSNorm per head with a learned scale).", ""]
         if lv.gate is not None:
             norm = "o_t" if isinstance(lv.memory, S.AttentionMemory) else r"\mathrm{RMSNorm}(o_t)"
             out += [rf"Output: $y_t = W_o\,\big({norm} \odot g_t\big)$ with the output gate "
@@ -295,6 +347,7 @@ def explain(spec: S.Spec) -> str:
 
 
 def _explain_optimizer(spec: S.OptimizerSpec) -> str:
+    consts = frozenset(spec.hyper)
     out = [f"# `{spec.name}`: an optimizer as levels over the gradient stream", "",
            "Hyperparameters: " + ", ".join(f"`{k}` = {v}" for k, v in spec.hyper.items()), ""]
     for g in spec.groups:
@@ -304,6 +357,6 @@ def _explain_optimizer(spec: S.OptimizerSpec) -> str:
             continue
         for name, lv in g.levels.items():
             every = f" every {lv.every}" if lv.every else " every step"
-            out += [f"- level `{name}`{every}: input ${tex(lv.input, 't')}$, rule `{' |> '.join(map(str, lv.rule))}`"]
-        out += ["", "$$", rf"\Delta\theta_t = {tex(g.update, 't')}", "$$", ""]
+            out += [f"- level `{name}`{every}: input ${tex(lv.input, 't', consts)}$, rule `{' |> '.join(map(str, lv.rule))}`"]
+        out += ["", "$$", rf"\Delta\theta_t = {tex(g.update, 't', consts)}", "$$", ""]
     return "\n".join(out)

@@ -214,6 +214,9 @@ class Level(Node):
     query: ExprField | None = Field(None, description="the read flow; the level's output is M(query)")
     gate: ExprField | None = Field(None, description="output gate: the level's normalised output is multiplied by it "
                                    "before the output projection (Titans §4.4), e.g. `sigmoid(proj(x))`")
+    output: ExprField | None = Field(None, description="what the level contributes, from its read `o` (per head, before "
+                                     "normalisation), before the output projection; default `onorm(o)` (`o` for attention), "
+                                     "e.g. `onorm(o) * silu(proj(x)) + param(1) * x`")
     read: Literal["anchor", "current"] | None = Field(
         None, description="MLP memories: what token t reads inside a chunk: `anchor`, the chunk's start state (Eq. 90 as "
         "printed), or `current`, the state after the chunk's earlier tokens (gradients still at the anchor); "
@@ -231,8 +234,8 @@ class Level(Node):
         return self.chunk or 64
 
     def flows(self) -> list:
-        """Every expression of the level: key, value, query, gate, objective, rule arguments."""
-        exprs = [self.key, self.value, self.query, self.gate]
+        """Every expression of the level: key, value, query, gate, output, objective, rule arguments."""
+        exprs = [self.key, self.value, self.query, self.gate, self.output]
         if self.objective is not None:
             exprs += [self.objective.pred, self.objective.target]
         exprs += [a for step in self.rule for a in (*step.args, *step.kwargs.values())]

@@ -183,12 +183,16 @@ def renderer() -> list[str] | None:
 def render(graph: LevelGraph, out: str | Path) -> Path:
     """Write the graph as .dot, .svg or .png (by suffix), atomically."""
     out = Path(out)
+    return atomic_write(out, drawing(graph, out.suffix.lstrip(".").lower(), out.name))
+
+
+def drawing(graph: LevelGraph, fmt: str, name: str = "the drawing") -> str | bytes:
+    """The graph drawn as `dot` (text), `svg` or `png` (bytes); nothing is written."""
     dot = to_dot(graph)
-    fmt = out.suffix.lstrip(".").lower()
     if fmt in ("dot", "gv"):
-        return atomic_write(out, dot)
+        return dot
     if fmt not in ("svg", "png"):
-        raise RenderError(f"cannot draw `{out.name}`: use a .dot, .svg or .png file name")
+        raise RenderError(f"cannot draw `{name}`: use a .dot, .svg or .png file name")
     cmd = renderer()
     if cmd is None:
         raise RenderError("no Graphviz renderer found: `pip install graphviz-pure` (or install Graphviz), "
@@ -196,4 +200,4 @@ def render(graph: LevelGraph, out: str | Path) -> Path:
     proc = subprocess.run(cmd + [f"-T{fmt}"], input=dot.encode(), capture_output=True, timeout=120)
     if proc.returncode != 0 or not proc.stdout:
         raise RenderError(f"Graphviz failed: {proc.stderr.decode(errors='replace').strip()[:500]}")
-    return atomic_write(out, proc.stdout)
+    return proc.stdout

@@ -46,10 +46,21 @@ SIGNAL_FUNCTIONS = _table(
     Fn("tanh", ("e",), "tanh"), Fn("sigmoid", ("e",), "logistic sigmoid"), Fn("softplus", ("e",), "softplus"),
     Fn("exp", ("e",), "exponential"),
     Fn("detach", ("e",), "stop the outer gradient through this flow"),
+    Fn("norm", ("e",), "the L2 norm over head_dim: one scalar per head", "head", ("vec",)),
+    Fn("sum", ("e",), "the sum over head_dim: one scalar per head", "head", ("vec",)),
+    Fn("dot", ("a", "b"), "the inner product over head_dim: one scalar per head", "head", ("vec",)),
+    Fn("param", ("init",), "a learned scalar per head (frequency 0), initialised to `init`, a constant "
+       "expression that may use `head`, e.g. `param(log(1 + head))`", "head", ("const", "head")),
+    Fn("onorm", ("e",), "RMS-normalise over head_dim with a learned scale (the per-head output norm)", "same", ("vec",)),
+    Fn("log", ("e",), "natural log"),
 )
 
 # Names every model flow can use.
-SIGNAL_NAMES = {"x": "the block's input at this token (after the pre-norm)"}
+SIGNAL_NAMES = {"x": "the block's input at this token (after the pre-norm)",
+                "head": "the head's index, 0 to heads - 1 (a constant per head)"}
+
+# In a level's `output`, `o` is what the memory read (per head, before any normalisation).
+OUTPUT_NAMES = {"o": "the level's read M(query), per head"}
 
 # Inside a level, `M` is the level's own memory (at the chunk's anchor state) and these name its flows.
 LEVEL_NAMES = {"key": "this level's key flow", "value": "this level's value flow", "query": "this level's query flow"}
@@ -102,4 +113,4 @@ OBJECTIVES: dict[str, set[str]] = {
     "attention": set(),  # non-parametric: the closed form of a weighted L2 (NL §1); no inner objective
 }
 
-RESERVED = set(SIGNAL_FUNCTIONS) | set(SIGNAL_NAMES) | set(LEVEL_NAMES) | {"M"}
+RESERVED = set(SIGNAL_FUNCTIONS) | set(SIGNAL_NAMES) | set(LEVEL_NAMES) | set(OUTPUT_NAMES) | {"M"}

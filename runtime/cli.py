@@ -45,6 +45,8 @@ def check(specs: List[Path] = typer.Argument(..., help="spec files (.yaml, .yml 
             failed += 1
             typer.echo(e.render(), err=True)
             continue
+        for w in loaded.warnings:
+            typer.echo(w.render(loaded.source), err=True)
         if not quiet:
             spec = loaded.spec
             what = (f"model `{spec.name}`: {len(spec.levels)} levels" if hasattr(spec, "levels")
@@ -100,11 +102,9 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
           output: Path = typer.Option(..., "--output", "-o", help="the directory to write into")):
     """Generate the model: readable torch source (model.py), manifest.json and graph.svg.
     The same spec gives the same bytes."""
-    from nlc.backends.torch.codegen import Unsupported, build as _build
+    from nlc.backends.torch.codegen import build as _build
     try:
         files = _build(spec, output)
-    except Unsupported as e:
-        _fail(f"{spec}: {e}")
     except TypeError as e:
         _fail(f"{spec}: {e}")
     except OSError as e:

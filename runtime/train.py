@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
     try:
         model = nlc.compile(spec).to(device)
     except Unsupported as e:
-        raise TrainError(f"{cfg.spec}: {e}") from None
+        raise e.located(loaded) from None
     optimizer = compile_optimizer(opt_spec, model.parameters(), **hyper)
     n_params = sum(p.numel() for p in model.parameters())
 

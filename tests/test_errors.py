@@ -162,7 +162,7 @@ def test_optimizer_errors(tmp_path):
 
 
 def test_every_code_is_tested_and_documented():
-    tested = set(CASES) | {"E002", "E006", "E009", "E010", "E502"}
+    tested = set(CASES) | {"E002", "E006", "E009", "E010", "E502", "E601"}   # E601: tests/test_language.py
     assert tested == set(CODES), f"untested: {sorted(set(CODES) - tested)}"
     from pathlib import Path
     readme = (Path(__file__).parent.parent / "specs" / "README.md").read_text()

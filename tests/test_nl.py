@@ -184,7 +184,7 @@ def test_duplicates(text, line, col):
     (HEAD + "level a: mlp(depth=2) init mata\n", "E103", 2, 28, r"mata"),
     (HEAD + "level a: mlpp(depth=2)\n", "E103", 2, 10, r"unknown memory kind `mlpp`"),
     (HEAD + "level a: matrix every 1 token chunk 0\n", "E104", 2, 37, r"chunk"),
-    (HEAD + "level a: matrix\n  every 0 tokens\n", "E104", 3, 9, r"period"),
+    (HEAD + "level a: matrix\n  every 0 tokens\n", "E104", 3, 9, r"`levels.a.every` must be positive"),
     (HEAD + "level a: matrix { minimize l2(x) }\n", "E103", 2, 28, r"two arguments"),
     (HEAD + "template t: mlp(depht=2)\nlevel a: t\n", "E102", 2, 17, r"depht"),
     (HEAD + "template selfmod: matrix\nlevel a: selfmd\n", "E205", 3, 10, r"template `selfmd`"),

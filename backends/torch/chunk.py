@@ -5,15 +5,16 @@
 Inside a chunk every token's contribution is expressed through the chunk-start state with one
 unit-lower-triangular solve and matmuls; across chunks only a ``[K, K] @ [K, V]`` product per
 chunk is sequential. The derivation and the names used here (G, A, U, W, Gamma, M_n) are in
-``README.md`` next to this file. Called through ``nlc.backends.torch.ops``, which validates and
-casts the arguments.
+``README.md`` next to this file. Called through ``nlc.backends.torch.ops``, which validates,
+casts and floors the arguments (``log_a >= LOG_A_MIN``). Per-channel retention and a general
+rank-one erase (the DPLR widening) are ``chunk_dplr.py``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["chunk_generalized_delta"]
+__all__ = ["chunk_generalized_delta", "to_chunks"]
 
 
 def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
@@ -36,16 +37,11 @@ def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
         return q.new_zeros(B, 0, H, V), h
     C = chunk_size
     N = -(-T // C)
-    pad = N * C - T
 
     def blocks(x):
-        # [B, T, H, *d] -> [N, B, H, C, *d]: chunk index first, so the sequential pass over chunks
-        # reads contiguous slices. Padded tokens have k = w = 0, log a = b = 0: the identity step,
-        # so they change no state and their outputs are dropped.
-        if pad:
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-        x = x.reshape(B, N, C, *x.shape[2:])
-        return x.permute(1, 0, 3, 2, *range(4, x.dim())).contiguous()
+        # Padded tokens have k = w = 0, log a = b = 0: the identity step, so they change no state
+        # and their outputs are dropped.
+        return to_chunks(x, C)
 
     qb, kb, wb = blocks(q), blocks(k), blocks(w)
     incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
@@ -99,6 +95,17 @@ def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
     o = o_intra + q_state @ torch.stack(starts)
     o = o.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
     return o, h
+
+
+def to_chunks(x, C):
+    """``[B, T, H, *d] -> [N, B, H, C, *d]``, zero-padded to ``N = ceil(T / C)`` chunks: chunk index
+    first, so a sequential pass over chunks reads contiguous slices."""
+    B, T = x.shape[:2]
+    N = -(-T // C)
+    if N * C > T:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, N * C - T))
+    x = x.reshape(B, N, C, *x.shape[2:])
+    return x.permute(1, 0, 3, 2, *range(4, x.dim())).contiguous()
 
 
 def _decay(G, mask):

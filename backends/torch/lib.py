@@ -25,10 +25,26 @@ def sigmoid(x): return torch.sigmoid(x)
 def softplus(x): return F.softplus(x)
 def exp(x): return torch.exp(x)
 def detach(x): return x.detach()
+def log(x): return torch.log(x) if isinstance(x, torch.Tensor) else torch.log(torch.as_tensor(x))
+def norm(x): return x.norm(dim=-1)
+def sum_(x): return x.sum(dim=-1)   # the spec language's `sum` (not shadowing the builtin)
+def dot(a, b): return (a * b).sum(dim=-1)
+
+
+def heads(x: torch.Tensor) -> torch.Tensor:
+    """The head index as a per-head constant [H] (x: [B, T, H, K])."""
+    return torch.arange(x.shape[2], dtype=x.dtype, device=x.device)
+
+
+def per_head_init(heads: int, init) -> torch.Tensor:
+    """A learned per-head scalar's initial value [H]: `init(head)` with head = 0 .. heads - 1."""
+    value = init(torch.arange(heads, dtype=torch.float64))
+    return torch.as_tensor(value, dtype=torch.float64).expand(heads).to(torch.get_default_dtype()).clone()
 
 
 def per_head(value, like: torch.Tensor) -> torch.Tensor:
-    """A per-token, per-head scalar [B, T, H] from a constant or a [B, T, H] tensor."""
+    """A per-token, per-head scalar [B, T, H] from a constant or a tensor that broadcasts to it
+    ([B, T, H], or [H]: a per-head constant such as a `param`)."""
     if isinstance(value, torch.Tensor):
         return value.to(like.dtype).expand(like.shape[:3])
     return torch.full(like.shape[:3], float(value), dtype=like.dtype, device=like.device)
@@ -275,3 +291,38 @@ def mlp_read(st, x: torch.Tensor, activation: str, residual: bool) -> torch.Tens
     from nlc.backends.torch.memories import mlp_forward
     y, _, _ = mlp_forward(x.transpose(1, 2), [w.to(x.dtype) for w in st.weights], activation, residual)
     return y.transpose(1, 2)
+
+
+def cms_forward(model, input_ids, state, levels, window: int):
+    """The forward pass of a model with CMS levels, window by window (the fastest period).
+
+    Each window runs, then takes the gradient of the next-token loss of every pair whose target
+    arrived in it (the previous window's last token included) with respect to the CMS fast
+    weights that made the prediction (first order), and updates the levels whose chunk ends. The
+    inner gradient is taken on a pass that sees the carried state as constants (it needs nothing
+    else, and so never walks the graph of earlier windows); when the outer gradient is wanted, a
+    second pass keeps the full graph. Windows are anchored at absolute positions (`state['t']`).
+    """
+    state = dict(state or {})
+    keep_graph = torch.is_grad_enabled()
+    pos = int(state.pop("t", torch.zeros((), dtype=torch.long)))
+    pending = state.pop("cms.pending", None)  # the last token's logits: its target comes next
+    outs, s, (B, T) = [], 0, input_ids.shape
+    while s < T:
+        e = min(T, s + window - (pos + s) % window)
+        ids = input_ids[:, s:e]
+        with torch.enable_grad():
+            fast = cms_fast(model, state, levels, B)
+            logits, new = model.run(ids, {k: v.detach() for k, v in state.items()}, fast)
+            pending = cms_step(ids, logits, fast, pending, state, new, levels, pos + e)
+        if keep_graph:
+            logits, outer = model.run(ids, state, {k: [d.detach() for d in v] for k, v in fast.items()})
+            new.update({k: v for k, v in outer.items() if ".delta" not in k and ".acc" not in k})
+        else:
+            logits, new = logits.detach(), {k: v.detach() for k, v in new.items()}
+        state.update(new)
+        outs.append(logits)
+        s = e
+    state["t"] = torch.tensor(pos + T)
+    state["cms.pending"] = pending
+    return torch.cat(outs, 1), state

@@ -8,15 +8,28 @@ state ``h`` of shape ``[K, V]`` (the transpose of the paper's memory ``M``, whic
 The read ``o_t`` sees the state *after* token t's write. ``generalized_delta`` is that recurrence;
 ``linear_attn``, ``delta_rule`` and ``gated_delta_rule`` only derive ``a, b, w`` and call the same
 core, so every rule shares one recurrent oracle and one chunked form (``chunk.py``, maths in
-``README.md``).
+``README.md``). ``generalized_delta`` also takes the diagonal-plus-low-rank (DPLR) widening
+
+    h_t = diag(a_t) h_{t-1} - u_t (e_t^T h_{t-1}) + k_t w_t^T
+
+(``a`` per key channel, as GLA / RWKV-7 / KDA; ``erase=(u, e)`` a general rank-one erase), whose
+chunked form is ``chunk_dplr.py``; the scalar-``a``, erase-along-k case keeps ``chunk.py``.
 
 Shapes follow flash-linear-attention's functional API::
 
-    q, k: [B, T, H, K]   v, w: [B, T, H, V]   beta, g, a, b: [B, T, H]   state: [B, H, K, V]
+    q, k: [B, T, H, K]   v, w: [B, T, H, V]   beta, g, b: [B, T, H]   state: [B, H, K, V]
+    a: [B, T, H] or [B, T, H, K]   u, e: [B, T, H, K]
 
 ``mode="recurrent"`` is the token-by-token loop (the oracle); ``mode="chunk"`` is the
 chunkwise-parallel WY/UT form, equal to it up to rounding for any ``chunk_size >= 1`` and any T.
 Half-precision inputs are computed in float32; float32 and float64 are computed as given.
+
+Retentions are floored at ``A_MIN = exp(LOG_A_MIN)`` (``LOG_A_MIN = -30``) in both modes, so a
+decay that underflows to 0 (``exp(-softplus(z))`` for large z) keeps the chunked form (which takes
+``log a``) defined, with a gradient of 0 there instead of NaN; below e^-30 ~ 9e-14 the state is
+wiped to that fraction of itself either way. Chunk mode: ``log a = log(max(a, A_MIN))`` and
+``g = max(g, LOG_A_MIN)``; recurrent mode floors ``a`` in ``[0, A_MIN)`` to ``A_MIN`` (negative a,
+which only the recurrent mode accepts, is left as given).
 """
 from __future__ import annotations
 
@@ -26,10 +39,14 @@ from numbers import Real
 import torch
 
 from nlc.backends.torch.chunk import chunk_generalized_delta
+from nlc.backends.torch.chunk_dplr import chunk_dplr_delta
 
-__all__ = ["linear_attn", "delta_rule", "gated_delta_rule", "generalized_delta", "MODES"]
+__all__ = ["linear_attn", "delta_rule", "gated_delta_rule", "generalized_delta", "MODES",
+           "LOG_A_MIN", "A_MIN"]
 
 MODES = ("chunk", "recurrent")
+LOG_A_MIN = -30.0                 # floor of every log-retention (see the module docstring)
+A_MIN = math.exp(LOG_A_MIN)       # ~ 9.4e-14: floor of every retention
 
 
 def linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=True,
@@ -68,69 +85,105 @@ def gated_delta_rule(q, k, v, beta, g, scale=None, initial_state=None, output_fi
     :math:`h_t = e^{g_t} (I - \beta_t k_t k_t^\top) h_{t-1} + \beta_t k_t v_t^\top`.
 
     ``a = e^g, b = e^g beta, w = beta v``; g is a log-decay ``[B, T, H]`` (usually <= 0), passed
-    to the chunked form as is (no round trip through ``exp``/``log``). Other arguments as
-    :func:`delta_rule`.
+    to the chunked form as is (no round trip through ``exp``/``log``), floored at ``LOG_A_MIN``
+    in both modes (``g = max(g, -30)``, a and b alike). Other arguments as :func:`delta_rule`.
     """
     _validate("gated_delta_rule", q, k, ("v", v), {"beta": beta, "g": g}, initial_state, scale,
               mode, chunk_size)
+    g = g.clamp_min(LOG_A_MIN)
     w = beta.unsqueeze(-1) * v
     b = g.exp() * beta
     return _run(q, k, w, None, g, b, scale, initial_state, output_final_state, mode, chunk_size)
 
 
-def generalized_delta(q, k, w, a, b, scale=None, initial_state=None, output_final_state=True,
-                      mode="chunk", chunk_size=64):
+def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output_final_state=True,
+                      mode="chunk", chunk_size=64, *, erase=None):
     r"""The family: :math:`h_t = a_t h_{t-1} - b_t k_t (k_t^\top h_{t-1}) + k_t w_t^\top`,
-    :math:`o_t = h_t^\top (\mathrm{scale}\, q_t)`.
+    :math:`o_t = h_t^\top (\mathrm{scale}\, q_t)`, and its diagonal-plus-low-rank (DPLR) widening
+    :math:`h_t = \mathrm{diag}(a_t) h_{t-1} - u_t (e_t^\top h_{t-1}) + k_t w_t^\top`.
 
     Args:
         q, k: ``[B, T, H, K]``. w: write vector ``[B, T, H, V]``.
-        a: retention ``[B, T, H]``; ``mode="chunk"`` needs ``a > 0`` (it works with ``log a``;
-           ``a <= 1`` keeps every exponent it takes non-positive). ``mode="recurrent"`` takes any a.
-        b: erase strength ``[B, T, H]``.
+        a: retention, ``[B, T, H]`` (one per head) or ``[B, T, H, K]`` (one per key channel: a
+           diagonal decay, as GLA / RWKV-7 / KDA). Floored at ``A_MIN = e^-30`` in both modes
+           (module docstring). ``mode="chunk"`` needs ``a >= 0`` (it takes ``log max(a, A_MIN)``;
+           ``a <= 1`` keeps every exponent it takes non-positive); ``mode="recurrent"`` takes any a.
+        b: erase strength ``[B, T, H]``: the erase ``u = b k, e = k``. None: no erase, unless
+           ``erase`` is given; ``b`` and ``erase`` are exclusive.
+        erase: keyword only, a pair ``(u, e)`` of ``[B, T, H, K]`` tensors: the general rank-one
+           erase ``u_t (e_t^T h_{t-1})`` (RWKV-7: ``u = iclr * kappa``, ``e = kappa``).
         Other arguments as :func:`linear_attn`.
+
+    Scalar ``a`` with ``b`` (or no erase) runs the WY/UT form of ``chunk.py``; per-channel ``a`` or
+    ``erase`` runs the DPLR form of ``chunk_dplr.py`` (same result, more work and memory:
+    ``[C, C, K]`` decays per chunk).
 
     Returns:
         ``(o, final_state)`` as :func:`linear_attn`.
     """
-    _validate("generalized_delta", q, k, ("w", w), {"a": a, "b": b}, initial_state, scale, mode,
-              chunk_size)
-    if mode == "chunk" and bool((a <= 0).any()):
-        raise ValueError("generalized_delta: mode='chunk' needs a > 0 everywhere (it takes log a); "
-                         "use mode='recurrent' for a <= 0")
-    return _run(q, k, w, a, None, b, scale, initial_state, output_final_state, mode, chunk_size)
+    op = "generalized_delta"
+    if b is not None and erase is not None:
+        raise ValueError(f"{op}: b and erase are exclusive (b is the erase u = b k, e = k); "
+                         "pass b=None with erase=(u, e), or b alone")
+    if erase is not None and (not isinstance(erase, (tuple, list)) or len(erase) != 2):
+        raise ValueError(f"{op}: erase must be a pair (u, e) of [B, T, H, K] tensors or None, "
+                         f"got {type(erase).__name__}"
+                         + (f" of length {len(erase)}" if isinstance(erase, (tuple, list)) else ""))
+    u, e = (None, None) if erase is None else erase
+    keyed = {} if erase is None else {"erase[0] (u)": u, "erase[1] (e)": e}
+    _validate(op, q, k, ("w", w), {} if b is None else {"b": b}, initial_state, scale, mode,
+              chunk_size, keyed=keyed, retention=a)
+    if mode == "chunk" and bool((a < 0).any()):
+        raise ValueError(f"{op}: mode='chunk' needs a >= 0 everywhere (it takes log max(a, A_MIN), "
+                         f"A_MIN = exp({LOG_A_MIN})); use mode='recurrent' for negative a")
+    return _run(q, k, w, a, None, b, scale, initial_state, output_final_state, mode, chunk_size,
+                u, e)
 
 
 # ---------------------------------------------------------------------------------------------
 # the shared core
 
 
-def _run(q, k, w, a, log_a, b, scale, initial_state, output_final_state, mode, chunk_size):
-    """Run the family. ``a`` or ``log_a`` (or neither: a = 1) gives retention; ``b=None``: no erase."""
+def _run(q, k, w, a, log_a, b, scale, initial_state, output_final_state, mode, chunk_size,
+         u=None, e=None):
+    """Run the family. ``a`` or ``log_a`` (or neither: a = 1) gives retention, ``a`` ``[B, T, H]``
+    or ``[B, T, H, K]``, ``log_a`` already floored; ``b`` or ``(u, e)`` (or neither) the erase."""
     out_dtype = q.dtype
-    tensors = [t for t in (q, k, w, a, log_a, b, initial_state) if t is not None]
+    tensors = [t for t in (q, k, w, a, log_a, b, u, e, initial_state) if t is not None]
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     dtype = torch.promote_types(dtype, torch.float32)
-    q, k, w, a, log_a, b, h0 = (None if t is None else t.to(dtype)
-                                for t in (q, k, w, a, log_a, b, initial_state))
+    q, k, w, a, log_a, b, u, e, h0 = (None if t is None else t.to(dtype)
+                                      for t in (q, k, w, a, log_a, b, u, e, initial_state))
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q = q * scale
+    dplr = u is not None or (a is not None and a.dim() == 4)
     if mode == "recurrent":
         if a is None and log_a is not None:
             a = log_a.exp()
-        o, h = _recurrent(q, k, w, a, b, h0)
+        elif a is not None:             # floor [0, A_MIN) to A_MIN, as chunk mode's log does
+            a = torch.where(a < 0, a, a.clamp_min(A_MIN))
+        o, h = _recurrent(q, k, w, a, b, h0, u, e)
     else:
         if log_a is None and a is not None:
-            log_a = a.log()
-        o, h = chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size)
+            log_a = a.clamp_min(A_MIN).log()    # clamp before log: gradient 0 (not NaN) at a = 0
+        if dplr:
+            if b is not None:
+                u, e = b.unsqueeze(-1) * k, k
+            if log_a.dim() == 3:
+                log_a = log_a.unsqueeze(-1).expand_as(k)
+            o, h = chunk_dplr_delta(q, k, w, log_a, u, e, h0, chunk_size)
+        else:
+            o, h = chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size)
     return o.to(out_dtype), (h if output_final_state else None)
 
 
-def _recurrent(q, k, w, a, b, h0):
-    """Token-by-token loop; q is already scaled. Shapes as the public ops; returns (o, h_T)."""
+def _recurrent(q, k, w, a, b, h0, u=None, e=None):
+    """Token-by-token loop; q is already scaled. Shapes as the public ops; returns (o, h_T).
+
+    ``a``: None (1), ``[B, T, H]`` or ``[B, T, H, K]``; erase: ``b`` (along k) or ``(u, e)``."""
     B, T, H, K = q.shape
     V = w.shape[-1]
     h = h0 if h0 is not None else q.new_zeros(B, H, K, V)
@@ -138,10 +191,18 @@ def _recurrent(q, k, w, a, b, h0):
     for t in range(T):
         k_t = k[:, t]                                          # [B, H, K]
         write = k_t.unsqueeze(-1) * w[:, t].unsqueeze(-2)      # k_t w_t^T   [B, H, K, V]
-        new = h if a is None else a[:, t, :, None, None] * h
+        if a is None:
+            new = h
+        elif a.dim() == 3:
+            new = a[:, t, :, None, None] * h                   # a_t h_{t-1}
+        else:
+            new = a[:, t, :, :, None] * h                      # diag(a_t) h_{t-1}
         if b is not None:
             kh = torch.einsum("bhk,bhkv->bhv", k_t, h)         # k_t^T h_{t-1}
             new = new - b[:, t, :, None, None] * (k_t.unsqueeze(-1) * kh.unsqueeze(-2))
+        if u is not None:
+            eh = torch.einsum("bhk,bhkv->bhv", e[:, t], h)     # e_t^T h_{t-1}
+            new = new - u[:, t].unsqueeze(-1) * eh.unsqueeze(-2)
         h = new + write
         outs.append(torch.einsum("bhkv,bhk->bhv", h, q[:, t]))
     o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, V)
@@ -162,9 +223,13 @@ def check_tensor(op, name, t, q):
         raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
 
 
-def _validate(op, q, k, value, scalars, initial_state, scale, mode, chunk_size):
+def _validate(op, q, k, value, scalars, initial_state, scale, mode, chunk_size, keyed=None,
+              retention=None):
+    """``scalars``: ``[B, T, H]``; ``keyed``: ``[B, T, H, K]``; ``retention`` (named ``a``): either."""
     vname, v = value
-    named = [("q", q), ("k", k), (vname, v), *scalars.items(), ("initial_state", initial_state)]
+    keyed = keyed or {}
+    named = [("q", q), ("k", k), (vname, v), *([] if retention is None else [("a", retention)]),
+             *scalars.items(), *keyed.items(), ("initial_state", initial_state)]
     for name, t in named:
         if t is None and name == "initial_state":
             continue
@@ -184,6 +249,14 @@ def _validate(op, q, k, value, scalars, initial_state, scale, mode, chunk_size):
         if tuple(t.shape) != (B, T, H):
             raise ValueError(f"{op}: {name} must have shape [B, T, H] = [{B}, {T}, {H}] "
                              f"(one scalar per token and head), got {tuple(t.shape)}; {dims}")
+    if retention is not None and tuple(retention.shape) not in ((B, T, H), (B, T, H, K)):
+        raise ValueError(f"{op}: a must have shape [B, T, H] = [{B}, {T}, {H}] (one retention per "
+                         f"head) or [B, T, H, K] = [{B}, {T}, {H}, {K}] (one per key channel), "
+                         f"got {tuple(retention.shape)}; {dims}")
+    for name, t in keyed.items():
+        if tuple(t.shape) != (B, T, H, K):
+            raise ValueError(f"{op}: {name} must have shape [B, T, H, K] = [{B}, {T}, {H}, {K}], "
+                             f"got {tuple(t.shape)}; {dims}")
     if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
         raise ValueError(f"{op}: initial_state must have shape [B, H, K, V] = [{B}, {H}, {K}, {V}],"
                          f" got {tuple(initial_state.shape)}; {dims}, V={V} (from {vname})")

@@ -15,14 +15,14 @@ from nlc.backends.torch.codegen import Unsupported, build, generate
 ROOT = Path(__file__).parent.parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 COMPILED = ["transformer", "linear_attention", "deltanet", "gated_deltanet", "titans", "hope_attention", "hope",
-            "hope_heads"]
+            "hope_heads", "gla", "retnet", "rwkv7", "ttt_mlp", "gdn_swa"]
 
 
 def small(name: str, tmp_path: Path) -> Path:
     """The shipped spec shrunk to test size (2 layers, d_model 32, at most 2 heads, vocab 50, chunks 4 and 8)."""
     text = (ROOT / "specs" / f"{name}.yaml").read_text()
-    text = re.sub(r"vocab: 256, d_model: 256, layers: 4, heads: (\d+)",
-                  lambda m: f"vocab: 50, d_model: 32, layers: 2, heads: {min(int(m[1]), 2)}", text)
+    text = re.sub(r"vocab: 256, d_model: 256, layers: (\d+), heads: (\d+)",
+                  lambda m: f"vocab: 50, d_model: 32, layers: {min(int(m[1]), 2)}, heads: {min(int(m[2]), 2)}", text)
     text = text.replace("chunk: 64", "chunk: 8").replace("chunk: 16", "chunk: 4")
     text = text.replace("64, 512, 4096 tokens", "8, 16, 32 tokens")
     p = tmp_path / f"{name}.yaml"

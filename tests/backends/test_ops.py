@@ -301,7 +301,7 @@ BAD = [
     ("linear_attn", (_q, _k, _v), {"scale": "big"}, r"scale must be a finite number"),
     ("linear_attn", (_q.long(), _k, _v), {}, r"q must be a floating-point tensor"),
     ("delta_rule", (_q, _k, _v, 0.5), {}, r"beta must be a torch.Tensor, got float"),
-    ("generalized_delta", (_q, _k, _v, _s - 1.0, _s), {"mode": "chunk"}, r"needs a > 0"),
+    ("generalized_delta", (_q, _k, _v, _s - 1.0, _s), {"mode": "chunk"}, r"needs a >= 0"),
 ]
 
 
@@ -309,3 +309,16 @@ BAD = [
 def test_bad_arguments_raise_value_error(op, args, kwargs, message):
     with pytest.raises(ValueError, match=rf"^{op}: .*{message}"):
         getattr(ops, op)(*args, **kwargs)
+
+
+def test_chunk_zero_retention_is_floored_not_refused():
+    """a = 0 (an underflowed decay) is floored at A_MIN in both modes; only a < 0 is refused."""
+    x = make_inputs("generalized_delta", T=13, H=2)
+    with torch.no_grad():
+        x["a"][:, ::3] = 0.0
+    o_r, S_r, g_r = run_with_grads("generalized_delta", x, mode="recurrent")
+    o_c, S_c, g_c = run_with_grads("generalized_delta", x, mode="chunk", chunk_size=4)
+    assert_rel("o", o_c, o_r)
+    assert_rel("final_state", S_c, S_r)
+    for name in x:
+        assert_rel(f"d{name}", g_c[name], g_r[name])

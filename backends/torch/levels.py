@@ -1,0 +1,371 @@
+"""How each level of a model spec becomes lines of torch: the flows as expressions, each level as
+a commented section of `Block.forward` calling the shared ops (`lib`, `ops`, `memories`).
+
+`_Gen` walks one (instanced) spec. `expr` turns a flow into one line of torch and its shape type;
+every parametric call site (`proj`, `gate`, `rate`, `conv`, `onorm`, `param`) becomes a submodule
+of its own. `level` emits a level's section by its derived family (attention, generalized delta,
+momentum or MLP memory, CMS); `scan` runs the generators a level reads chunk by chunk. A valid
+construct this backend cannot compile raises `Unsupported`, which `build` locates (E601).
+"""
+from __future__ import annotations
+
+from nlc import spec as S
+from nlc.check import FlowTypes
+from nlc.expr import Bin, Call, ExprNode, Name, Neg, Num, subst
+from nlc.rules import derive
+
+_UNARY = {"l2norm", "silu", "gelu", "relu", "tanh", "sigmoid", "softplus", "exp", "log", "detach", "norm", "sum"}
+
+
+class Unsupported(NotImplementedError):
+    """The spec is valid, but the torch backend cannot compile this part of it yet. `level` and
+    `field` say where (`located` turns it into a located diagnostic, E601)."""
+
+    def __init__(self, message: str, level: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.message, self.level, self.field = message, level, field
+
+    def located(self, loaded):
+        """A `SpecError` pointing at the construct in the spec's file."""
+        from nlc.diagnostics import Collector
+        from nlc.instance import SEP
+        errors = Collector(loaded.file, loaded.source)
+        span = None
+        if self.level is not None and loaded.smap is not None:
+            base = ("levels", self.level.split(SEP)[0])
+            span = (self.field and loaded.smap.get(*base, self.field)) or loaded.smap.get(*base, key=True)
+        errors.error("E601", f"the torch backend cannot compile this: {self.message}", span,
+                     "see `nlc explain` for the derived rule; the supported forms are listed in specs/README.md")
+        errors.raise_if_any()
+
+
+class _Gen:
+    def __init__(self, spec: S.ModelSpec):
+        self.spec = spec
+        self.D, self.H = spec.model.d_model, spec.model.heads
+        self.K = self.D // self.H
+        self.init: list[str] = []      # lines of Block.__init__
+        self.names: dict[str, int] = {}
+        self.signals: dict[str, tuple[str, list[str]]] = {}   # name -> (code, signals it reads)
+        self.cms_levels: list[tuple[str, int, float]] = []     # (sublevel, period, step size)
+        self.types = FlowTypes(spec)                             # vec / head / const of each flow
+        self.derived = derive(spec, self.types)                  # each level's update rule
+        self.in_init = False                                     # generating a `param`'s initial value
+
+    def module(self, base: str, ctor: str) -> str:
+        n = self.names.get(base, 0)
+        self.names[base] = n + 1
+        name = base if n == 0 else f"{base}{n}"
+        self.init.append(f"self.{name} = {ctor}")
+        return name
+
+    def expr(self, e: ExprNode, ctx: str, level: str | None, body: list[str], done: set[str]) -> tuple[str, str]:
+        """Code and shape type of a flow; signals it reads are emitted into `body` first."""
+        t = self.types(e, level)
+        if isinstance(e, Num):
+            return repr(float(e.value)), "const"
+        if isinstance(e, Name):
+            if e.id in ("x", "o"):
+                return e.id, "vec"
+            if e.id == "head":
+                return ("head" if self.in_init else "L.heads(x)"), "head"
+            if e.id in ("key", "value", "query"):
+                return e.id, t
+            self.signal(e.id, body, done)
+            return f"sig_{e.id}", t
+        if isinstance(e, Neg):
+            code, tt = self.expr(e.arg, ctx, level, body, done)
+            return f"(-{code})", tt
+        if isinstance(e, Bin):
+            (lc, lt), (rc, rt) = (self.expr(e.left, ctx, level, body, done), self.expr(e.right, ctx, level, body, done))
+            if {lt, rt} == {"vec", "head"}:   # a scalar per head against a vector (a derived sum may mix them)
+                lc, rc = (f"L.vec({lc})" if lt == "head" else lc), (f"L.vec({rc})" if rt == "head" else rc)
+            op = "**" if e.op == "^" else e.op
+            return f"({lc} {op} {rc})", t
+        if isinstance(e, Call):
+            if e.fn in _UNARY:
+                code, _ = self.expr(e.args[0], ctx, level, body, done)
+                return f"L.{'sum_' if e.fn == 'sum' else e.fn}({code})", t
+            if e.fn == "dot":
+                (ac, _), (bc, _) = (self.expr(a, ctx, level, body, done) for a in e.args)
+                return f"L.dot({ac}, {bc})", "head"
+            if e.fn == "onorm":
+                code, _ = self.expr(e.args[0], ctx, level, body, done)
+                name = self.module(f"{ctx}_onorm", f"nn.RMSNorm({self.K}, eps=1e-6)")
+                return f"self.{name}({code})", "vec"
+            if e.fn == "param":
+                self.in_init = True
+                try:
+                    init, _ = self.expr(e.args[0], ctx, level, body, done)
+                finally:
+                    self.in_init = False
+                name = self.module(f"{ctx}_param", f"nn.Parameter(L.per_head_init({self.H}, lambda head: {init}))")
+                return f"self.{name}", "head"
+            if e.fn == "proj":
+                code, _ = self.expr(e.args[0], ctx, level, body, done)
+                name = self.module(f"{ctx}_proj", f"L.Proj({self.D}, {self.H}, {self.K})")
+                return f"self.{name}({code})", "vec"
+            if e.fn in ("gate", "rate"):
+                code, _ = self.expr(e.args[0], ctx, level, body, done)
+                name = self.module(f"{ctx}_{e.fn}", f"L.HeadScalar({self.D}, {self.H}, squash={e.fn == 'gate'})")
+                return f"self.{name}({code})", "head"
+            if e.fn == "conv":
+                code, at = self.expr(e.args[0], ctx, level, body, done)
+                channels = self.D if at == "vec" else self.H
+                width = int(e.args[1].value)
+                name = self.module(f"{ctx}_conv", f"L.CausalConv({channels}, {width})")
+                return f"self.{name}({code}, cstate, cnew, p + {name!r})", at
+            if e.fn in self.spec.levels:
+                gen = self.spec.levels[e.fn]
+                if not isinstance(gen.memory, S.MLPMemory):
+                    raise Unsupported(f"`{e.fn}(...)`: only MLP memories can generate flows in the torch backend yet")
+                code, _ = self.expr(e.args[0], ctx, level, body, done)
+                read = f"L.mlp_read(gst_{e.fn}, {code}, {gen.memory.activation!r}, {gen.memory.residual})"
+                return (read + "[..., 0]" if gen.out == "scalar" else read), t
+            raise Unsupported(f"`{e.fn}(...)`: the level's own memory inside a flow is not supported by the torch backend yet")
+        raise Unsupported(f"expression `{e}`")
+
+    def signal(self, name: str, body: list[str], done: set[str]) -> None:
+        """Emit a signal (after the signals it reads). Its parameters are made once per block and
+        shared by every level that reads it; each level evaluates it on its own input `x`."""
+        if name in done:
+            return
+        if name not in self.signals:
+            deps: list[str] = []
+            code, _ = self.expr(self.spec.signals[name], f"sig_{name}", None, deps, set())
+            self.signals[name] = (code, [n.id for n in self.spec.signals[name].walk()
+                                         if isinstance(n, Name) and n.id in self.spec.signals])
+        code, deps = self.signals[name]
+        for dep in deps:
+            self.signal(dep, body, done)
+        body.append(f"sig_{name} = {code}")
+        done.add(name)
+
+    # ---------------------------------------------------------------- levels
+
+    def level(self, name: str, lv: S.Level) -> list[str]:
+        D, H, K = self.D, self.H, self.K
+        m = lv.memory
+        body: list[str] = []
+        done: set[str] = set()
+        norm = self.module(f"{name}_norm", f"nn.RMSNorm({D}, eps=1e-6)")
+        static = lv.every is not None and lv.every.period is None
+        if isinstance(m, S.MLPMemory) and static:
+            hidden = int(round(D * m.expansion))
+            mlp = self.module(f"{name}_mlp", f"L.MLP({D}, {hidden}, {D}, depth={m.depth}, act={m.activation!r})")
+            return [f"# level `{name}`: static MLP (frequency 0)",
+                    f"h = h + self.{mlp}(self.{norm}(h))"]
+        if isinstance(m, S.MLPMemory) and lv.objective is not None and lv.objective.loss == "task":
+            return self.cms(name, lv, norm)
+        body.append(f"x = self.{norm}(h).view(B, T, {H}, {K})")
+        gens = self.generators(name)
+        if gens:
+            body += self.scan(name, gens, done)
+        flows = {}
+        for f in ("query", "key", "value"):
+            e = getattr(lv, f)
+            if e is not None:
+                code, _ = self.expr(e, f"{name}_{f}", name, body, done)
+                body.append(f"{f} = {code}")
+                flows[f] = code
+        out = self.module(f"{name}_out", f"nn.Linear({D}, {D}, bias=False)")
+        if isinstance(m, S.AttentionMemory):
+            gated = self.gated(name, lv, "", body, done)
+            return [f"# level `{name}`: softmax attention (non-parametric, frequency infinity)"] + body + [
+                f"o = L.attention(query, key, value, {m.window}, state, new, p + {name!r}, use_rope={m.rope})",
+                f"h = h + self.{out}({gated}.reshape(B, T, {D}))"]
+        d = self.derived[name]
+        if isinstance(m, S.MatrixMemory) and d.family == "generalized_delta":
+            s0 = "None"
+            if lv.init == "meta":
+                s0 = "self." + self.module(f"{name}_S0", f"nn.Parameter(torch.zeros({H}, {K}, {K}))")
+            a, at = self.expr(d.a, f"{name}_rule", name, body, done)
+            w, wt = self.expr(d.w, f"{name}_rule", name, body, done)
+            if wt != "vec":
+                raise Unsupported(f"level `{name}`: a write that is not a vector per head", field="value")
+            a = a if at == "vec" else f"L.per_head({a}, key)"
+            if d.diagonal:
+                head = [f"# level `{name}`: matrix memory, M_t = M_(t-1) (diag(a) - e u^T) + w k^T",
+                        f"#   a = {d.a}, e = {d.e}, u = {d.u}, w = {d.w}"]
+                erase = "None"
+                if d.u is not None:
+                    u, _ = self.expr(d.u, f"{name}_rule", name, body, done)
+                    e, _ = self.expr(d.e, f"{name}_rule", name, body, done)
+                    erase = f"({u}, {e})"
+                rule = [f"a, w = {a}, {w}"]
+                call, tail = "a, None", f", erase={erase}"
+            else:
+                head = [f"# level `{name}`: matrix memory, M_t = M_(t-1) (a I - b k k^T) + w k^T",
+                        f"#   a = {d.a}, b = {d.b}, w = {d.w}"]
+                b, _ = self.expr(d.b, f"{name}_rule", name, body, done)
+                rule = [f"a, b, w = {a}, L.per_head({b}, key), {w}"]
+                call, tail = "a, b", ""
+            chunk = lv.chunk_size()
+            gated = self.gated(name, lv, "onorm", body, done)
+            return head + body + rule + [
+                f"S0 = L.initial(state, p + '{name}.S', {s0}, key, ({H}, {K}, {K}))",
+                f"o, new[p + '{name}.S'] = generalized_delta(query, key, w, {call}, initial_state=S0, mode=mode, "
+                f"chunk_size={chunk}{tail})",
+                f"h = h + self.{out}({gated}.reshape(B, T, {D}))"]
+        if isinstance(m, (S.MatrixMemory, S.MLPMemory)):
+            call, state_lines = self.memory_update(name, lv, body, done, read="query")
+            gated = self.gated(name, lv, "onorm", body, done)
+            return [f"# level `{name}`: {m.kind} memory, {' |> '.join(map(str, lv.rule))} (gradients at each chunk's anchor)"] + \
+                body + state_lines + [f"o, st = {call}", *self.save_state(name, lv),
+                                      f"h = h + self.{out}({gated}.reshape(B, T, {D}))"]
+        raise Unsupported(f"level `{name}` ({m.kind} memory, {d.family} rule) is not supported by the torch backend yet")
+
+    def gated(self, name: str, lv: S.Level, norm: str, body: list[str], done: set[str]) -> str:
+        """What the level contributes before the output projection: its `output` expression of the
+        read `o`, else `o` (normalised per head where `norm` is set) times its output gate, if any."""
+        if lv.output is not None:
+            code, _ = self.expr(lv.output, f"{name}_output", name, body, done)
+            return code
+        if norm:   # the default output: the read, normalised per head
+            o = f"self.{self.module(f'{name}_onorm', f'nn.RMSNorm({self.K}, eps=1e-6)')}(o)"
+        else:
+            o = "o"
+        if lv.gate is None:
+            return o
+        code, t = self.expr(lv.gate, f"{name}_gate", name, body, done)
+        body.append(f"gate = {code}  # output gate")
+        return f"({o} * {'L.vec(gate)' if t == 'head' else 'gate'})"
+
+    def memory_update(self, name: str, lv: S.Level, body: list[str], done: set[str], read: str) -> tuple[str, list[str]]:
+        """The call that reads and updates a momentum / MLP memory, with the lines that fetch its state.
+        `read`: the code of what the memory is applied to (its query, or x for a generator)."""
+        d = self.derived[name]
+        m = lv.memory
+        why = None
+        if d.pre_retain is not None:
+            why = "retention before `grad`"
+        elif d.other_steps:
+            why = "primitives " + ", ".join(d.other_steps)
+        elif d.momentum is not None and d.momentum[0] != "momentum":
+            why = "an `ema` momentum"
+        elif d.erase is not None and str(d.erase_key) not in (str(lv.key), "key"):
+            why = "a DGD erase along another flow than the level's key"
+        elif d.pred is not None and str(d.pred) not in (f"M({lv.key})", "M(key)"):
+            why = f"the prediction `{d.pred}` (it must be `M(key)`)"
+        elif any(self.types(e, name) == "vec" for e in (d.retain, d.pre_retain, d.erase) if e is not None):
+            why = "a retention or erase rate per key channel (a vector) in a momentum or MLP memory"
+        if why:
+            raise Unsupported(f"level `{name}`: {why} is not supported by the torch backend yet", name, "rule")
+        if read == "x":  # a generator: no locals `key`, `value`; use its flows' expressions
+            own = {"key": lv.key, "value": lv.value, "query": lv.query}
+            sub = lambda e: e if e is None else subst(e, own)  # noqa: E731
+        else:
+            sub = lambda e: e  # noqa: E731
+        code = lambda e: self.expr(sub(e), f"{name}_rule", name, body, done)[0] if e is not None else "None"  # noqa: E731
+        self_target = isinstance(d.target, Call) and d.target.fn == "M"
+        target = code(d.target.args[0] if self_target else d.target)
+        if not self_target and lv.out == "scalar":
+            target = f"L.vec({target})"
+        beta = code(d.momentum[1]) if d.momentum is not None else "None"
+        args = (f"{read}, {code(Name(id='key'))}, {target}, {code(d.step) if d.step is not None else '1.0'}, "
+                f"{beta}, {code(d.retain)}, {code(d.erase)}")
+        chunk = lv.chunk_size()
+        H, K = self.H, self.K
+        if isinstance(m, S.MatrixMemory):
+            if lv.out == "scalar":
+                raise Unsupported(f"level `{name}`: a scalar-output matrix memory")
+            m0 = "None"
+            if lv.init == "meta":
+                m0 = "self." + self.module(f"{name}_M0", f"nn.Parameter(torch.zeros({H}, {K}, {K}))")
+            lines = [f"st = (L.initial(state, p + '{name}.M', {m0}, x, ({H}, {K}, {K})), state.get(p + '{name}.S'))"]
+            return (f"momentum_memory({args}, objective={d.loss!r}, initial_state=st, mode=mode, chunk_size={chunk})",
+                    lines)
+        if lv.init != "meta":
+            raise Unsupported(f"level `{name}`: an MLP memory starts from meta-learned weights (`init: meta`)")
+        lines = []
+        if read != "x":  # a generator's weights are made by `scan`
+            hidden = int(round(K * m.expansion))
+            d_out = 1 if lv.out == "scalar" else K
+            w = self.module(f"{name}_W", f"L.mlp_params({H}, {K}, {hidden}, {d_out}, depth={m.depth}, residual={m.residual})")
+            lines = [f"st = L.mlp_state(state, p + '{name}', self.{w}, momentum={d.momentum is not None})"]
+        reads = f"read={lv.read or 'anchor'!r}, " if read != "x" else ""   # a generator is read at its anchor
+        return (f"mlp_memory({args}, initial_state={'st' if read != 'x' else f'gst_{name}'}, objective={d.loss!r}, "
+                f"self_target={self_target}, activation={m.activation!r}, residual={m.residual}, "
+                f"{reads}mode=mode, chunk_size={chunk})", lines)
+
+    def save_state(self, name: str, lv: S.Level) -> list[str]:
+        if isinstance(lv.memory, S.MatrixMemory):
+            return [f"new[p + '{name}.M'], new[p + '{name}.S'] = st"]
+        return [f"L.mlp_save(new, p + '{name}', st)"]
+
+    def generators(self, name: str) -> list[str]:
+        """Levels applied (through signals, transitively, and through the generators' own flows)
+        by level `name`'s flows."""
+        found: set[str] = set()
+        frontier = {name}
+        while frontier:
+            applied = S.reads(self.spec, [e for n in frontier for e in self.spec.levels[n].flows()])[0]
+            frontier = applied - found - {name}
+            found |= frontier
+        return sorted(found)
+
+    def scan(self, consumer: str, gens: list[str], done: set[str]) -> list[str]:
+        """Generators learn in context and generate the consumer's flows: run chunk by chunk (their
+        chunk), every generator read at the chunk's anchor, then all of them updated over the chunk."""
+        chunks = {self.spec.levels[g].chunk_size() for g in gens}
+        if len(chunks) != 1:
+            raise Unsupported(f"generators {', '.join(gens)} with different chunk sizes")
+        C = chunks.pop()
+        lines = [f"# generators {', '.join(gens)}: memories that learn in context; scanned in chunks of {C},",
+                 "# each read at its chunk's anchor state, then all updated over the chunk"]
+        for g in gens:
+            lv = self.spec.levels[g]
+            if lv.key is None or not isinstance(lv.memory, S.MLPMemory):
+                raise Unsupported(f"generator `{g}` must be an MLP memory with a key")
+            d = self.derived[g]
+            K, H = self.K, self.H
+            hidden = int(round(K * lv.memory.expansion))
+            d_out = 1 if lv.out == "scalar" else K
+            w = self.module(f"{g}_W", f"L.mlp_params({H}, {K}, {hidden}, {d_out}, depth={lv.memory.depth}, "
+                                      f"residual={lv.memory.residual})")
+            lines.append(f"gst_{g} = L.mlp_state(state, p + '{g}', self.{w}, momentum={d.momentum is not None})")
+        loop: list[str] = []
+        inner_done: set[str] = set()
+        sigs = [n for n in self.spec.signals]  # every signal the consumer or the generators read
+        needed = S.reads(self.spec, [e for n in (consumer, *gens) for e in self.spec.levels[n].flows()])[1]
+        for s in sigs:
+            if s in needed:
+                self.signal(s, loop, inner_done)
+        for g in gens:
+            call, _ = self.memory_update(g, self.spec.levels[g], loop, inner_done, read="x")
+            loop.append(f"_, gst_{g} = {call}")
+        computed = [s for s in sigs if s in inner_done]
+        loop += [f"parts.setdefault({s!r}, []).append(sig_{s})" for s in computed]
+        lines += ["cstate = cnew = dict(state)  # convolutions carry their past from chunk to chunk",
+                  "xfull, parts = x, {}",
+                  f"for c0 in range(0, T, {C}):",
+                  f"    x = xfull[:, c0:c0 + {C}]"]
+        lines += [f"    {ln}" for ln in loop]
+        lines += ["new.update({k: v for k, v in cnew.items() if k not in state or state[k] is not v})",
+                  "x, cstate, cnew = xfull, state, new"]
+        lines += [f"sig_{s} = torch.cat(parts[{s!r}], 1)" for s in computed]
+        lines += [f"L.mlp_save(new, p + '{g}', gst_{g})" for g in gens]
+        done.update(computed)
+        return lines
+
+    def cms(self, name: str, lv: S.Level, first_norm: str) -> list[str]:
+        """A Continuum Memory System level: one pre-norm residual MLP per period, run on every
+        token with fast weights (slow weights + in-context delta) that the model updates per chunk."""
+        from nlc.expr import const_value
+        from nlc.rules import _chain_scale
+        m = lv.memory
+        lr = const_value(_chain_scale(lv))
+        if lr is None:
+            raise Unsupported(f"level `{name}`: a CMS step size must be a constant")
+        if lv.every is None or lv.every.unit != "tokens" or not lv.every.period:
+            raise Unsupported(f"level `{name}`: a CMS level on the optimizer's clock (`steps`)")
+        hidden = int(round(self.D * m.expansion))
+        lines = [f"# level `{name}`: continuum memory, {len(lv.every.period)} MLPs updated every "
+                 f"{', '.join(map(str, lv.every.period))} tokens by -{lr:g} * (sum of the chunk's task-loss gradients)"]
+        for i, period in enumerate(lv.every.period):
+            sub = f"{name}{i}"
+            norm = first_norm if i == 0 else self.module(f"{sub}_norm", f"nn.RMSNorm({self.D}, eps=1e-6)")
+            self.module(f"{sub}_mlp", f"L.MLP({self.D}, {hidden}, {self.D}, depth={m.depth}, act={m.activation!r})")
+            self.cms_levels.append((sub, int(period), float(lr)))
+            lines.append(f"h = h + L.mlp_with(self.{sub}_mlp, self.{norm}(h), fast.get(p + {sub!r}))")
+        return lines
