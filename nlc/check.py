@@ -17,8 +17,7 @@ from nlc import vocab as V
 from nlc.diagnostics import Collector, did_you_mean
 from nlc.expr import Bin, Call, ExprNode, Name, Neg, Num, const_value
 
-from nlc.check_common import (_CHECKING, HYPER_RANGES, INT_HYPERS, _arity, _Base, check_hyper,  # noqa: F401 (re-exported)
-                              hyper_problem, override_value)
+from nlc.check_common import _CHECKING, _arity, _Base
 from nlc.check_optimizer import _OptimizerChecker
 
 
@@ -181,7 +180,7 @@ class _ModelChecker(_Base):
                 return None
         if None in types:
             return None
-        if e.fn == "param" and any(isinstance(n, Call) and n.fn not in _ELEMENTWISE or isinstance(n, Name) and n.id != "head"
+        if e.fn == "param" and any(isinstance(n, Call) and n.fn not in V.ELEMENTWISE or isinstance(n, Name) and n.id != "head"
                                    for n in e.args[0].walk()):
             self.err("E302", "`param`'s initial value is a constant expression of numbers and `head`",
                      self.at(*path, node=e.args[0]), "e.g. `param(log(1 + head))`; a learned flow is `rate(x)`")
@@ -418,9 +417,6 @@ class _ModelChecker(_Base):
                          "the model is run in windows of the fastest CMS period; every chunk must divide it")
 
 
-_ELEMENTWISE = {"exp", "log", "sigmoid", "softplus", "tanh", "silu", "gelu", "relu"}
-
-
 def _tname(t: str) -> str:
     return {"vec": "vector per head", "head": "scalar per head", "const": "constant"}.get(t, t)
 
@@ -440,8 +436,3 @@ class FlowTypes:
             return None
         lv = (level, self.spec.levels[level]) if level is not None else None
         return self._checker.type_of(expr, (), lv)
-
-
-def flow_type(spec: S.ModelSpec, expr: ExprNode, level: str | None = None) -> str | None:
-    """The shape type of one flow of a checked spec (see `FlowTypes` for many)."""
-    return FlowTypes(spec)(expr, level)

@@ -53,11 +53,7 @@ def instanced(spec: S.ModelSpec) -> S.ModelSpec:
         if n == 1 or name not in spec.levels:
             continue
         # the level, the generators it applies and the signals it reads, transitively
-        own, frontier = {name}, {name}
-        while frontier:
-            gens, _, _ = S.reads(spec, [e for lv in frontier for e in spec.levels[lv].flows()])
-            frontier = gens - own
-            own |= frontier
+        own = {name} | S.generators_of(spec, name)
         sigs = S.reads(spec, [e for lv in own for e in spec.levels[lv].flows()])[1]
         fns = {lv: instance_name(lv, n) for lv in own}
         names = {s: Name(id=instance_name(s, n)) for s in sigs}

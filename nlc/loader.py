@@ -126,7 +126,6 @@ def load_located(path: str | Path) -> Loaded:
     errors = Collector(file)
     text = read_source(path, errors)
     spec, smap = None, SourceMap(file)
-    errors.source = text
     if text is not None:
         raw, smap = parse_text(text, file, errors)
         if raw is None and not errors.diagnostics:
@@ -135,7 +134,6 @@ def load_located(path: str | Path) -> Loaded:
             spec = validate(raw, smap, errors)
     errors.raise_if_any()
     loaded = Loaded(spec, smap, text or "", file)
-    errors.source = loaded.source
     check(loaded, errors)
     errors.raise_if_any()
     loaded.warnings = errors.warnings

@@ -257,6 +257,16 @@ def reads(spec: "ModelSpec", exprs) -> tuple[set[str], set[str], set[str]]:
     return levels, signals, fns
 
 
+def generators_of(spec: "ModelSpec", name: str) -> set[str]:
+    """The levels that level `name` applies, through signals and through those levels' own flows."""
+    found: set[str] = set()
+    frontier = {name}
+    while frontier:
+        frontier = reads(spec, [e for n in frontier for e in spec.levels[n].flows()])[0] - found - {name}
+        found |= frontier
+    return found
+
+
 class Shape(Node):
     """The model's size and the order of levels in each layer's block."""
     vocab: PositiveInt = Field(description="vocabulary size")

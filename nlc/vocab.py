@@ -55,6 +55,9 @@ SIGNAL_FUNCTIONS = _table(
     Fn("log", ("e",), "natural log"),
 )
 
+# The element-wise functions among them (what a `param`'s constant initial value may apply).
+ELEMENTWISE = {"silu", "gelu", "relu", "tanh", "sigmoid", "softplus", "exp", "log"}
+
 # Names every model flow can use.
 SIGNAL_NAMES = {"x": "the block's input at this token (after the pre-norm)",
                 "head": "the head's index, 0 to heads - 1 (a constant per head)"}

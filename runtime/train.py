@@ -179,7 +179,7 @@ def _patch(raw, smap, o: Override, errors: Collector, Located) -> None:
 
 def check_hyper_sets(opt, hyper_sets: list[Override], cmdline: str) -> dict:
     """The optimizer overrides of the command line, checked: names (E208), types and ranges (E502)."""
-    from nlc.check import hyper_problem
+    from nlc.check_common import hyper_problem
     errors, out = Collector(CMDLINE, cmdline), {}
     for o in hyper_sets:
         key, text, span, value = o.key, o.value, o.span, parse_value(o.value)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["chunk_generalized_delta", "to_chunks"]
+__all__ = ["chunk_generalized_delta", "to_chunks", "from_chunks", "carry"]
 
 
 def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
@@ -36,13 +36,8 @@ def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
     if T == 0:
         return q.new_zeros(B, 0, H, V), h
     C = chunk_size
-    N = -(-T // C)
-
-    def blocks(x):
-        # Padded tokens have k = w = 0, log a = b = 0: the identity step, so they change no state
-        # and their outputs are dropped.
-        return to_chunks(x, C)
-
+    # padded tokens have k = w = 0, log a = b = 0: the identity step (no state change, outputs dropped)
+    blocks = lambda x: to_chunks(x, C)  # noqa: E731
     qb, kb, wb = blocks(q), blocks(k), blocks(w)
     incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if log_a is None:                   # a = 1: every decay factor is 1
@@ -82,19 +77,31 @@ def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
         eye_k = torch.eye(K, dtype=q.dtype, device=q.device)
         M = (eye_k if decay_end is None else decay_end * eye_k) - KW
 
+    starts, h = carry(h, write, M, decay_end)
+    return from_chunks(o_intra + q_state @ starts, T), h
+
+
+def carry(h, write, M=None, decay=None):
+    """The sequential pass over chunks: ``h_{n+1} = M_n h_n + write_n`` (or ``decay_n * h_n +
+    write_n``, or ``h_n + write_n``). Returns the chunk-start states stacked ``[N, B, H, K, V]`` and
+    the final state. write ``[N, B, H, K, V]``, M ``[N, B, H, K, K]``, decay broadcast against h."""
+    B, H, K, V = h.shape
     starts = []
-    for n in range(N):
+    for n in range(write.shape[0]):
         starts.append(h)
         if M is not None:
-            h = torch.baddbmm(write[n].flatten(0, 1), M[n].flatten(0, 1),
-                              h.flatten(0, 1)).view(B, H, K, V)
-        elif decay_end is not None:
-            h = decay_end[n] * h + write[n]
+            h = torch.baddbmm(write[n].flatten(0, 1), M[n].flatten(0, 1), h.flatten(0, 1)).view(B, H, K, V)
+        elif decay is not None:
+            h = decay[n] * h + write[n]
         else:
             h = h + write[n]
-    o = o_intra + q_state @ torch.stack(starts)
-    o = o.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
-    return o, h
+    return torch.stack(starts), h
+
+
+def from_chunks(o, T):
+    """``[N, B, H, C, V] -> [B, T, H, V]``, the inverse of :func:`to_chunks` (padding dropped)."""
+    N, B, H, C, V = o.shape
+    return o.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
 
 
 def to_chunks(x, C):

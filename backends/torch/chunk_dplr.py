@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nlc.backends.torch.chunk import to_chunks
+from nlc.backends.torch.chunk import carry, from_chunks, to_chunks
 
 __all__ = ["chunk_dplr_delta"]
 
@@ -40,12 +40,8 @@ def chunk_dplr_delta(q, k, w, log_a, u, e, h0, chunk_size):
     if T == 0:
         return q.new_zeros(B, 0, H, V), h
     C = chunk_size
-    N = -(-T // C)
-
-    def blocks(x):
-        # Padded tokens have k = w = u = e = 0 and log a = 0: the identity step, so they change no
-        # state and their outputs are dropped.
-        return to_chunks(x, C)
+    # padded tokens have k = w = u = e = 0, log a = 0: the identity step (no state change, outputs dropped)
+    blocks = lambda x: to_chunks(x, C)  # noqa: E731
 
     qb, kb, wb = blocks(q), blocks(k), blocks(w)
     G = blocks(log_a).cumsum(-2)                      # G_r = sum_{i <= r} log a_i   [N, B, H, C, K]
@@ -78,17 +74,8 @@ def chunk_dplr_delta(q, k, w, log_a, u, e, h0, chunk_size):
         write = write - ut.mT @ U_z
         M = torch.diag_embed(g_end[..., 0, :].exp()) - ut.mT @ W_z   # h_{n+1} = M_n h_n + write_n
 
-    starts = []
-    for n in range(N):
-        starts.append(h)
-        if M is None:
-            h = g_end[n, ..., 0, :, None].exp() * h + write[n]
-        else:
-            h = torch.baddbmm(write[n].flatten(0, 1), M[n].flatten(0, 1),
-                              h.flatten(0, 1)).view(B, H, K, V)
-    o = o_intra + q_state @ torch.stack(starts)
-    o = o.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
-    return o, h
+    starts, h = carry(h, write, M, decay=g_end[..., 0, :, None].exp())   # decay [N, B, H, K, 1]
+    return from_chunks(o_intra + q_state @ starts, T), h
 
 
 def _decay(G_row, G_col, mask):

@@ -10,11 +10,12 @@ construct this backend cannot compile raises `Unsupported`, which `build` locate
 from __future__ import annotations
 
 from nlc import spec as S
+from nlc import vocab as V
 from nlc.check import FlowTypes
 from nlc.expr import Bin, Call, ExprNode, Name, Neg, Num, subst
 from nlc.rules import derive
 
-_UNARY = {"l2norm", "silu", "gelu", "relu", "tanh", "sigmoid", "softplus", "exp", "log", "detach", "norm", "sum"}
+_UNARY = V.ELEMENTWISE | {"l2norm", "detach", "norm", "sum"}   # one argument, one lib function each
 
 
 class Unsupported(NotImplementedError):
@@ -296,13 +297,7 @@ class _Gen:
     def generators(self, name: str) -> list[str]:
         """Levels applied (through signals, transitively, and through the generators' own flows)
         by level `name`'s flows."""
-        found: set[str] = set()
-        frontier = {name}
-        while frontier:
-            applied = S.reads(self.spec, [e for n in frontier for e in self.spec.levels[n].flows()])[0]
-            frontier = applied - found - {name}
-            found |= frontier
-        return sorted(found)
+        return sorted(S.generators_of(self.spec, name))
 
     def scan(self, consumer: str, gens: list[str], done: set[str]) -> list[str]:
         """Generators learn in context and generate the consumer's flows: run chunk by chunk (their

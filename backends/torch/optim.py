@@ -524,7 +524,7 @@ def _compile_use(g: ParamGroup, gi, spec, smap, file, source, defaults, seen) ->
     comp = _Compiler(spec.hyper, None)
     use = _UseGroup(g.params, _compile(child, csmap, cfile, csource, child.hyper, seen + ((file, spec.name),)),
                     {k: comp.compile(v) for k, v in g.use.hyper.items()})
-    from nlc.check import check_hyper
+    from nlc.check_common import check_hyper
     sub = Collector(file)
     check_hyper(child, None, use.child_hyper(defaults), sub)
     for d in sub.diagnostics:
@@ -546,7 +546,7 @@ class SpecOptimizer(torch.optim.Optimizer):
     def __init__(self, params, spec, **hyper):
         spec_, smap, file, source = _load(spec)
         errors = Collector(file, source)
-        from nlc.check import check_hyper
+        from nlc.check_common import check_hyper
         check_hyper(spec_, smap, hyper, errors)
         errors.raise_if_any()
         defaults = {**spec_.hyper, **hyper}
@@ -560,7 +560,7 @@ class SpecOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         smap, file, source = self._where
         errors = Collector(file, source)
-        from nlc.check import check_hyper
+        from nlc.check_common import check_hyper
         check_hyper(self.spec, smap, {k: v for k, v in param_group.items() if k in self.spec.hyper}, errors)
         errors.raise_if_any()
         super().add_param_group(param_group)
@@ -631,7 +631,7 @@ def optimizer_of(model, base_dir: str | Path = ".") -> OptimizerSpec | None:
 
     >>> opt = compile_optimizer(optimizer_of(spec, "specs"), model.parameters(), lr=1e-3)
     """
-    from nlc.check import override_value
+    from nlc.check_common import override_value
     from nlc.spec import OptimizerRef
     ref = model.optimizer
     if ref is None:
@@ -650,7 +650,7 @@ def optimizer_of(model, base_dir: str | Path = ".") -> OptimizerSpec | None:
         else:
             hyper[name] = value
     errors.raise_if_any()
-    from nlc.check import check_hyper
+    from nlc.check_common import check_hyper
     check_hyper(opt, None, {k: v for k, v in hyper.items() if k in ref.hyper}, errors)
     errors.raise_if_any()
     return opt.model_copy(update={"hyper": hyper})
