@@ -1,30 +1,43 @@
-"""Checkpoints of a training run: one directory per run, every file written atomically.
+"""Checkpoints of a training run that anyone can load safely: tensors in safetensors, the rest JSON.
 
-    DIR/ckpt.pt        model and optimizer state dicts, step, RNG states, the spec's canonical text
-                       and its hash, the run's settings and its history (torch.save; loaded with
-                       weights_only=True, so loading never runs code from the file)
-    DIR/spec.yaml      the canonical text of the spec trained (after --set), for people
-    DIR/metrics.jsonl  one JSON record per logged step and per evaluation
-    DIR/loss.png       the loss curves, when matplotlib is installed
+One directory per run; every file written atomically (`nlc.fileio.atomic_write`):
 
-A file is written to a temporary name beside its target and renamed over it
-(`nlc.fileio.atomic_write`), so an interrupted save leaves the previous checkpoint whole.
+    DIR/ckpt-00000100.safetensors  the tensors: `model.<name>` (the state dict) and
+                                   `optimizer.<param index>.<state key>` (its state tensors)
+    DIR/ckpt-00000100.json         the rest: format, nlc version, step, the next training batch,
+                                   RNG states (base64 and lists), the optimizer's parameter groups and
+                                   scalar state, the spec's canonical text and its sha256, the run's
+                                   settings and its metric history, the tensors file's name and sha256
+    DIR/spec.yaml                  the canonical text of the spec trained (after --set), for people
+    DIR/metrics.jsonl              one JSON record per logged step and per evaluation
+    DIR/loss.png                   the loss curves, when matplotlib is installed
+
+The tensors are written before the JSON, and the JSON names them with their hash, so the newest
+JSON always describes a whole checkpoint. After a save, the newest `keep` checkpoints stay; older
+ones, and any newer one left by an earlier run in the same directory, are removed. Loading parses
+JSON and safetensors only: nothing is unpickled.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from nlc import __version__
 from nlc.fileio import atomic_write
+from nlc.runtime import safetensors
 
-FORMAT = 1
-CKPT, SPEC, METRICS, PLOT = "ckpt.pt", "spec.yaml", "metrics.jsonl", "loss.png"
+FORMAT = 2
+SPEC, METRICS, PLOT = "spec.yaml", "metrics.jsonl", "loss.png"
+LEGACY = "ckpt.pt"                 # format 1 (torch.save), no longer loaded
+NAME = re.compile(r"ckpt-(\d+)\.(json|safetensors)")
 
 
 class CheckpointError(ValueError):
@@ -35,62 +48,198 @@ def spec_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(bytes(t.tolist())).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The RNG states as JSON: torch's (and CUDA's) bytes in base64, Python's as lists."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": _b64(torch.get_rng_state()), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(_unb64(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
 
 
 @dataclass
 class Checkpoint:
     step: int
-    model: dict
-    optimizer: dict
-    rng: dict
+    model: dict            # state dict: name -> tensor
+    optimizer: dict        # torch's optimizer state dict ({"state": {index: {key: value}}, "param_groups"})
+    rng: dict              # rng_state()
     spec: str              # canonical text of the spec (nlc.spec.dump)
     spec_sha256: str
     config: dict           # the run's settings (JSON types)
     history: list          # metric records so far
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save({"format": FORMAT, **self.__dict__}, buf)
-        return buf.getvalue()
+    version: str = __version__  # of the nlc that saved it
 
 
-def save(out: Path, ck: Checkpoint, plot: bool = True) -> Path:
-    """Write the run's files into `out`, each atomically; the checkpoint last of all."""
+# ---------------------------------------------------------------- JSON values
+
+def _to_json(x, where: str):
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, tuple):
+        return {"tuple": [_to_json(v, where) for v in x]}
+    if isinstance(x, list):
+        return [_to_json(v, where) for v in x]
+    if isinstance(x, dict) and all(isinstance(k, str) for k in x):
+        return {k: _to_json(v, where) for k, v in x.items()}
+    raise CheckpointError(f"cannot save {where}: a {type(x).__name__} is neither a tensor nor a JSON value")
+
+
+def _from_json(x, tensors: dict):
+    if isinstance(x, list):
+        return [_from_json(v, tensors) for v in x]
+    if isinstance(x, dict):
+        if set(x) == {"tuple"}:
+            return tuple(_from_json(v, tensors) for v in x["tuple"])
+        if set(x) == {"tensor"}:
+            if x["tensor"] not in tensors:
+                raise CheckpointError(f"the tensors file has no `{x['tensor']}`")
+            return tensors[x["tensor"]]
+        return {k: _from_json(v, tensors) for k, v in x.items()}
+    return x
+
+
+def _split_optimizer(sd: dict) -> tuple[dict, dict]:
+    """(tensors named optimizer.<index>.<key>, the rest as JSON with {"tensor": name} in their place)."""
+    tensors, state = {}, {}
+    for index, st in sd["state"].items():
+        state[str(index)] = entry = {}
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[name := f"optimizer.{index}.{key}"] = value
+                entry[key] = {"tensor": name}
+            else:
+                entry[key] = _to_json(value, f"optimizer state `{key}` of parameter {index}")
+    groups = [_to_json(g, "the optimizer's parameter groups") for g in sd["param_groups"]]
+    return tensors, {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------- save, find, load
+
+def stem(step: int) -> str:
+    return f"ckpt-{step:08d}"
+
+
+def steps(out: Path) -> dict[int, list[Path]]:
+    """The checkpoint files in `out`, by step (a JSON and its tensors; either alone after a crash)."""
+    found: dict[int, list[Path]] = {}
+    for p in Path(out).glob("ckpt-*"):
+        m = NAME.fullmatch(p.name)
+        if m:
+            found.setdefault(int(m.group(1)), []).append(p)
+    return found
+
+
+def latest(out: Path) -> Path | None:
+    """The JSON of the newest checkpoint in `out`."""
+    done = [s for s, files in steps(out).items() if any(p.suffix == ".json" for p in files)]
+    return Path(out) / f"{stem(max(done))}.json" if done else None
+
+
+def save(out: Path, ck: Checkpoint, keep: int = 3, plot: bool = True, fresh: bool = False) -> Path:
+    """Write the run's files into `out`, each atomically: the tensors, then the checkpoint's JSON;
+    then remove all but the newest `keep` checkpoints (`fresh`, the first save of a run that
+    started over: all but this one). Returns the JSON's path."""
     out = Path(out)
+    opt_tensors, opt_json = _split_optimizer(ck.optimizer)
+    tensors = {f"model.{k}": v for k, v in ck.model.items()} | opt_tensors
+    blob = safetensors.dumps(tensors, {"format": f"nlc-checkpoint-{FORMAT}", "step": str(ck.step)})
     atomic_write(out / SPEC, ck.spec)
     atomic_write(out / METRICS, "".join(json.dumps(r) + "\n" for r in ck.history))
     if plot:
         plot_losses(ck.history, out / PLOT)
-    return atomic_write(out / CKPT, ck.to_bytes())
+    name = stem(ck.step)
+    atomic_write(out / f"{name}.safetensors", blob)
+    meta = {"format": FORMAT, "nlc_version": ck.version, "step": ck.step,
+            "data": {"split": "train", "next_batch": ck.step},
+            "tensors": f"{name}.safetensors", "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+            "spec_sha256": ck.spec_sha256, "rng": ck.rng, "optimizer": opt_json,
+            "config": ck.config, "history": ck.history, "spec": ck.spec}
+    path = atomic_write(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
+    prune(out, ck.step, 1 if fresh else keep, everything=fresh)
+    return path
 
 
-def load(out: Path, device: str | torch.device = "cpu") -> Checkpoint:
-    path = Path(out) / CKPT
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: train without --resume first")
+def prune(out: Path, step: int, keep: int, everything: bool = False) -> None:
+    """Keep the newest `keep` checkpoints up to `step` (`everything`: only `step`'s); remove the
+    others (JSON first)."""
+    found = steps(out)
+    kept = [step] if everything else sorted((s for s in found if s <= step), reverse=True)[:max(keep, 1)]
+    for s, files in found.items():
+        if s not in kept:
+            for p in sorted(files, key=lambda p: p.suffix != ".json"):
+                p.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict:
     try:
-        data = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say so, never a traceback
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or data.pop("format", None) != FORMAT or set(data) != set(Checkpoint.__annotations__):
+    need = {"format", "step", "tensors", "tensors_sha256", "spec", "spec_sha256", "rng", "optimizer", "config", "history"}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not need <= set(meta):
         raise CheckpointError(f"{path} is not an nlc checkpoint of format {FORMAT}")
-    return Checkpoint(**data)
+    return meta
+
+
+def load(out: Path, tensors: bool = True) -> Checkpoint:
+    """The newest checkpoint in `out` (tensors on the CPU). `tensors=False` reads only its JSON
+    (the model and optimizer state are then empty)."""
+    out = Path(out)
+    path = latest(out)
+    if path is None:
+        if (out / LEGACY).is_file():
+            raise CheckpointError(f"{out / LEGACY} is a checkpoint of an older nlc (a pickle), which this one does "
+                                  f"not load; train without --resume to start over")
+        raise CheckpointError(f"no checkpoint at {out}: train without --resume first")
+    meta = _read_json(path)
+    model, optimizer = {}, {"state": {}, "param_groups": []}
+    if tensors:
+        file = out / Path(meta["tensors"]).name
+        try:
+            blob = file.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"cannot read {file}, the tensors of {path}: {e.strerror or e}") from None
+        if hashlib.sha256(blob).hexdigest() != meta["tensors_sha256"]:
+            raise CheckpointError(f"{file} is not the file {path} was saved with (its sha256 differs)")
+        try:
+            named = safetensors.loads(blob)
+        except safetensors.SafetensorsError as e:
+            raise CheckpointError(f"{file}: {e}") from None
+        model = {k[len("model."):]: v for k, v in named.items() if k.startswith("model.")}
+        opt = _from_json(meta["optimizer"], named)
+        optimizer = {"state": {int(i): st for i, st in opt["state"].items()}, "param_groups": opt["param_groups"]}
+    return Checkpoint(step=meta["step"], model=model, optimizer=optimizer, rng=meta["rng"], spec=meta["spec"],
+                      spec_sha256=meta["spec_sha256"], config=meta["config"], history=meta["history"],
+                      version=meta.get("nlc_version", "?"))
+
+
+def restore(out: Path, model, optimizer, spec_sha256: str) -> Checkpoint:
+    """Load the newest checkpoint in `out` into `model` and `optimizer` and set the RNG states as
+    they were; the checkpoint must be of the spec whose hash is `spec_sha256`."""
+    ck = load(out)
+    if ck.spec_sha256 != spec_sha256:
+        raise CheckpointError(f"{latest(out)} was trained from another spec (its text is in {Path(out) / SPEC}); "
+                              f"give the same spec and --set values, or train without --resume to start over")
+    model.load_state_dict(ck.model)
+    optimizer.load_state_dict(ck.optimizer)
+    set_rng_state(ck.rng)
+    return ck
 
 
 def plot_losses(history: list, path: Path) -> Path | None:

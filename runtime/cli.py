@@ -115,33 +115,48 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
 
 @app.command(epilog="\b\nExamples:\n  nlc train specs/transformer.yaml --steps 20 --set model.d_model=64\n"
                     "  nlc train specs/hope.yaml --task recall --context 256 --set lr=1e-3\n"
+                    "  nlc train specs/titans.yaml --task mqar:pairs=32,queries=16 --context 256 --lr-schedule cosine --warmup 50\n"
+                    "  nlc train --task help   (the tasks and their options)\n"
                     "  nlc train specs/titans.yaml --data input.txt --steps 2000 --out runs/titans-text\n"
                     "  nlc train specs/titans.yaml --data input.txt --steps 4000 --out runs/titans-text --resume")
 def train(spec: Path = typer.Argument(..., help="a model spec file"),
-          data: Optional[Path] = typer.Option(None, "--data", help="a text file, read as bytes (vocab 256), "
-                                              "split 90/10 into train/val; without it a synthetic task"),
-          task: Optional[str] = typer.Option(None, "--task", metavar="copy|recall", help="synthetic task: copy (default) or recall"),
+          data: Optional[Path] = typer.Option(None, "--data", help="a text file, or a folder of them (concatenated in "
+                                              "sorted path order), read as bytes (vocab 256), split 90/10 into "
+                                              "train/val; without it a synthetic task"),
+          task: Optional[str] = typer.Option(None, "--task", metavar="NAME[:KEY=VALUE,...]", is_eager=True,
+                                             callback=lambda value: _task_help(value),
+                                             help="synthetic task: copy (default), recall, mqar, niah, parity, anbn, "
+                                                  "with options (mqar:pairs=32,queries=16); `--task help` lists them"),
           steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps in all [200]"),
           batch: Optional[int] = typer.Option(None, "--batch", help="sequences per step [16]"),
           context: Optional[int] = typer.Option(None, "--context", help="tokens per sequence [64]"),
           out: Optional[Path] = typer.Option(None, "--out", help="the run's directory [runs/<spec file name>]"),
-          resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out; "
+          resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out; "
                                       "settings not given again are the checkpoint's"),
           sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override: `name=value` an optimizer hyperparameter "
                                          "(lr=1e-3), `path.key=value` the spec (model.d_model=64); repeatable"),
           seed: Optional[int] = typer.Option(None, "--seed", help="seeds the initialisation and the data [0]"),
           device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto [auto]"),
+          lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", metavar="constant|cosine|wsd",
+                                                    help="the learning rate's schedule: constant [default]; cosine "
+                                                         "(to 0 at --steps); wsd (warmup, stable, then a linear decay "
+                                                         "to 0 over the last 20% of the steps)"),
+          warmup: Optional[int] = typer.Option(None, "--warmup", help="steps of linear warmup of the learning rate [0]"),
           log_every: Optional[int] = typer.Option(None, "--log-every", help="steps between log lines [10]"),
-          eval_every: Optional[int] = typer.Option(None, "--eval-every", help="steps between evaluations "
-                                                   "and checkpoints [100]"),
+          eval_every: Optional[int] = typer.Option(None, "--eval-every", help="steps between evaluations (loss and "
+                                                   "accuracy on the validation split) [100]"),
+          save_every: Optional[int] = typer.Option(None, "--save-every", help="steps between checkpoints [100]"),
+          keep: Optional[int] = typer.Option(None, "--keep", help="checkpoints to keep, the newest [3]"),
           clip: Optional[float] = typer.Option(None, "--clip", help="gradient norm clipping, 0 for none [1.0]")):
     """Train the compiled model of a spec with the optimizer the spec names. Logs a line every
-    --log-every steps, evaluates and saves a checkpoint (DIR/ckpt.pt, atomically) every --eval-every
-    steps and at the end; Ctrl-C saves before it exits."""
+    --log-every steps, evaluates every --eval-every steps, saves a checkpoint (DIR/ckpt-STEP.safetensors
+    and .json, atomically; the newest --keep are kept) every --save-every steps and at the end;
+    Ctrl-C saves before it exits."""
     from pydantic import ValidationError
     from nlc.runtime.train import TrainError, resolve, train as _train
     given = dict(data=data, task=task, steps=steps, batch=batch, context=context, out=out, seed=seed,
-                 device=device, log_every=log_every, eval_every=eval_every, clip=clip, sets=tuple(sets) or None)
+                 device=device, lr_schedule=lr_schedule, warmup=warmup, log_every=log_every, eval_every=eval_every,
+                 save_every=save_every, keep=keep, clip=clip, sets=tuple(sets) or None)
     explicit = {"spec": spec, "resume": resume, **{k: v for k, v in given.items() if v is not None}}
     try:
         cfg = resolve(explicit)
@@ -175,6 +190,15 @@ def main() -> None:
     except SpecError as e:
         typer.echo(e.render(), err=True)
         sys.exit(EXIT_USER)
+
+
+def _task_help(value: Optional[str]) -> Optional[str]:
+    """`nlc train --task help`: print the synthetic tasks with their options and exit 0."""
+    if value == "help":
+        from nlc.runtime.tasks import help_text
+        typer.echo(help_text())
+        raise typer.Exit(0)
+    return value
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
-"""Training data: windows of a text file's bytes, or a synthetic task that needs memory.
+"""Training data: windows of text read as bytes, or a synthetic task that needs memory.
 
 Every batch is a pure function of (seed, split, index): batch `i` of a run is the same whether
 the run went straight through or was stopped and resumed, so resuming needs no data state.
 A batch is `(x, y)`, both `[B, T]` token ids; `y` is the next token of `x`, or `IGNORE` where the
-loss does not count (the random half of a synthetic sequence, which no memory can predict).
+loss and the accuracy do not count (in a synthetic task, what no memory can predict).
 
-- `TextData`: a file read as bytes (vocab 256), the first 90% for training, the rest for
+- `TextData`: a file, or every file in a folder (recursively, in sorted path order, hidden ones
+  skipped), read as bytes (vocab 256) and concatenated; the first 90% for training, the rest for
   validation; a batch is `B` random windows of `T + 1` bytes.
-- `CopyTask`: `T/2` random symbols, a separator, the same symbols again; the loss counts the
-  copy. Without memory the best loss is `ln(alphabet)` (`floor`); below it the model remembers.
-- `RecallTask` (associative recall): `key value` pairs with distinct keys, then the keys again
-  in a new order, each followed by its value; the loss counts the recalled values.
+- the synthetic tasks (`copy`, `recall`, `mqar`, `niah`, `parity`, `anbn`) are in
+  `nlc.runtime.tasks`; `nlc train --task help` lists them with their options.
 """
 from __future__ import annotations
 
@@ -21,12 +20,10 @@ import torch
 
 IGNORE = -100          # cross_entropy's ignore_index
 SPLITS = ("train", "val")
-TASKS = ("copy", "recall")
-ALPHABET = 16          # symbols of the synthetic tasks (fewer when the vocabulary is small)
 
 
 class DataError(ValueError):
-    """The data cannot be used as asked (a file too short, a vocabulary too small)."""
+    """The data cannot be used as asked (a file too short, a vocabulary too small, a bad task option)."""
 
 
 def generator(seed: int, split: str, index: int) -> torch.Generator:
@@ -35,14 +32,36 @@ def generator(seed: int, split: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
+def correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(predictions right, predictions counted): the arg-max of `logits` [B, T, V] against `y` [B, T]
+    where `y` is not IGNORE. Summed over batches, their ratio is the exact accuracy."""
+    counted = y != IGNORE
+    right = (logits.argmax(-1) == y) & counted
+    return int(right.sum()), int(counted.sum())
+
+
+def text_files(path: Path) -> list[Path]:
+    """The files that `--data path` reads: the file itself, or a folder's files (recursively, not
+    hidden ones), sorted by their path in the folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    found = [p for p in path.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    return sorted(found, key=lambda p: p.relative_to(path).as_posix())
+
+
 class TextData:
     vocab = 256
 
     def __init__(self, path: Path, context: int, seed: int):
+        files = text_files(path)
+        if not files:
+            raise DataError(f"{path} is a folder without files to read")
         try:
-            raw = Path(path).read_bytes()
+            raw = b"".join(p.read_bytes() for p in files)
         except OSError as e:
-            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+            raise DataError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
         tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long() if raw else torch.zeros(0, dtype=torch.long)
         cut = int(0.9 * len(tokens))
         self.parts = {"train": tokens[:cut], "val": tokens[cut:]}
@@ -52,7 +71,8 @@ class TextData:
                             f"{math.ceil(need / 0.1)} (10% of it, the validation split, holds whole windows)")
         self.context, self.seed = context, seed
         self.floor = None
-        self.describe = f"{path} ({len(tokens):,} bytes: {cut:,} train, {len(tokens) - cut:,} val)"
+        what = f"{len(files)} files, " if Path(path).is_dir() else ""
+        self.describe = f"{path} ({what}{len(tokens):,} bytes: {cut:,} train, {len(tokens) - cut:,} val)"
 
     def batch(self, split: str, index: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         data, T = self.parts[split], self.context
@@ -61,68 +81,13 @@ class TextData:
         return rows[:, :-1], rows[:, 1:]
 
 
-class _Task:
-    """A synthetic task over `alphabet` symbols (ids 1..alphabet); id 0 is the separator/padding."""
-
-    min_context = 4
-
-    def __init__(self, vocab: int, context: int, seed: int):
-        if context < self.min_context:
-            raise DataError(f"the {self.name} task needs --context of at least {self.min_context}")
-        self.context, self.seed = context, seed
-        self.alphabet = min(ALPHABET, (vocab - 1) // self.symbols_per_item)
-        if self.alphabet < 2:
-            raise DataError(f"the {self.name} task needs a vocabulary of at least {2 * self.symbols_per_item + 1}")
-        self.floor = math.log(self.alphabet)   # the best loss without memory
-        self.describe = f"synthetic `{self.name}` task, {self.alphabet} symbols (loss without memory: {self.floor:.3f})"
-
-    def batch(self, split: str, index: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seq, counts = self.sequences(size, generator(self.seed, split, index))
-        y = seq[:, 1:].clone()
-        y[~counts[:, 1:]] = IGNORE
-        return seq[:, :-1].contiguous(), y
-
-
-class CopyTask(_Task):
-    name, symbols_per_item = "copy", 1
-
-    def sequences(self, size: int, g: torch.Generator):
-        T = self.context + 1
-        n = (T - 1) // 2
-        sym = torch.randint(1, self.alphabet + 1, (size, n), generator=g)
-        seq = torch.zeros(size, T, dtype=torch.long)
-        seq[:, :n], seq[:, n + 1:2 * n + 1] = sym, sym
-        counts = torch.zeros(size, T, dtype=torch.bool)
-        counts[:, n + 1:2 * n + 1] = True
-        return seq, counts
-
-
-class RecallTask(_Task):
-    name, symbols_per_item, min_context = "recall", 2, 8
-
-    def sequences(self, size: int, g: torch.Generator):
-        T = self.context + 1
-        n = min(self.alphabet, T // 4)        # pairs; keys are distinct
-        keys = torch.argsort(torch.rand(size, self.alphabet, generator=g), dim=1)[:, :n] + 1
-        values = torch.randint(self.alphabet + 1, 2 * self.alphabet + 1, (size, n), generator=g)
-        order = torch.argsort(torch.rand(size, n, generator=g), dim=1)
-        pairs = torch.stack([keys, values], 2).flatten(1)
-        asked = torch.stack([keys.gather(1, order), values.gather(1, order)], 2).flatten(1)
-        seq = torch.zeros(size, T, dtype=torch.long)
-        seq[:, :2 * n], seq[:, 2 * n:4 * n] = pairs, asked
-        counts = torch.zeros(size, T, dtype=torch.bool)
-        counts[:, 2 * n + 1:4 * n:2] = True    # the values after the asked keys
-        return seq, counts
-
-
 def make_data(data: Path | None, task: str, vocab: int, context: int, seed: int):
-    """The data a run trains on: a text file (`data`) or a synthetic `task`."""
+    """The data a run trains on: text (`data`, a file or a folder) or a synthetic `task`
+    (`name` or `name:key=value,...`)."""
     if data is not None:
         if vocab < TextData.vocab:
             raise DataError(f"text is read as bytes (256 symbols), but the model's vocab is {vocab}: "
                             f"set `--set model.vocab=256`")
         return TextData(data, context, seed)
-    tasks = {"copy": CopyTask, "recall": RecallTask}
-    if task not in tasks:
-        raise DataError(f"unknown task `{task}`: use one of {', '.join(tasks)}")
-    return tasks[task](vocab, context, seed)
+    from nlc.runtime.tasks import make_task
+    return make_task(task, vocab, context, seed)

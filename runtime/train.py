@@ -12,9 +12,11 @@ occasionally evaluate and save, then one step (forward, backward, optimizer), th
 - `name=value` overrides a hyperparameter of the optimizer (`lr=1e-3`, `betas=[0.9,0.95]`);
   unknown names (E208) and values out of range (E502) are located on the command line.
 
-Each batch is a pure function of (seed, step) (`nlc.runtime.data`), the model is initialised
-from the seed, and a checkpoint holds everything else (parameters, optimizer state, RNG states),
-so stopping and resuming gives the same trajectory as running straight through.
+Each batch is a pure function of (seed, step) (`nlc.runtime.data`, `nlc.runtime.tasks`), the
+model is initialised from the seed, the learning rate is a function of the step
+(`nlc.runtime.schedule`), and a checkpoint holds everything else (parameters, optimizer state, RNG
+states; `nlc.runtime.checkpoint`: safetensors and JSON, nothing pickled), so stopping and resuming
+gives the same trajectory as running straight through.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 from nlc.diagnostics import Collector, Span, SpecError, did_you_mean
 
@@ -45,8 +47,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     spec: Path = Field(description="the model spec file")
-    data: Path | None = Field(None, description="a text file, read as bytes; None: a synthetic task")
-    task: Literal["copy", "recall"] = Field("copy", description="the synthetic task when there is no data file")
+    data: Path | None = Field(None, description="a text file or a folder of them, read as bytes; None: a synthetic task")
+    task: str = Field("copy", description="the synthetic task without data: `name` or `name:key=value,...`")
     steps: PositiveInt = Field(200, description="optimizer steps in all (a resumed run continues up to this step)")
     batch: PositiveInt = Field(16, description="sequences per step")
     context: PositiveInt = Field(64, description="tokens per sequence")
@@ -56,13 +58,18 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="seeds the model's initialisation and the data")
     device: str = Field("auto", description="`cpu`, `cuda`, `cuda:1`...; `auto`: cuda when available")
     log_every: PositiveInt = Field(10, description="steps between log lines")
-    eval_every: PositiveInt = Field(100, description="steps between evaluations (and checkpoints)")
+    eval_every: PositiveInt = Field(100, description="steps between evaluations")
     eval_batches: PositiveInt = Field(4, description="validation batches per evaluation")
+    save_every: PositiveInt = Field(100, description="steps between checkpoints (and at the end, and on Ctrl-C)")
+    keep: PositiveInt = Field(3, description="how many checkpoints to keep, the newest")
     clip: float = Field(1.0, ge=0, description="gradient norm clipping; 0: none")
+    lr_schedule: Literal["constant", "cosine", "wsd"] = Field("constant", description="the learning rate's schedule")
+    warmup: NonNegativeInt = Field(0, description="steps of linear warmup of the learning rate")
 
     # what a resumed run takes from its checkpoint unless given again
-    RESUMED: ClassVar[tuple[str, ...]] = ("data", "task", "steps", "batch", "context", "sets", "seed",
-                                          "log_every", "eval_every", "eval_batches", "clip")
+    RESUMED: ClassVar[tuple[str, ...]] = ("data", "task", "steps", "batch", "context", "sets", "seed", "log_every",
+                                          "eval_every", "eval_batches", "save_every", "keep", "clip",
+                                          "lr_schedule", "warmup")
 
     @property
     def run_dir(self) -> Path:
@@ -235,7 +242,7 @@ def resolve(explicit: dict) -> TrainConfig:
         return cfg
     from nlc.runtime import checkpoint
     try:
-        saved = checkpoint.load(cfg.run_dir).config
+        saved = checkpoint.load(cfg.run_dir, tensors=False).config
     except checkpoint.CheckpointError as e:
         raise TrainError(str(e)) from None
     merged = {k: saved[k] for k in TrainConfig.RESUMED if k in saved and k not in explicit}
@@ -253,8 +260,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
     from nlc import spec as S
     from nlc.backends.torch.codegen import Unsupported
     from nlc.backends.torch.optim import _load as load_optimizer, compile_optimizer, optimizer_of
-    from nlc.runtime import checkpoint
-    from nlc.runtime.data import DataError, make_data
+    from nlc.runtime import checkpoint, schedule
+    from nlc.runtime.data import IGNORE, DataError, correct, make_data
 
     # -- the spec, with --set applied, checked like a file
     cmdline, sets = parse_sets(cfg.sets)
@@ -290,54 +297,61 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
         raise e.located(loaded) from None
     optimizer = compile_optimizer(opt_spec, model.parameters(), **hyper)
     n_params = sum(p.numel() for p in model.parameters())
+    base_lr = [group.get("lr") for group in optimizer.param_groups]   # what the schedule scales
+    if (cfg.lr_schedule != "constant" or cfg.warmup) and None in base_lr:
+        raise TrainError(f"--lr-schedule and --warmup scale the hyperparameter `lr`, which the optimizer "
+                         f"`{opt_spec.name}` does not have")
 
     # -- maybe resume
     step, history = 0, []
     if cfg.resume:
-        try:
-            ck = checkpoint.load(out, device)
+        try:   # the model, the optimizer and the RNG states as saved
+            ck = checkpoint.restore(out, model, optimizer, spec_sha)
         except checkpoint.CheckpointError as e:
             raise TrainError(str(e)) from None
-        if ck.spec_sha256 != spec_sha:
-            raise TrainError(f"{out / checkpoint.CKPT} was trained from another spec (its text is in "
-                             f"{out / checkpoint.SPEC}); give the same spec and --set values, or train "
-                             f"without --resume to start over")
-        model.load_state_dict(ck.model)
-        optimizer.load_state_dict(ck.optimizer)
         for group in optimizer.param_groups:  # hyperparameters given again win over the checkpoint's
             group.update(hyper)
-        checkpoint.set_rng_state(ck.rng)
         step, history = ck.step, list(ck.history)
-    elif (out / checkpoint.CKPT).exists():
-        log(f"note: starting over; the checkpoint in {out} will be replaced (--resume continues it)")
+    elif checkpoint.latest(out) is not None:
+        log(f"note: starting over; the checkpoints in {out} will be replaced (--resume continues them)")
     start = step
     if start >= cfg.steps:
         log(f"nothing to do: the checkpoint in {out} is at step {start}, and --steps is {cfg.steps}")
         return {"step": step, "steps": cfg.steps, "interrupted": False, "seconds": 0.0, "first_loss": None,
-                "last_loss": None, "first_val": None, "last_val": None, "checkpoint": out / checkpoint.CKPT,
+                "last_loss": None, "first_val": None, "last_val": None, "checkpoint": checkpoint.latest(out),
                 "floor": data.floor}
 
     log(f"train `{spec.name}`: {n_params:,} parameters, {spec.model.layers} layers, d_model {spec.model.d_model}, "
         f"optimizer `{opt_spec.name}` ({', '.join(f'{k}={v}' for k, v in {**opt_spec.hyper, **hyper}.items())})")
     log(f"data: {data.describe}; batch {cfg.batch} x {cfg.context} tokens; device {device}; run {out}"
+        + (f"; lr schedule {cfg.lr_schedule}, warmup {cfg.warmup}" if cfg.lr_schedule != "constant" or cfg.warmup else "")
         + (f"; resumed at step {step}" if cfg.resume else ""))
 
-    def evaluate() -> float:
+    def evaluate() -> tuple[float, float]:
+        """The mean loss over the validation batches, and the exact accuracy over all they count."""
         model.eval()
+        losses, right, counted = [], 0, 0
         with torch.no_grad():
-            losses = [loss_of(*data.batch("val", i, cfg.batch)) for i in range(cfg.eval_batches)]
+            for i in range(cfg.eval_batches):
+                x, y = data.batch("val", i, cfg.batch)
+                logits = logits_of(x)
+                losses.append(loss_of(logits, y).item())
+                r, c = correct(logits, y.to(device))
+                right, counted = right + r, counted + c
         model.train()
-        return sum(x.item() for x in losses) / len(losses)
+        return sum(losses) / len(losses), right / max(counted, 1)
 
-    def loss_of(x, y):
-        logits, _ = model(x.to(device))
-        return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100)
+    def logits_of(x):
+        return model(x.to(device))[0]
+
+    def loss_of(logits, y):
+        return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE)
 
     def save() -> Path:
         ck = checkpoint.Checkpoint(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                    rng=checkpoint.rng_state(), spec=spec_text, spec_sha256=spec_sha,
                                    config=_json_config(cfg), history=history)
-        return checkpoint.save(out, ck)
+        return checkpoint.save(out, ck, keep=cfg.keep, fresh=path is None and not cfg.resume)   # replaces a run before
 
     # -- the loop: evaluate and save now and then, step, log
     evaluated = {r["step"] for r in history if "val_loss" in r}
@@ -348,12 +362,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
             last, stop = step >= cfg.steps, flag["stop"]
             t_pause = time.perf_counter()
             if (step % cfg.eval_every == 0 or last) and step not in evaluated and not stop:
-                val = evaluate()
+                val, acc = evaluate()
                 evaluated.add(step)
-                history.append({"step": step, "val_loss": val})
-                log(f"step {step:>6}/{cfg.steps} | val loss {val:.4f}"
-                    + (f" (without memory: {data.floor:.4f})" if data.floor else ""))
-            if (step > start and (step % cfg.eval_every == 0 or last)) or stop:
+                history.append({"step": step, "val_loss": val, "val_acc": acc})
+                log(f"step {step:>6}/{cfg.steps} | val loss {val:.4f} | acc {acc:.4f}"
+                    + (f" (loss without memory: {data.floor:.4f})" if data.floor else ""))
+            if (step > start and (step % cfg.save_every == 0 or last)) or stop:
                 path = save()
             if last or stop:
                 break
@@ -361,7 +375,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
 
             x, y = data.batch("train", step, cfg.batch)
             try:
-                loss = loss_of(x, y)
+                loss = loss_of(logits_of(x), y)
             except ValueError as e:  # an op's precondition, such as a retention gate that reached 0
                 raise TrainError(f"step {step + 1}: {e}. The run has probably diverged (try a lower learning "
                                  f"rate: --set lr=...); the last checkpoint is kept") from None
@@ -371,6 +385,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
             if not math.isfinite(norm.item()):  # before the step: a NaN gradient never reaches the parameters
                 raise TrainError(f"the gradient is {norm.item()} at step {step + 1} (loss {loss.item():.4g}): training "
                                  f"diverged (lower the learning rate, e.g. --set lr=...); the last checkpoint is kept")
+            schedule.apply(optimizer, base_lr, cfg.lr_schedule, step, cfg.steps, cfg.warmup)   # a function of the step
             optimizer.step()
             step += 1
             tokens += x.numel()
@@ -379,9 +394,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
             if step % cfg.log_every == 0 or step == start + 1:
                 lossf = loss.item()
                 now = time.perf_counter()
-                history.append({"step": step, "loss": lossf, "tokens_per_s": tokens / (now - t_log)})
-                log(f"step {step:>6}/{cfg.steps} | loss {lossf:.4f} | {tokens / (now - t_log):,.0f} tok/s | "
-                    f"{1000 * (now - t_log) / steps_since_log:.1f} ms/step")
+                lr_now = optimizer.param_groups[0].get("lr")      # the learning rate of this step
+                history.append({"step": step, "loss": lossf, "lr": lr_now, "tokens_per_s": tokens / (now - t_log)})
+                log(f"step {step:>6}/{cfg.steps} | loss {lossf:.4f} | " + (f"lr {lr_now:.3g} | " if lr_now else "")
+                    + f"{tokens / (now - t_log):,.0f} tok/s | {1000 * (now - t_log) / steps_since_log:.1f} ms/step")
                 t_log, tokens, steps_since_log = now, 0, 0
                 if not math.isfinite(lossf):
                     raise TrainError(f"the loss is {lossf} at step {step}: training diverged (lower the "

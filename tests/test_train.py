@@ -18,7 +18,8 @@ import torch
 import nlc
 from nlc.backends.torch.optim import compile_optimizer, optimizer_of
 from nlc.runtime import checkpoint
-from nlc.runtime.data import IGNORE, CopyTask, RecallTask, TextData
+from nlc.runtime.data import IGNORE, TextData
+from nlc.runtime.tasks import CopyTask, RecallTask
 from nlc.runtime.train import TrainConfig, TrainError, train
 
 ROOT = Path(__file__).parent.parent
@@ -111,9 +112,10 @@ def test_resume_repeats_the_trajectory_bit_for_bit(tmp_path):
 def test_checkpoint_files(tmp_path, monkeypatch):
     s = run(tmp_path, steps=4, log_every=2)
     out = tmp_path / "run"
-    assert s["checkpoint"] == out / "ckpt.pt"
+    assert s["checkpoint"] == out / "ckpt-00000004.json"
     names = sorted(p.name for p in out.iterdir())
-    assert {"ckpt.pt", "spec.yaml", "metrics.jsonl"} <= set(names) and not [n for n in names if n.endswith(".tmp")]
+    assert {"ckpt-00000004.json", "ckpt-00000004.safetensors", "spec.yaml", "metrics.jsonl"} <= set(names)
+    assert not [n for n in names if n.endswith(".tmp")]
     ck = checkpoint.load(out)
     text = (out / "spec.yaml").read_text()
     assert ck.step == 4 and ck.spec == text and ck.spec_sha256 == hashlib.sha256(text.encode()).hexdigest()
@@ -127,14 +129,15 @@ def test_checkpoint_files(tmp_path, monkeypatch):
     model = nlc.compile(spec)
     model.load_state_dict(ck.model)
     # a save that fails half way leaves the previous checkpoint whole
-    before = (out / "ckpt.pt").read_bytes()
+    files = [out / "ckpt-00000004.json", out / "ckpt-00000004.safetensors"]
+    before = [f.read_bytes() for f in files]
 
     def fail(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError):
         checkpoint.save(out, ck, plot=False)
-    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert [f.read_bytes() for f in files] == before and not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
 def test_inline_optimizer_trains(tmp_path):
@@ -231,9 +234,9 @@ def test_every_shipped_model_learns(tmp_path, name):
 
 @pytest.mark.parametrize("lr", ["4e-4", "2e-3"])
 def test_hope_trains_past_its_first_windows(tmp_path, lr):
-    """Hope over 256-token recall sequences (four windows, padding that repeats one token for 192
-    tokens) at the spec's learning rate and 5x it: no NaN for 100 steps, and the loss falls. With
-    momentum(0.9) in its rule the generators' weights ran to NaN within 4 steps."""
+    """Hope over 256-token recall sequences (four windows of recall episodes) at the spec's learning
+    rate and 5x it: no NaN for 100 steps, and the loss falls. With momentum(0.9) in its rule the
+    generators' weights ran to NaN within 4 steps."""
     s = run(tmp_path, spec="specs/hope.yaml", steps=100, batch=8, context=256, task="recall", log_every=25,
             sets=("model.d_model=64", "model.layers=2", f"lr={lr}"))
     assert s["step"] == 100 and math.isfinite(s["last_val"]), s["log"]
