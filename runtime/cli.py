@@ -99,18 +99,30 @@ def explain(spec: Path = typer.Argument(..., help="a spec file"),
 
 @app.command(epilog="\b\nExample:\n  nlc build specs/hope.yaml -o build/hope\n  python -c \"import sys; sys.path.insert(0, 'build/hope'); import model; print(model.Model())\"")
 def build(spec: Path = typer.Argument(..., help="a model spec file"),
-          output: Path = typer.Option(..., "--output", "-o", help="the directory to write into")):
-    """Generate the model: readable torch source (model.py), manifest.json and graph.svg.
-    The same spec gives the same bytes."""
+          output: Path = typer.Option(..., "--output", "-o", help="the directory to write into"),
+          backend: str = typer.Option("torch", "--backend", metavar="torch|triton|auto",
+                                      help="triton or auto: also write each served level's Triton "
+                                           "kernels (kernels/LEVEL.py) and say which levels run on torch and why")):
+    """Generate the model: readable torch source (model.py), manifest.json and graph.svg, and with
+    --backend triton the levels' Triton kernels. The same spec gives the same bytes."""
+    from nlc.backends.dispatch import BACKENDS
     from nlc.backends.torch.codegen import build as _build
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     try:
-        files = _build(spec, output)
+        files = _build(spec, output, backend)
     except TypeError as e:
         _fail(f"{spec}: {e}")
     except OSError as e:
         _fail(f"cannot write {output}: {e.strerror or e}")
     for f in files:
         typer.echo(f"wrote {f}")
+    if backend != "torch":
+        placement = json.loads((output / "manifest.json").read_text())["placement"]
+        for name, p in placement.items():
+            where = (f"Triton, skeleton {p['skeleton']} -> {p['file']}" if p["runs_on"] == "triton"
+                     else f"torch ({p['why']})")
+            typer.echo(f"level {name}: {where}")
 
 
 @app.command(epilog="\b\nExamples:\n  nlc train specs/transformer.yaml --steps 20 --set model.d_model=64\n"
@@ -173,6 +185,44 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
         _fail(f"cannot write the run's files: {e.strerror or e}")
     if summary["interrupted"]:
         raise typer.Exit(130)
+
+
+@app.command(epilog="\b\nExamples:\n  nlc verify specs/gated_deltanet.yaml\n  nlc verify my_rule.nl --backend torch --tokens 40")
+def verify(spec: Path = typer.Argument(..., help="a model spec file"),
+           backend: str = typer.Option("triton", "--backend", metavar="torch|triton",
+                                       help="torch: recurrent vs chunked only; triton: the Triton kernels too"),
+           dtype: str = typer.Option("float64", "--dtype", metavar="float64|float32",
+                                     help="float64 (tolerance 1e-8) or float32 (1e-3)"),
+           tokens: Optional[int] = typer.Option(None, "--tokens", help="sequence length [two chunks and 3 tokens]"),
+           seed: int = typer.Option(0, "--seed", help="seeds the weights and the inputs")):
+    """Check the compiled forms of every level against each other: recurrent (the oracle), torch
+    chunked and Triton, on logits, final states and parameter gradients, from random inputs.
+    Prints a table of errors per level; exit status 1 when any error is over the tolerance."""
+    import torch
+
+    from nlc.runtime.verify import render, verify as _verify
+    if backend not in ("torch", "triton"):
+        _fail(f"--backend must be torch or triton, got {backend!r}")
+    dtypes = {"float64": torch.float64, "float32": torch.float32}
+    if dtype not in dtypes:
+        _fail(f"--dtype must be float64 or float32, got {dtype!r}")
+    if tokens is not None and tokens < 1:
+        _fail(f"--tokens must be at least 1, got {tokens}")
+    loaded = _load(spec)
+    if not hasattr(loaded.spec, "levels"):
+        _fail(f"{spec}: `{loaded.spec.name}` is an optimizer spec; `nlc verify` checks model specs")
+    from nlc.backends.torch.codegen import Unsupported
+    try:
+        rows, facts = _verify(loaded.spec, backend, dtypes[dtype], tokens, seed)
+    except Unsupported as e:
+        raise e.located(loaded) from None
+    except ValueError as e:   # a backend that cannot run here (no usable Triton, say)
+        _fail(str(e))
+    typer.echo(render(rows, facts, loaded.spec.name))
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        typer.echo(f"FAILED: {len(bad)} comparison(s) over the tolerance", err=True)
+        raise typer.Exit(1)
 
 
 @app.command(epilog="\b\nExample:\n  nlc schema > nlc-spec.schema.json   (point your editor's YAML plugin at it)")

@@ -15,8 +15,9 @@ from nlc.rules import derive
 __all__ = ["Unsupported", "generate", "load_source", "build"]
 
 
-def generate(spec: S.ModelSpec, source: str = "") -> str:
-    """The torch source of a model spec."""
+def generate(spec: S.ModelSpec, source: str = "", backend: str = "auto") -> str:
+    """The torch source of a model spec; `backend` is the generated Model's default `backend`
+    attribute (levels with a Triton skeleton run on it; the others say why not)."""
     if not isinstance(spec, S.ModelSpec):
         raise TypeError("generate() takes a model spec; optimizer specs compile with nlc.compile_optimizer")
     spec = instanced(spec)   # a level named twice in the block: two instances
@@ -52,7 +53,7 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
              "        super().__init__()"]
     lines += [f"        {ln}" for ln in g.init]
     lines += ["",
-              "    def forward(self, h, state, new, p, mode, fast):",
+              "    def forward(self, h, state, new, p, mode, fast, backend):",
               "        B, T = h.shape[:2]",
               "        cstate, cnew = state, new  # where convolutions keep their past"]
     for sec in sections:
@@ -72,6 +73,7 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
               "    def __init__(self):",
               "        super().__init__()",
               '        self.mode = "chunk"  # "recurrent": every memory token by token (the oracle)',
+              f'        self.backend = {backend!r}  # who runs the chunked forms: "torch", "triton" or "auto" (Triton on CUDA)',
               f"        self.embed = nn.Embedding({shape.vocab}, {shape.d_model})",
               f"        self.blocks = nn.ModuleList(Block() for _ in range({shape.layers}))",
               f"        self.norm = nn.RMSNorm({shape.d_model}, eps=1e-6)",
@@ -82,7 +84,7 @@ def generate(spec: S.ModelSpec, source: str = "") -> str:
               "        new = {}",
               "        h = self.embed(input_ids)",
               "        for i, block in enumerate(self.blocks):",
-              '            h = block(h, state, new, f"{i}.", self.mode, fast)',
+              '            h = block(h, state, new, f"{i}.", self.mode, fast, self.backend)',
               "        return self.head(self.norm(h)), new",
               ""]
     if not g.cms_levels:
@@ -109,8 +111,11 @@ def load_source(source: str, name: str = "nlc_generated"):
     return module
 
 
-def build(path, out_dir) -> list:
-    """`nlc build`: write model.py, manifest.json and graph.svg for a model spec into `out_dir`.
+def build(path, out_dir, backend: str = "torch") -> list:
+    """`nlc build`: write model.py, manifest.json and graph.svg for a model spec into `out_dir`,
+    and with `backend` "triton" or "auto" each Triton-served level's kernels as kernels/LEVEL.py
+    (the manifest's "placement" says, for every level, its skeleton and holes or why it runs on
+    torch). Returns the paths written.
 
     Deterministic: the same spec gives the same bytes. Everything is generated before anything is
     written, so an error writes nothing; each file is written atomically.
@@ -129,10 +134,11 @@ def build(path, out_dir) -> list:
     if not isinstance(spec, S.ModelSpec):
         raise TypeError(f"`{spec.name}` is an optimizer spec; `nlc build` builds model specs")
     try:
-        source = generate(spec, Path(path).name)
+        source = generate(spec, Path(path).name, backend)
     except Unsupported as e:
         raise e.located(loaded) from None
     derived = derive(spec)
+    kernels, placement = _kernel_files(spec, Path(path).name) if backend != "torch" else ({}, None)
     manifest = {
         "nlc": __version__,
         "spec": Path(path).name,
@@ -145,14 +151,46 @@ def build(path, out_dir) -> list:
                              if derived[name].family == "generalized_delta" and getattr(derived[name], t) is not None}}
                    for name, lv in spec.levels.items()},
         "optimizer": str(spec.optimizer) if spec.optimizer else None,
+        "backend": backend,
     }
+    if placement is not None:
+        manifest["placement"] = placement
     graph = lower(spec)
     try:
         files = {"model.py": source, "graph.svg": drawing(graph, "svg")}
     except RenderError:  # no Graphviz renderer on this platform: the DOT text instead
         files = {"model.py": source, "graph.dot": to_dot(graph)}
+    files.update(kernels)
     manifest["files"] = ["model.py", "manifest.json", *[f for f in files if f != "model.py"]]
     files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     out = Path(out_dir)
     return [atomic_write(out / name, files[name]) for name in ("model.py", "manifest.json") +
-            tuple(f for f in files if f.startswith("graph"))]
+            tuple(f for f in files if f not in ("model.py", "manifest.json"))]
+
+
+def _kernel_files(spec, source_name):
+    """({"kernels/LEVEL.py": text}, placement for the manifest) of a spec's Triton-served levels."""
+    import hashlib
+
+    from nlc.backends.triton import template
+    from nlc.backends.triton.plan import header, plan
+    spec_i = instanced(spec)
+    derived = derive(spec_i)
+    files, placement = {}, {}
+    for name, p in plan(spec).items():
+        if p.skeleton is None:
+            placement[name] = {"runs_on": "torch", "why": p.why}
+            continue
+        body = template.body(p.skeleton, p.flags)
+        sha = hashlib.sha256(body.encode()).hexdigest()[:16]
+        d = derived[name]
+        if p.skeleton == "delta_chunk":
+            rule = f"M_t = M_(t-1) (a I - b k k^T) + w k^T with a = {d.a}, b = {d.b}, w = {d.w}"
+        else:
+            lv = spec_i.levels[name]
+            rule = f"{lv.memory.kind} memory, {' |> '.join(map(str, lv.rule))} (gradients at each chunk's anchor)"
+        files[f"kernels/{name}.py"] = template.render(p.skeleton, p.flags,
+                                                      header(spec.name, source_name, name, rule, p, sha))
+        placement[name] = {"runs_on": "triton", "skeleton": p.skeleton, "flags": p.flags, "sha256_16": sha,
+                           "file": f"kernels/{name}.py"}
+    return files, placement

@@ -9,10 +9,14 @@ from nlc import spec as S
 def compile_model(spec, backend: str = "auto"):
     """The model of a spec: `forward(input_ids, state=None) -> (logits, state)`.
 
-    `backend`: "auto" or "torch" (the reference; Triton kernels are not generated yet).
+    `backend`: who runs the levels that have Triton kernels (`model.backend`, changeable later):
+    "torch" (the reference), "triton" (compiled on CUDA, Triton's interpreter on CPU) or "auto"
+    (Triton for CUDA tensors, torch otherwise). Levels with no kernel run on torch whatever the
+    backend; `nlc build --backend triton` lists them and says why.
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"unknown backend {backend!r}: use 'auto' or 'torch'")
+    from nlc.backends.dispatch import BACKENDS
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(map(repr, BACKENDS))}")
     from nlc.backends.torch.codegen import generate, load_source
     source_name = ""
     if isinstance(spec, (str, Path)):
@@ -21,7 +25,7 @@ def compile_model(spec, backend: str = "auto"):
         spec = load_located(spec).spec
     if not isinstance(spec, S.ModelSpec):
         raise TypeError(f"nlc.compile takes a model spec; `{spec.name}` is an optimizer (use nlc.compile_optimizer)")
-    module = load_source(generate(spec, source_name), f"nlc_{spec.name}")
+    module = load_source(generate(spec, source_name, backend), f"nlc_{spec.name}")
     model = module.Model()
     model.source = module.__dict__.get("__doc__", "")
     return model

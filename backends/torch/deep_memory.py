@@ -22,6 +22,7 @@ from nlc.backends.torch.memory_core import (
     BEFORE_WRITE, _advance, _blocks, _check_common, _chunk_slice, _coefficients, _dtype, _erase_solve,
     _per_token, _read, _require, _unblock)
 from nlc.backends.torch.ops import check_tensor
+from nlc.backends.dispatch import pick
 
 __all__ = ["mlp_memory", "MLPState", "ACTIVATIONS", "READS", "mlp_forward", "mlp_token_grads"]
 
@@ -98,7 +99,7 @@ def mlp_token_grads(err, weights, inputs, pre, activation="silu"):
 
 def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state, objective="l2",
                self_target=False, detach_target=False, activation="silu", residual=True,
-               read="anchor", output_final_state=True, mode="chunk", chunk_size=64):
+               read="anchor", output_final_state=True, mode="chunk", chunk_size=64, backend="auto"):
     r"""The deep memory of Titans / Hope: per head an MLP with fast weights, trained at the
     chunk's anchor weights (Nested Learning Eq. 90) and read there or at the current ones.
 
@@ -136,6 +137,9 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
         read: ``"anchor"`` (Eq. 90 as printed) or ``"current"`` (the weights before the token).
         mode, chunk_size: as :func:`momentum_memory`; ``"chunk"`` computes the current read with
             masked matmuls over each chunk (README "Memories"), no loop over tokens.
+        backend: who runs ``mode="chunk"``: ``"torch"``, ``"triton"`` (skeleton 2,
+            ``nlc.backends.triton.deep``: depth 2, silu or gelu, chunk 16, 32 or 64, sizes up to
+            128) or ``"auto"`` (Triton for CUDA tensors that it takes, torch otherwise).
 
     Returns:
         ``(o, MLPState)``: o ``[B, T, H, D_out]`` in q's dtype; weights ``[B, H, d_out, d_in]``;
@@ -173,6 +177,7 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
     dtype, out_dtype = _dtype(q, k, v, eta, beta, alpha, erase, *W0, *(S0 or ())), q.dtype
     eta = _per_token(op, "eta", eta, q, dtype)
     beta = _per_token(op, "beta", beta, q, dtype)
+    retain = alpha is not None
     alpha = _per_token(op, "alpha", 1.0 if alpha is None else alpha, q, dtype)
     erase = _per_token(op, "erase", erase, q, dtype)
     q, k, v = (x.to(dtype) for x in (q, k, v))
@@ -183,6 +188,10 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
              else [s.to(dtype).expand(B, *s.shape[-3:]) for s in S0])
     cfg = (objective, self_target, detach_target, activation, residual)
     run = _mlp_recurrent if mode == "recurrent" else _mlp_chunk
+    if mode == "chunk" and backend != "torch":
+        from nlc.backends.triton import deep
+        if pick(op, backend, q, why_not=deep.supports(cfg, W, chunk_size)) == "triton":
+            run, alpha = deep.chunk_mlp_memory, (alpha if retain else None)  # None: no retention terms
     o, W, S = run(q, k, v, eta, beta, alpha, erase, cfg, W, S, chunk_size, read == "current")
     state = MLPState(tuple(W), None if S is None else tuple(S))
     return o.to(out_dtype), (state if output_final_state else None)

@@ -14,6 +14,7 @@ from nlc import vocab as V
 from nlc.check import FlowTypes
 from nlc.expr import Bin, Call, ExprNode, Name, Neg, Num, subst
 from nlc.rules import derive
+from nlc.backends.triton.plan import delta_terms, plan
 
 _UNARY = V.ELEMENTWISE | {"l2norm", "detach", "norm", "sum"}   # one argument, one lib function each
 
@@ -52,6 +53,7 @@ class _Gen:
         self.types = FlowTypes(spec)                             # vec / head / const of each flow
         self.derived = derive(spec, self.types)                  # each level's update rule
         self.in_init = False                                     # generating a `param`'s initial value
+        self.placement = plan(spec)                              # which levels have Triton kernels
 
     def module(self, base: str, ctor: str) -> str:
         n = self.names.get(base, 0)
@@ -198,9 +200,16 @@ class _Gen:
             else:
                 head = [f"# level `{name}`: matrix memory, M_t = M_(t-1) (a I - b k k^T) + w k^T",
                         f"#   a = {d.a}, b = {d.b}, w = {d.w}"]
-                b, _ = self.expr(d.b, f"{name}_rule", name, body, done)
-                rule = [f"a, b, w = {a}, L.per_head({b}, key), {w}"]
+                decay, erase = delta_terms(d)   # a = 1 or b = 0: the term is absent (None)
+                b = f"L.per_head({self.expr(d.b, f'{name}_rule', name, body, done)[0]}, key)" if erase else "None"
+                rule = [f"a, b, w = {a if decay else 'None'}, {b}, {w}"]
                 call, tail = "a, b", ""
+            placed = self.placement[name]
+            if placed.skeleton is None:
+                head.append(f"#   runs on torch whatever the backend: {placed.why}")
+                tail += ", backend='torch'"
+            else:
+                tail += ", backend=backend"
             chunk = lv.chunk_size()
             gated = self.gated(name, lv, "onorm", body, done)
             return head + body + rule + [
@@ -211,8 +220,10 @@ class _Gen:
         if isinstance(m, (S.MatrixMemory, S.MLPMemory)):
             call, state_lines = self.memory_update(name, lv, body, done, read="query")
             gated = self.gated(name, lv, "onorm", body, done)
+            placed = self.placement[name]
+            note = [] if placed.skeleton else [f"#   runs on torch whatever the backend: {placed.why}"]
             return [f"# level `{name}`: {m.kind} memory, {' |> '.join(map(str, lv.rule))} (gradients at each chunk's anchor)"] + \
-                body + state_lines + [f"o, st = {call}", *self.save_state(name, lv),
+                note + body + state_lines + [f"o, st = {call}", *self.save_state(name, lv),
                                       f"h = h + self.{out}({gated}.reshape(B, T, {D}))"]
         raise Unsupported(f"level `{name}` ({m.kind} memory, {d.family} rule) is not supported by the torch backend yet")
 
@@ -285,9 +296,11 @@ class _Gen:
             w = self.module(f"{name}_W", f"L.mlp_params({H}, {K}, {hidden}, {d_out}, depth={m.depth}, residual={m.residual})")
             lines = [f"st = L.mlp_state(state, p + '{name}', self.{w}, momentum={d.momentum is not None})"]
         reads = f"read={lv.read or 'anchor'!r}, " if read != "x" else ""   # a generator is read at its anchor
+        placed = self.placement[name]
+        backend = "backend" if placed.skeleton else "'torch'"
         return (f"mlp_memory({args}, initial_state={'st' if read != 'x' else f'gst_{name}'}, objective={d.loss!r}, "
                 f"self_target={self_target}, activation={m.activation!r}, residual={m.residual}, "
-                f"{reads}mode=mode, chunk_size={chunk})", lines)
+                f"{reads}mode=mode, chunk_size={chunk}, backend={backend})", lines)
 
     def save_state(self, name: str, lv: S.Level) -> list[str]:
         if isinstance(lv.memory, S.MatrixMemory):

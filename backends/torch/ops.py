@@ -40,6 +40,7 @@ import torch
 
 from nlc.backends.torch.chunk import chunk_generalized_delta
 from nlc.backends.torch.chunk_dplr import chunk_dplr_delta
+from nlc.backends.dispatch import pick
 
 __all__ = ["linear_attn", "delta_rule", "gated_delta_rule", "generalized_delta", "MODES",
            "LOG_A_MIN", "A_MIN"]
@@ -50,7 +51,7 @@ A_MIN = math.exp(LOG_A_MIN)       # ~ 9.4e-14: floor of every retention
 
 
 def linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=True,
-                mode="chunk", chunk_size=64):
+                mode="chunk", chunk_size=64, backend="auto"):
     r"""Linear attention: :math:`h_t = h_{t-1} + k_t v_t^\top` (``a = 1, b = 0, w = v``).
 
     Args:
@@ -59,16 +60,20 @@ def linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=True
         initial_state: ``[B, H, K, V]`` or None (zeros).
         output_final_state: return the state after the last token, else None.
         mode: ``"chunk"`` or ``"recurrent"``. chunk_size: tokens per chunk (``mode="chunk"``).
+        backend: who runs the chunked form: ``"torch"``, ``"triton"`` (CUDA tensors compiled,
+            CPU tensors under Triton's interpreter) or ``"auto"`` (Triton for CUDA tensors, torch
+            otherwise). ``mode="recurrent"`` is always the torch token loop (the oracle).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state ``[B, H, K, V]`` or None.
     """
     _validate("linear_attn", q, k, ("v", v), {}, initial_state, scale, mode, chunk_size)
-    return _run(q, k, v, None, None, None, scale, initial_state, output_final_state, mode, chunk_size)
+    return _run(q, k, v, None, None, None, scale, initial_state, output_final_state, mode, chunk_size,
+                backend=pick("linear_attn", backend, q))
 
 
 def delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=True,
-               mode="chunk", chunk_size=64):
+               mode="chunk", chunk_size=64, backend="auto"):
     r"""DeltaNet: :math:`h_t = (I - \beta_t k_t k_t^\top) h_{t-1} + \beta_t k_t v_t^\top`.
 
     ``a = 1, b = beta, w = beta v``. beta: ``[B, T, H]``; keys are usually L2-normalised and
@@ -76,11 +81,12 @@ def delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state
     """
     _validate("delta_rule", q, k, ("v", v), {"beta": beta}, initial_state, scale, mode, chunk_size)
     w = beta.unsqueeze(-1) * v
-    return _run(q, k, w, None, None, beta, scale, initial_state, output_final_state, mode, chunk_size)
+    return _run(q, k, w, None, None, beta, scale, initial_state, output_final_state, mode, chunk_size,
+                backend=pick("delta_rule", backend, q))
 
 
 def gated_delta_rule(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=True,
-                     mode="chunk", chunk_size=64):
+                     mode="chunk", chunk_size=64, backend="auto"):
     r"""Gated DeltaNet (fla convention):
     :math:`h_t = e^{g_t} (I - \beta_t k_t k_t^\top) h_{t-1} + \beta_t k_t v_t^\top`.
 
@@ -93,11 +99,12 @@ def gated_delta_rule(q, k, v, beta, g, scale=None, initial_state=None, output_fi
     g = g.clamp_min(LOG_A_MIN)
     w = beta.unsqueeze(-1) * v
     b = g.exp() * beta
-    return _run(q, k, w, None, g, b, scale, initial_state, output_final_state, mode, chunk_size)
+    return _run(q, k, w, None, g, b, scale, initial_state, output_final_state, mode, chunk_size,
+                backend=pick("gated_delta_rule", backend, q))
 
 
 def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output_final_state=True,
-                      mode="chunk", chunk_size=64, *, erase=None):
+                      mode="chunk", chunk_size=64, *, erase=None, backend="auto"):
     r"""The family: :math:`h_t = a_t h_{t-1} - b_t k_t (k_t^\top h_{t-1}) + k_t w_t^\top`,
     :math:`o_t = h_t^\top (\mathrm{scale}\, q_t)`, and its diagonal-plus-low-rank (DPLR) widening
     :math:`h_t = \mathrm{diag}(a_t) h_{t-1} - u_t (e_t^\top h_{t-1}) + k_t w_t^\top`.
@@ -105,7 +112,7 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
     Args:
         q, k: ``[B, T, H, K]``. w: write vector ``[B, T, H, V]``.
         a: retention, ``[B, T, H]`` (one per head) or ``[B, T, H, K]`` (one per key channel: a
-           diagonal decay, as GLA / RWKV-7 / KDA). Floored at ``A_MIN = e^-30`` in both modes
+           diagonal decay, as GLA / RWKV-7 / KDA), or None: no retention (a = 1). Floored at ``A_MIN = e^-30`` in both modes
            (module docstring). ``mode="chunk"`` needs ``a >= 0`` (it takes ``log max(a, A_MIN)``;
            ``a <= 1`` keeps every exponent it takes non-positive); ``mode="recurrent"`` takes any a.
         b: erase strength ``[B, T, H]``: the erase ``u = b k, e = k``. None: no erase, unless
@@ -116,7 +123,9 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
 
     Scalar ``a`` with ``b`` (or no erase) runs the WY/UT form of ``chunk.py``; per-channel ``a`` or
     ``erase`` runs the DPLR form of ``chunk_dplr.py`` (same result, more work and memory:
-    ``[C, C, K]`` decays per chunk).
+    ``[C, C, K]`` decays per chunk). On Triton (``backend``) the scalar form runs the kernels of
+    ``nlc.backends.triton.delta``; the DPLR form has no kernel yet (``"auto"`` runs it on torch,
+    ``"triton"`` says so).
 
     Returns:
         ``(o, final_state)`` as :func:`linear_attn`.
@@ -133,11 +142,12 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
     keyed = {} if erase is None else {"erase[0] (u)": u, "erase[1] (e)": e}
     _validate(op, q, k, ("w", w), {} if b is None else {"b": b}, initial_state, scale, mode,
               chunk_size, keyed=keyed, retention=a)
-    if mode == "chunk" and bool((a < 0).any()):
+    if mode == "chunk" and a is not None and bool((a < 0).any()):
         raise ValueError(f"{op}: mode='chunk' needs a >= 0 everywhere (it takes log max(a, A_MIN), "
                          f"A_MIN = exp({LOG_A_MIN})); use mode='recurrent' for negative a")
+    dplr = erase is not None or (a is not None and a.dim() == 4)
     return _run(q, k, w, a, None, b, scale, initial_state, output_final_state, mode, chunk_size,
-                u, e)
+                u, e, backend=pick(op, backend, q, dplr=dplr))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +155,7 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
 
 
 def _run(q, k, w, a, log_a, b, scale, initial_state, output_final_state, mode, chunk_size,
-         u=None, e=None):
+         u=None, e=None, backend="torch"):
     """Run the family. ``a`` or ``log_a`` (or neither: a = 1) gives retention, ``a`` ``[B, T, H]``
     or ``[B, T, H, K]``, ``log_a`` already floored; ``b`` or ``(u, e)`` (or neither) the erase."""
     out_dtype = q.dtype
@@ -176,7 +186,10 @@ def _run(q, k, w, a, log_a, b, scale, initial_state, output_final_state, mode, c
                 log_a = log_a.unsqueeze(-1).expand_as(k)
             o, h = chunk_dplr_delta(q, k, w, log_a, u, e, h0, chunk_size)
         else:
-            o, h = chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size)
+            core = chunk_generalized_delta
+            if backend == "triton":
+                from nlc.backends.triton.delta import chunk_generalized_delta as core
+            o, h = core(q, k, w, log_a, b, h0, chunk_size)
     return o.to(out_dtype), (h if output_final_state else None)
 
 

@@ -67,12 +67,12 @@ def run_with_grads(op, x, **kwargs):
     """(o, S, {input name: gradient}) of a random linear functional of o and S."""
     o, S = call(op, x, **kwargs)
     gen = _generator("cotangent", op, tuple(o.shape))
-    do = torch.randn(o.shape, generator=gen, dtype=o.dtype)
-    dS = torch.randn(S.shape, generator=gen, dtype=S.dtype)
+    do = torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)
+    dS = torch.randn(S.shape, generator=gen, dtype=S.dtype).to(S.device)
     loss = (o * do).sum() + (S * dS).sum()
     names = list(x)
     grads = torch.autograd.grad(loss, [x[n] for n in names])
-    return o.detach(), S.detach(), dict(zip(names, grads))
+    return o.detach().cpu(), S.detach().cpu(), {n: g.cpu() for n, g in zip(names, grads)}
 
 
 def assert_rel(name, x, y, tol=TOL):

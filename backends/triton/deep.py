@@ -1,0 +1,148 @@
+"""The deep (MLP) memory on Triton: skeleton 2 (``skeletons/mlp_chunk.py``).
+
+:func:`chunk_mlp_memory` has the signature and the result of the torch backend's chunk core
+``nlc.backends.torch.deep_memory._mlp_chunk`` (after ``mlp_memory``'s validation and casting), so
+``mlp_memory`` can pick either with one line where it picks ``_mlp_recurrent`` or ``_mlp_chunk``.
+
+Forward: one Triton kernel, one program per (batch, head), weights and momenta on chip across the
+sequence; it also writes every chunk's anchor weights (and momenta). Backward: exact, chunk by
+chunk in reverse, each chunk recomputed from its saved anchor state by the torch chunk code
+(``_mlp_chunk`` on that chunk's tokens) under autograd, carrying the gradient of the chunk-end
+state; memory is one chunk's graph at a time. Not a Triton kernel (yet).
+
+The chunk size is the kernel's tile and, for the MLP memory, part of the semantics (gradients at
+each chunk's anchor): the kernel takes exactly 16, 32 or 64 and raises otherwise.
+"""
+from __future__ import annotations
+
+import torch
+
+from nlc.backends.torch.deep_memory import _mlp_chunk
+from nlc.backends.triton import template
+
+__all__ = ["chunk_mlp_memory", "supports", "variant", "kernels", "CHUNKS", "ACTIVATIONS", "MAX_DIM"]
+
+from nlc.backends.triton.plan import MLP_ACTIVATIONS as ACTIVATIONS, MLP_CHUNKS as CHUNKS, MLP_MAX_DIM as MAX_DIM  # noqa: E402
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def variant(cfg, momentum: bool, retain: bool, erase: bool, current: bool) -> dict:
+    """The skeleton flags of a level; ``cfg = (objective, self_target, detach_target, activation,
+    residual)`` as ``deep_memory`` builds it (detach_target changes the backward only)."""
+    objective, self_target, _, activation, residual = cfg
+    return {"MOMENTUM": bool(momentum), "RETAIN": bool(retain), "ERASE": bool(erase),
+            "SELF_TARGET": bool(self_target), "RESIDUAL": bool(residual), "CURRENT": bool(current),
+            "L2": objective == "l2", "GELU": activation == "gelu"}
+
+
+def kernels(flags: dict, interpret: bool):
+    return template.load("mlp_chunk", flags, interpret)
+
+
+def supports(cfg, W, chunk_size) -> str | None:
+    """Why the kernel cannot run this call (None: it can)."""
+    if chunk_size not in CHUNKS:
+        return f"chunk_size must be one of {CHUNKS} (the kernel's tile), got {chunk_size}"
+    if len(W) != 2:
+        return f"depth must be 2 (two weight matrices), got {len(W)}"
+    if cfg[3] not in ACTIVATIONS:
+        return f"activation must be one of {ACTIVATIONS}, got {cfg[3]!r}"
+    dims = (W[0].shape[-2], W[0].shape[-1], W[1].shape[-1])
+    if max(dims) > MAX_DIM:
+        return f"d_out, hidden and D must be at most {MAX_DIM}, got {dims}"
+    return None
+
+
+def chunk_mlp_memory(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current):
+    """As ``deep_memory._mlp_chunk``: tensors in one float dtype, per-token scalars ``[B, T, H]``
+    (alpha may be None: no retention), W (and S) ``[W1, W2]`` each ``[B, H, d_out, d_in]``.
+    Returns ``(o [B, T, H, d_out], [W1, W2], [S1, S2] or None)``."""
+    why = supports(cfg, W, C)
+    if why is not None:
+        raise ValueError(f"mlp_memory on Triton: {why}; use backend='torch'")
+    if (S is None) != (beta is None):
+        raise ValueError("mlp_memory on Triton: momenta S must be given exactly when beta is")
+    B, T, H, _ = q.shape
+    if T == 0:
+        return q.new_zeros(B, 0, H, W[0].shape[-2]), list(W), S
+    out = _MLPChunk.apply(cfg, int(C), bool(current), q, k, v, eta, beta, alpha, erase,
+                          W[0], W[1], *(S if S is not None else (None, None)))
+    return out[0], list(out[1:3]), (list(out[3:5]) if S is not None else None)
+
+
+def _config(q, W, C):
+    import triton.language as tl
+    d_out, hid, D = W[0].shape[-2], W[0].shape[-1], W[1].shape[-1]
+    f64 = q.dtype == torch.float64
+    cfg = dict(BC=C, BD=_pow2(D), BH=_pow2(hid), BO=_pow2(d_out), ACC=tl.float64 if f64 else tl.float32,
+               PREC="ieee")
+    return D, hid, d_out, cfg, (8 if max(D, hid, d_out) > 64 or C > 32 else 4)
+
+
+class _MLPChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg, C, current, q, k, v, eta, beta, alpha, erase, W1, W2, S1, S2):
+        B, T, H, _ = q.shape
+        N = -(-T // C)
+        D, hid, d_out, kc, warps = _config(q, (W1, W2), C)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        flags = variant(cfg, beta is not None, alpha is not None, erase is not None, current)
+        mod = kernels(flags, interpret=not q.is_cuda)
+        c = lambda x: None if x is None else x.to(acc).contiguous()  # noqa: E731
+        q_, k_, v_, eta_, beta_, alpha_, erase_ = map(c, (q, k, v, eta, beta, alpha, erase))
+        mats = [c(w).reshape(B * H, *w.shape[-2:]) for w in (W1, W2)]
+        mom = beta is not None
+        if mom:
+            mats += [c(s).reshape(B * H, *s.shape[-2:]) for s in (S1, S2)]
+        dummy = q_.new_zeros(1)
+        o = q_.new_empty(B, T, H, d_out)
+        finals = [torch.empty_like(m) for m in mats]
+        anchors = [q_.new_empty(B * H, N, *m.shape[-2:]) for m in mats]
+        pad = lambda xs: xs + [dummy] * (4 - len(xs))  # noqa: E731
+        or_d = lambda x: dummy if x is None else x  # noqa: E731
+        mod.mlp_chunk_fwd[(B * H,)](
+            q_, k_, v_, eta_, or_d(beta_), or_d(alpha_), or_d(erase_), *pad(mats), o, *pad(finals),
+            *pad(anchors), T, H, D, hid, d_out, v.shape[-1], N,
+            BV=_pow2(v.shape[-1]), num_warps=warps, num_stages=1, **kc)
+        ctx.save_for_backward(q, k, v, eta, beta, alpha, erase, *anchors)
+        ctx.meta = (cfg, C, current, B, H)
+        outs = [o] + [f.reshape(B, H, *f.shape[-2:]) for f in finals]
+        return tuple(x.to(q.dtype) for x in outs)
+
+    @staticmethod
+    def backward(ctx, do, *dstate):
+        q, k, v, eta, beta, alpha, erase, *anchors = ctx.saved_tensors
+        cfg, C, current, B, H = ctx.meta
+        T = q.shape[1]
+        N = anchors[0].shape[1]
+        anchors = [a.to(q.dtype).reshape(B, H, N, *a.shape[-2:]) for a in anchors]
+        inputs = [q, k, v, eta, beta, alpha, erase]
+        need = ctx.needs_input_grad[3:10]
+        grads = [torch.zeros_like(x) if x is not None and nd else None for x, nd in zip(inputs, need)]
+        carry = [torch.zeros_like(a[:, :, 0]) if g is None else g for a, g in zip(anchors, dstate)]
+        for n in reversed(range(N)):
+            sl = slice(n * C, min(T, (n + 1) * C))
+            with torch.enable_grad():
+                xs = [None if x is None else x[:, sl].detach().requires_grad_(bool(nd))
+                      for x, nd in zip(inputs, need)]
+                st = [a[:, :, n].detach().requires_grad_() for a in anchors]
+                a_ = torch.ones_like(xs[3]) if alpha is None else xs[5]
+                o, Wn, Sn = _mlp_chunk(*xs[:5], a_, xs[6], cfg, st[:2], st[2:] or None, C, current)
+                wrt = [x for x in xs if x is not None and x.requires_grad] + st
+                outs = [o, *Wn, *(Sn or ())]
+                gout = [torch.zeros_like(o) if do is None else do[:, sl], *carry]
+                g = list(torch.autograd.grad(outs, wrt, gout, allow_unused=True))
+            for i, x in enumerate(xs):
+                if x is not None and x.requires_grad:
+                    gi = g.pop(0)
+                    if gi is not None:
+                        grads[i][:, sl] = gi
+            carry = [torch.zeros_like(s) if gi is None else gi for s, gi in zip(st, g)]
+        dmats = carry + [None] * (4 - len(carry))
+        return (None, None, None, *grads, *dmats)

@@ -1,0 +1,113 @@
+"""Which skeleton serves each level, with which holes, or why none does.
+
+``plan(spec)`` reads the (instanced) spec and its derived rules, never torch: for every level in
+the block it returns a :class:`Placement`, either a skeleton and its flags (the level's terms) or
+the torch form it runs on and why. ``nlc build --backend triton`` writes it to the manifest and
+prints it; the generated model follows it (a level with no skeleton is called with
+``backend='torch'``); ``header`` is the comment block on top of a level's kernel file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nlc import spec as S
+from nlc.expr import Num
+from nlc.instance import instanced
+from nlc.rules import derive
+
+__all__ = ["Placement", "plan", "delta_terms", "mlp_flags", "header"]
+
+MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
+MLP_ACTIVATIONS = ("silu", "gelu")
+MLP_MAX_DIM = 128
+
+
+@dataclass(frozen=True)
+class Placement:
+    level: str
+    skeleton: str | None            # None: runs on torch
+    flags: dict = field(default_factory=dict)
+    why: str = ""                   # what runs instead, and why (skeleton None)
+
+    def describe(self) -> str:
+        if self.skeleton is None:
+            return f"torch: {self.why}"
+        on = ", ".join(k for k, v in sorted(self.flags.items()) if v) or "no optional terms"
+        return f"Triton skeleton `{self.skeleton}` ({on})"
+
+
+def _is(e, value: float) -> bool:
+    return isinstance(e, Num) and float(e.value) == value
+
+
+def delta_terms(d) -> tuple[bool, bool]:
+    """(retention present, erase present) of a generalized-delta rule: a = 1 and b = 0 are absent."""
+    return not _is(d.a, 1.0), d.b is not None and not _is(d.b, 0.0)
+
+
+def plan(spec: S.ModelSpec) -> dict[str, Placement]:
+    spec = instanced(spec)
+    derived = derive(spec)
+    out = {}
+    for name, lv in spec.levels.items():
+        m, d = lv.memory, derived[name]
+        if isinstance(m, S.AttentionMemory):
+            p = Placement(name, None, why="softmax attention runs as torch's scaled_dot_product_attention "
+                                          "(flash attention on CUDA); no skeleton is needed")
+        elif isinstance(m, S.MatrixMemory) and d.family == "generalized_delta":
+            if d.diagonal:
+                p = Placement(name, None, why="a per-channel retention or a general erase (the DPLR form) "
+                                              "has no Triton skeleton yet")
+            else:
+                decay, erase = delta_terms(d)
+                p = Placement(name, "delta_chunk", {"DECAY": decay, "ERASE": erase})
+        elif isinstance(m, S.MatrixMemory):
+            p = Placement(name, None, why="a matrix memory with momentum has no Triton skeleton yet")
+        elif isinstance(m, S.MLPMemory) and lv.every is not None and lv.every.period is None:
+            p = Placement(name, None, why="a static MLP (frequency 0) is dense layers: torch matmuls")
+        elif isinstance(m, S.MLPMemory) and lv.objective is not None and lv.objective.loss == "task":
+            p = Placement(name, None, why="a CMS level is dense layers updated by the outer loss's "
+                                          "gradient every period: torch matmuls")
+        else:
+            why, flags = mlp_flags(spec, name, d)
+            p = Placement(name, None, why=why) if why else Placement(name, "mlp_chunk", flags)
+        out[name] = p
+    return out
+
+
+def mlp_flags(spec, name: str, d) -> tuple[str | None, dict]:
+    """(why skeleton 2 cannot serve this MLP memory level, or None; its flags)."""
+    lv = spec.levels[name]
+    m = lv.memory
+    K = spec.model.d_model // spec.model.heads
+    hidden, d_out = int(round(K * m.expansion)), (1 if lv.out == "scalar" else K)
+    chunk = lv.chunk_size()
+    if m.depth != 2:
+        return f"skeleton 2 takes depth-2 MLP memories, this one has depth {m.depth}", {}
+    if m.activation not in MLP_ACTIVATIONS:
+        return f"skeleton 2 takes activations {', '.join(MLP_ACTIVATIONS)}, not {m.activation}", {}
+    if chunk not in MLP_CHUNKS:
+        return (f"skeleton 2 takes chunks of {', '.join(map(str, MLP_CHUNKS))} tokens (its tile; the MLP "
+                f"memory's chunk is part of its semantics, so it is never rounded), not {chunk}"), {}
+    if max(K, hidden, d_out) > MLP_MAX_DIM:
+        return f"skeleton 2 takes sizes up to {MLP_MAX_DIM}, this memory has {max(K, hidden, d_out)}", {}
+    if lv.init != "meta" or d.momentum is not None and d.momentum[0] != "momentum" or d.pre_retain is not None:
+        return "this MLP memory runs on torch only (see its explain note)", {}
+    target = d.target
+    self_target = getattr(target, "fn", None) == "M"
+    return None, {"MOMENTUM": d.momentum is not None, "RETAIN": d.retain is not None,
+                  "ERASE": d.erase is not None, "SELF_TARGET": self_target, "RESIDUAL": bool(m.residual),
+                  "CURRENT": lv.read == "current" and name in spec.model.block, "L2": d.loss == "l2",
+                  "GELU": m.activation == "gelu"}
+
+
+def header(spec_name: str, source: str, level: str, rule: str, p: Placement, sha: str) -> str:
+    """The comment block on top of a level's generated kernel file."""
+    flags = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in sorted(p.flags.items()))
+    return "\n".join([
+        f"{level}: Triton kernels of level `{level}` of spec `{spec_name}`" + (f" ({source})" if source else ""),
+        f"rule: {rule}",
+        f"skeleton: {p.skeleton} (backends/triton/skeletons/{p.skeleton}.py), holes: {flags}",
+        f"body sha256[:16]: {sha} (what runs: the cached module triton/{p.skeleton}_{sha}.py under $NLC_CACHE_DIR, default ~/.cache/nlc)",
+        "Generated by nlc: do not edit; change the spec and run `nlc build --backend triton` again.",
+    ])

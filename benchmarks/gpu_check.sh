@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One short device session: install, run the Triton tests on the GPU (compiled, float32, bfloat16
+# and float64), then the kernel benchmark. Results land in $OUT (or ./gpu_out).
+# Run from the repository root on the GPU machine:  bash benchmarks/gpu_check.sh
+set -u
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+{
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+# the card's image has torch and triton but no registry: the pure dependencies travel in .bench/site
+export PYTHONPATH=$PWD/.bench/site${PYTHONPATH:+:$PYTHONPATH}
+pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "root' user"
+if ! (cd /tmp && python -c "import nlc.backends.torch.ops"); then
+  # no editable install (this copy is thrown away): links give nlc/ the installed layout
+  ln -sfn "$PWD/backends" nlc/backends && ln -sfn "$PWD/runtime" nlc/runtime
+  export PYTHONPATH=$PWD:$PYTHONPATH
+  (cd /tmp && python -c "import nlc.backends.torch.ops as m; print('nlc ops from', m.__file__)")
+fi
+export NLC_TEST_DEVICE=cuda TRITON_INTERPRET=0 NLC_CACHE_DIR=$PWD/.nlc_cache
+timeout 240 python -m pytest -q -x -p no:cacheprovider tests/backends/test_triton_delta.py ${EXTRA_TESTS:-} 2>&1 | tail -25
+timeout 300 python benchmarks/kernels.py --fla .bench --out "$OUT/kernels_bf16.md" ${BENCH_ARGS:-}
+} 2>&1 | tee "$OUT/log.txt"

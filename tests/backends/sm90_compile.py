@@ -1,0 +1,78 @@
+"""Compile the kernels the shipped specs generate for an H100 (sm_90) and print, as JSON lines,
+each one's shared memory in bytes: ``{"variant": ..., "kernel": ..., "smem": ...}``.
+
+Run in its own process (test_triton_sm90.py does): Triton must be imported without
+``TRITON_INTERPRET``, which the test session sets. Triton's bundled ptxas compiles for a target
+that is not present, so no GPU is needed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import nlc
+from nlc.backends.triton import template
+from nlc.backends.triton.plan import plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compile_smem(fn, constexprs: dict, stages: int, warps: int = 4) -> int:
+    sig = {n: "constexpr" if n in constexprs else ("*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_stages": stages, "num_warps": warps}).metadata.shared
+
+
+def placements():
+    from nlc.instance import instanced
+    for path in sorted((ROOT / "specs").glob("*.yaml")):
+        spec = nlc.load(path)
+        if not hasattr(spec, "levels"):
+            continue
+        inst = instanced(spec)
+        K = spec.model.d_model // spec.model.heads
+        for name, p in plan(spec).items():
+            if p.skeleton:
+                lv = inst.levels[name]
+                d_out = 1 if lv.out == "scalar" else K
+                yield spec.name, name, p, (K, int(round(K * getattr(lv.memory, "expansion", 1))), d_out, lv.chunk_size())
+
+
+def main(everything: bool):
+    """``everything``: every variant in float32 and bfloat16; else the generalized delta's widest
+    variant (retention and erase: the superset of its tiles) in float32 and every deep-memory
+    level (each compile takes seconds on a CPU)."""
+    from nlc.backends.triton.deep import _config, _pow2
+    from nlc.backends.triton.delta import launch
+    seen = set()
+    for spec, level, p, (D, hidden, d_out, chunk) in placements():
+        key = (p.skeleton, tuple(sorted(p.flags.items())), D, hidden, d_out, chunk)
+        if key in seen or (not everything and p.skeleton == "delta_chunk" and not all(p.flags.values())):
+            continue
+        seen.add(key)
+        mod = template.load(p.skeleton, p.flags, interpret=False)
+        variant = f"{spec}/{level}"
+        if p.skeleton == "delta_chunk":   # at the benchmark's widest tiles, K = V = 128, both input dtypes
+            for dtype in (torch.float32, torch.bfloat16)[:2 if everything else 1]:
+                for name, (meta, stages) in launch(128, 128, 64, dtype).items():
+                    if hasattr(mod, name):
+                        extra = {"delta_state_fwd": {"HAS_H0": True}, "delta_state_bwd": {"HAS_DHT": True}}.get(name, {})
+                        print(json.dumps({"variant": f"{variant} {dtype}", "kernel": name,
+                                          "smem": compile_smem(getattr(mod, name), dict(meta, **extra), stages)}), flush=True)
+        else:                              # at the spec's own sizes
+            W = [torch.empty(1, 1, d_out, hidden), torch.empty(1, 1, hidden, D)]
+            *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, chunk)
+            cfg = dict(cfg, BV=_pow2(D if p.flags["SELF_TARGET"] else d_out))
+            print(json.dumps({"variant": variant, "kernel": "mlp_chunk_fwd",
+                              "smem": compile_smem(mod.mlp_chunk_fwd, cfg, 1, warps)}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main("--all" in sys.argv))

@@ -1,0 +1,129 @@
+"""Shipped models on the Triton backend: logits, states and every parameter gradient equal the
+torch backend's (float64, under the interpreter on CPU); `nlc build --backend triton` writes each
+served level's kernels (golden) and says where every other level runs and why."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import nlc
+from nlc.backends.torch.codegen import build
+from nlc.backends.triton import template
+from nlc.backends.triton.plan import plan
+
+from .test_compile import COMPILED, GOLDEN, ROOT, small
+
+SERVED = [n for n in COMPILED
+          if any(p.skeleton for p in plan(nlc.load(ROOT / "specs" / f"{n}.yaml")).values())]
+
+
+def test_the_served_specs():
+    """Hope and TTT-MLP have 256-wide memories (one head): skeleton 2 holds weights up to 128 on
+    chip, so they run on torch and say so (test below)."""
+    assert set(SERVED) == {"linear_attention", "deltanet", "gated_deltanet", "retnet", "gdn_swa",
+                           "titans", "hope_heads"}
+
+
+def small_triton(name, tmp_path):
+    """`small`, with chunks of 16: skeleton 2's smallest tile (its chunk is semantics, not rounded)."""
+    p = small(name, tmp_path)
+    p.write_text(p.read_text().replace("chunk: 8", "chunk: 16").replace("chunk: 4", "chunk: 16")
+                 .replace("8, 16, 32 tokens", "16, 32 tokens"))
+    return p
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_triton_model_equals_torch_model(name, tmp_path):
+    torch.manual_seed(0)
+    spec = small_triton(name, tmp_path)
+    assert any(p.skeleton for p in plan(nlc.load(spec)).values())
+    ref = nlc.compile(spec, backend="torch").double()
+    tri = nlc.compile(spec, backend="triton").double()
+    tri.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 50, (2, 21))
+    out = {}
+    for label, model in (("torch", ref), ("triton", tri)):
+        logits, state = model(ids)
+        state = {k: v for k, v in state.items() if torch.is_tensor(v)}   # not CMS's pending logits
+        loss = (logits * logits.detach().sin()).sum() + sum(s.square().sum() for s in state.values())
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, materialize_grads=True)
+        out[label] = (logits, state, grads)
+    (l_r, s_r, g_r), (l_t, s_t, g_t) = out["torch"], out["triton"]
+    assert (l_t - l_r).abs().max() < 1e-10
+    assert s_t.keys() == s_r.keys()
+    for k in s_r:
+        assert (s_t[k] - s_r[k]).abs().max() < 1e-10, k
+    for (pname, _), gt, gr in zip(ref.named_parameters(), g_t, g_r):
+        assert (gt - gr).abs().max() <= 1e-10 * max(1.0, gr.abs().max().item()), pname
+
+
+def test_every_level_is_placed_and_served_levels_get_kernels(tmp_path):
+    files = build(ROOT / "specs" / "gdn_swa.yaml", tmp_path / "out", backend="triton")
+    names = {p.relative_to(tmp_path / "out").as_posix() for p in files}
+    assert {"kernels/gdn.py", "kernels/gdn__2.py", "kernels/gdn__3.py"} <= names
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    placement = manifest["placement"]
+    assert manifest["backend"] == "triton"
+    assert set(placement) == {"gdn", "gdn__2", "gdn__3", "mlp", "mlp__2", "mlp__3", "mlp__4", "swa"}
+    assert placement["swa"]["runs_on"] == "torch" and "attention" in placement["swa"]["why"]
+    assert placement["gdn"]["flags"] == {"DECAY": True, "ERASE": True}
+    text = (tmp_path / "out" / "kernels" / "gdn.py").read_text()
+    assert text.startswith("# gdn: Triton kernels of level `gdn` of spec `gdn_swa`")
+    assert "a = alpha, b = alpha * beta, w = beta * value" in text.splitlines()[1]
+    assert text.endswith(template.body("delta_chunk", placement["gdn"]["flags"]))
+    # the torch build writes no kernels and no placement
+    files = build(ROOT / "specs" / "gdn_swa.yaml", tmp_path / "plain")
+    assert not any("kernels" in str(p) for p in files)
+    assert "placement" not in json.loads((tmp_path / "plain" / "manifest.json").read_text())
+
+
+def test_levels_no_skeleton_serves_say_why(tmp_path):
+    build(ROOT / "specs" / "hope.yaml", tmp_path / "hope", backend="triton")
+    placement = json.loads((tmp_path / "hope" / "manifest.json").read_text())["placement"]
+    assert placement["M_mem"]["runs_on"] == "torch" and "up to 128" in placement["M_mem"]["why"]
+    assert "backend='torch'" in (tmp_path / "hope" / "model.py").read_text()
+
+
+def test_dplr_levels_say_why_they_run_on_torch(tmp_path):
+    build(ROOT / "specs" / "gla.yaml", tmp_path, backend="triton")
+    placement = json.loads((tmp_path / "manifest.json").read_text())["placement"]
+    assert placement["memory"]["runs_on"] == "torch" and "DPLR" in placement["memory"]["why"]
+    assert "backend='torch'" in (tmp_path / "model.py").read_text()
+
+
+VARIANTS = sorted({(p.skeleton, tuple(sorted(p.flags.items()))) for n in SERVED
+                   for p in plan(nlc.load(ROOT / "specs" / f"{n}.yaml")).values() if p.skeleton})
+
+
+def _tag(flags):
+    return "_".join(k for k, v in flags if v) or "plain"
+
+
+@pytest.mark.parametrize("skeleton,flags", VARIANTS, ids=[f"{s}-{_tag(f)}" for s, f in VARIANTS])
+def test_generated_kernels_match_golden(skeleton, flags):
+    text = template.body(skeleton, dict(flags))
+    golden = GOLDEN / "triton" / f"{skeleton}_{_tag(flags)}.py.txt"
+    if os.environ.get("NLC_REGEN_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file: run NLC_REGEN_GOLDEN=1 pytest {__file__}"
+    assert text == golden.read_text(), "generated kernel changed: review the diff, then NLC_REGEN_GOLDEN=1"
+
+
+def test_cli_build_triton_reports_placement(tmp_path):
+    from typer.testing import CliRunner
+
+    from nlc.runtime.cli import app
+    r = CliRunner().invoke(app, ["build", str(ROOT / "specs" / "retnet.yaml"), "-o", str(tmp_path / "r"),
+                                 "--backend", "triton"])
+    assert r.exit_code == 0, r.output
+    assert "level retention: Triton, skeleton delta_chunk -> kernels/retention.py" in r.output
+    assert "level mlp: torch (" in r.output
+    r = CliRunner().invoke(app, ["build", str(ROOT / "specs" / "retnet.yaml"), "-o", str(tmp_path / "x"),
+                                 "--backend", "cuda"])
+    assert r.exit_code == 2 and "--backend must be one of" in r.output
+    assert not Path(tmp_path / "x").exists()

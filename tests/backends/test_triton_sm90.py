@@ -1,0 +1,38 @@
+"""Every kernel the shipped specs generate compiles for an H100 (sm_90) and fits its shared memory,
+checked on this CPU: Triton's bundled ptxas compiles for a target without a GPU present.
+
+The interpreter forgives what a GPU rejects (tiles over the shared memory, shapes a dot cannot
+take), so this holds the launch configurations of ``delta.launch`` and ``deep._config`` to the
+card: the generalized delta kernels at the benchmark's K = V = 128 (the widest tiles nlc
+launches), the deep-memory kernel at each shipped level's own sizes. By default the delta
+skeleton's widest variant (retention and erase) in float32; ``NLC_SM90_ALL=1`` compiles every
+variant in float32 and bfloat16 (about 6 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+H100_SMEM = 232448          # bytes of shared memory one block may use on sm_90 (227 KB)
+
+
+def test_every_shipped_kernel_compiles_for_sm90_and_fits():
+    pytest.importorskip("triton", reason="compiling for sm_90 needs Triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["NLC_CACHE_DIR"] = os.environ.get("NLC_CACHE_DIR", "")
+    script = Path(__file__).with_name("sm90_compile.py")
+    args = ["--all"] if os.environ.get("NLC_SM90_ALL") else []    # every variant: about 6 minutes
+    r = subprocess.run([sys.executable, str(script), *args], env={k: v for k, v in env.items() if v}, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    kernels = {row["kernel"] for row in rows}
+    assert {"delta_prep", "delta_state_fwd", "delta_out", "delta_state_bwd", "delta_chunk_bwd",
+            "mlp_chunk_fwd"} <= kernels
+    over = [row for row in rows if row["smem"] > H100_SMEM]
+    assert not over, f"over the H100's {H100_SMEM} bytes of shared memory: {over}"

@@ -1,0 +1,66 @@
+"""`nlc verify`: the forms of every level agree on shipped specs, a wrong kernel is caught (exit 1),
+and mistakes are exit 2. The specs are shrunk (`--set`-free: through `small`) to keep the
+interpreter quick; `nlc verify` itself runs at the spec's own widths."""
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import nlc
+from nlc.runtime.cli import app
+from nlc.runtime.verify import render, verify
+
+from .test_compile import ROOT, small
+
+
+def test_verify_agrees_on_a_delta_spec(tmp_path):
+    rows, facts = verify(nlc.load(small("gated_deltanet", tmp_path)), tokens=21)
+    forms = {(r.level, r.compare) for r in rows}
+    assert ("memory", "triton vs chunk") in forms and ("memory", "chunk vs recurrent") in forms
+    assert all(r.ok for r in rows), render(rows, facts, "gated_deltanet")
+    mem = next(r for r in rows if r.level == "memory" and r.compare == "triton vs chunk")
+    assert mem.state is not None and mem.grad is not None and "delta_chunk" in mem.note
+
+
+def test_verify_torch_only_on_a_deep_memory_spec(tmp_path):
+    rows, _ = verify(nlc.load(small("titans", tmp_path)), backend="torch", tokens=19)
+    assert {r.compare for r in rows} == {"chunk vs recurrent"}
+    assert all(r.ok for r in rows)
+    assert any(r.level == "memory" and r.state is not None for r in rows)
+
+
+def test_a_wrong_kernel_fails_verify(tmp_path, monkeypatch):
+    import nlc.backends.triton.delta as delta
+    real = delta.chunk_generalized_delta
+
+    def off_by_a_little(q, k, w, log_a, b, h0, chunk_size):
+        o, h = real(q, k, w, log_a, b, h0, chunk_size)
+        return o * (1 + 1e-6), h
+    monkeypatch.setattr(delta, "chunk_generalized_delta", off_by_a_little)
+    r = CliRunner().invoke(app, ["verify", str(small("deltanet", tmp_path)), "--tokens", "17"])
+    assert r.exit_code == 1, r.output
+    assert " NO " in r.output and "FAILED" in r.output
+
+
+def test_verify_cli_prints_the_table(tmp_path):
+    r = CliRunner().invoke(app, ["verify", str(small("retnet", tmp_path)), "--tokens", "18"])
+    assert r.exit_code == 0, r.output
+    assert "verify `retnet`" in r.output and "retention" in r.output and "triton vs chunk" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["specs/m3.yaml"], "optimizer spec"),
+    (["specs/titans.yaml", "--backend", "cuda"], "--backend must be torch or triton"),
+    (["specs/titans.yaml", "--dtype", "half"], "--dtype must be"),
+    (["specs/titans.yaml", "--tokens", "0"], "--tokens must be at least 1"),
+])
+def test_verify_mistakes_are_exit_2(args, message):
+    args = [str(ROOT / a) if a.startswith("specs/") else a for a in args]
+    r = CliRunner().invoke(app, ["verify", *args])
+    assert r.exit_code == 2 and message in r.output
+
+
+def test_float32_verify_uses_its_tolerance(tmp_path):
+    rows, facts = verify(nlc.load(small("linear_attention", tmp_path)), dtype=torch.float32, tokens=20)
+    assert facts["tol"] == 1e-3 and all(r.ok for r in rows)
