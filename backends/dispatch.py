@@ -44,7 +44,8 @@ def interpreter_ready() -> bool:
 def pick(op: str, backend: str, q, *, dplr: bool = False, why_not: str | None = None) -> str:
     """"torch" or "triton" for an op on tensors like ``q``.
 
-    ``dplr``: the arguments need the diagonal-plus-low-rank form, which has no kernel yet.
+    ``dplr``: the arguments need an erase in the diagonal-plus-low-rank form (a general rank-one
+    erase, or an erase with a per-channel retention), which has no kernel yet.
     ``why_not``: another reason the op's arguments have no kernel (None: they have one).
     """
     if backend not in BACKENDS:
@@ -54,8 +55,8 @@ def pick(op: str, backend: str, q, *, dplr: bool = False, why_not: str | None = 
     from nlc.backends.triton.delta import DTYPES
     reason = why_not
     if dplr:
-        reason = ("no Triton kernel for a per-channel retention or a general erase (the DPLR form) "
-                  "yet")
+        reason = ("no Triton kernel for a general rank-one erase, or an erase with a per-channel "
+                  "retention (the DPLR form), yet")
     elif q.dtype not in DTYPES:
         reason = f"the Triton kernels take {', '.join(str(d) for d in DTYPES)}, not {q.dtype}"
     elif q.device.type not in ("cuda", "cpu"):

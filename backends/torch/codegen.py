@@ -186,6 +186,8 @@ def _kernel_files(spec, source_name):
         d = derived[name]
         if p.skeleton == "delta_chunk":
             rule = f"M_t = M_(t-1) (a I - b k k^T) + w k^T with a = {d.a}, b = {d.b}, w = {d.w}"
+        elif p.skeleton == "diag_chunk":
+            rule = f"M_t = M_(t-1) diag(a) + w k^T with a = {d.a} (per key channel), w = {d.w}"
         else:
             lv = spec_i.levels[name]
             rule = f"{lv.memory.kind} memory, {' |> '.join(map(str, lv.rule))} (gradients at each chunk's anchor)"

@@ -124,8 +124,9 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
     Scalar ``a`` with ``b`` (or no erase) runs the WY/UT form of ``chunk.py``; per-channel ``a`` or
     ``erase`` runs the DPLR form of ``chunk_dplr.py`` (same result, more work and memory:
     ``[C, C, K]`` decays per chunk). On Triton (``backend``) the scalar form runs the kernels of
-    ``nlc.backends.triton.delta``; the DPLR form has no kernel yet (``"auto"`` runs it on torch,
-    ``"triton"`` says so).
+    ``nlc.backends.triton.delta``, a per-channel ``a`` without an erase those of
+    ``nlc.backends.triton.diag``; an erase in the DPLR form has no kernel yet (``"auto"`` runs it
+    on torch, ``"triton"`` says so).
 
     Returns:
         ``(o, final_state)`` as :func:`linear_attn`.
@@ -145,7 +146,7 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
     if mode == "chunk" and a is not None and bool((a < 0).any()):
         raise ValueError(f"{op}: mode='chunk' needs a >= 0 everywhere (it takes log max(a, A_MIN), "
                          f"A_MIN = exp({LOG_A_MIN})); use mode='recurrent' for negative a")
-    dplr = erase is not None or (a is not None and a.dim() == 4)
+    dplr = erase is not None or (b is not None and a is not None and a.dim() == 4)  # an erase in the DPLR form
     return _run(q, k, w, a, None, b, scale, initial_state, output_final_state, mode, chunk_size,
                 u, e, backend=pick(op, backend, q, dplr=dplr))
 
@@ -184,7 +185,11 @@ def _run(q, k, w, a, log_a, b, scale, initial_state, output_final_state, mode, c
                 u, e = b.unsqueeze(-1) * k, k
             if log_a.dim() == 3:
                 log_a = log_a.unsqueeze(-1).expand_as(k)
-            o, h = chunk_dplr_delta(q, k, w, log_a, u, e, h0, chunk_size)
+            if backend == "triton":        # pick() sends only a per-channel retention without an erase here
+                from nlc.backends.triton.diag import chunk_diag_delta
+                o, h = chunk_diag_delta(q, k, w, log_a, h0)
+            else:
+                o, h = chunk_dplr_delta(q, k, w, log_a, u, e, h0, chunk_size)
         else:
             core = chunk_generalized_delta
             if backend == "triton":

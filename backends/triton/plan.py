@@ -55,9 +55,11 @@ def plan(spec: S.ModelSpec) -> dict[str, Placement]:
             p = Placement(name, None, why="softmax attention runs as torch's scaled_dot_product_attention "
                                           "(flash attention on CUDA); no skeleton is needed")
         elif isinstance(m, S.MatrixMemory) and d.family == "generalized_delta":
-            if d.diagonal:
-                p = Placement(name, None, why="a per-channel retention or a general erase (the DPLR form) "
-                                              "has no Triton skeleton yet")
+            if d.diagonal and d.u is None:
+                p = Placement(name, "diag_chunk", {})
+            elif d.diagonal:
+                p = Placement(name, None, why="a general rank-one erase (the DPLR form, as RWKV-7's) has "
+                                              "no Triton skeleton yet")
             else:
                 decay, erase = delta_terms(d)
                 p = Placement(name, "delta_chunk", {"DECAY": decay, "ERASE": erase})

@@ -66,6 +66,12 @@ def main(everything: bool):
                         extra = {"delta_state_fwd": {"HAS_H0": True}, "delta_state_bwd": {"HAS_DHT": True}}.get(name, {})
                         print(json.dumps({"variant": f"{variant} {dtype}", "kernel": name,
                                           "smem": compile_smem(getattr(mod, name), dict(meta, **extra), stages)}), flush=True)
+        elif p.skeleton == "diag_chunk":
+            from nlc.backends.triton.diag import launch as diag_launch
+            for name, (meta, stages) in diag_launch(128, 128, torch.float32).items():
+                extra = {"diag_state_fwd": {"HAS_H0": True}, "diag_state_bwd": {"HAS_DHT": True}}.get(name, {})
+                print(json.dumps({"variant": variant, "kernel": name,
+                                  "smem": compile_smem(getattr(mod, name), dict(meta, **extra), stages)}), flush=True)
         else:                              # at the spec's own sizes
             W = [torch.empty(1, 1, d_out, hidden), torch.empty(1, 1, hidden, D)]
             *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, chunk)

@@ -142,6 +142,52 @@ def test_only_the_final_state_or_only_the_output_carries_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
+# skeleton 1b: a per-channel retention without an erase (GLA)
+
+
+def _diag_inputs(B, T, H, K, V, seed, dtype=torch.float64, h0=True):
+    gen = _generator("diag", B, T, H, K, V, seed)
+    x = dict(q=torch.randn(B, T, H, K, generator=gen, dtype=dtype), k=torch.randn(B, T, H, K, generator=gen, dtype=dtype),
+             w=torch.randn(B, T, H, V, generator=gen, dtype=dtype),
+             a=torch.exp(-2 * torch.rand(B, T, H, K, generator=gen, dtype=dtype)))
+    if h0:
+        x["initial_state"] = torch.randn(B, H, K, V, generator=gen, dtype=dtype)
+    return x
+
+
+def _diag_run(x, **kw):
+    o, S = ops.generalized_delta(x["q"], x["k"], x["w"], x["a"], None, initial_state=x.get("initial_state"), **kw)
+    gen = _generator("diag-cotangent", tuple(o.shape))
+    do, dS = (torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in (o, S))
+    grads = torch.autograd.grad((o * do).sum() + (S * dS).sum(), list(x.values()))
+    return o.detach().cpu(), S.detach().cpu(), {n: g.cpu() for n, g in zip(x, grads)}
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 16, 20, True), (1, 21, 1, 40, 16, False)],
+                         ids=["odd-T-h0", "K40-no-h0"])
+def test_per_channel_retention_on_triton_equals_torch(shape):
+    *dims, h0 = shape
+    x = dev(_diag_inputs(*dims, seed=8, h0=h0))
+    o_t, S_t, g_t = _diag_run(x, backend="triton")
+    o_r, S_r, g_r = _diag_run(x, backend="torch", chunk_size=8)
+    assert_rel("o", o_t, o_r, 1e-10)
+    assert_rel("final_state", S_t, S_r, 1e-10)
+    for name in x:
+        assert_rel(f"d{name}", g_t[name], g_r[name], 1e-10)
+
+
+def test_per_channel_retention_float32_against_the_oracle():
+    x64 = {n: t.requires_grad_() for n, t in _diag_inputs(2, 45, 2, 32, 16, seed=9).items()}
+    x32 = dev({n: t.detach().float() for n, t in x64.items()})
+    o_t, S_t, g_t = _diag_run(x32, backend="triton")
+    o_r, S_r, g_r = _diag_run(x64, mode="recurrent")
+    assert_rel("o", o_t.double(), o_r, 1e-4)
+    assert_rel("final_state", S_t.double(), S_r, 1e-4)
+    for name in x64:
+        assert_rel(f"d{name}", g_t[name].double(), g_r[name], 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch and bad input
 
 
@@ -161,9 +207,11 @@ def test_backend_errors_name_the_way_out():
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.generalized_delta(q, k, w, x["a"], b, backend="cuda")
     a_k = torch.rand(*k.shape, dtype=k.dtype)
-    with pytest.raises(ValueError, match="per-channel retention.*backend='torch'"):
-        ops.generalized_delta(q, k, w, a_k, None, backend="triton")
-    ops.generalized_delta(q, k, w, a_k, None, backend="auto")          # auto: torch runs it
+    with pytest.raises(ValueError, match="rank-one erase.*backend='torch'"):
+        ops.generalized_delta(q, k, w, a_k, None, erase=(b.unsqueeze(-1) * k, k), backend="triton")
+    with pytest.raises(ValueError, match="rank-one erase.*backend='torch'"):
+        ops.generalized_delta(q, k, w, a_k, b, backend="triton")          # b with a per-channel a: DPLR
+    ops.generalized_delta(q, k, w, a_k, b, backend="auto")             # auto: torch runs it
     with pytest.raises(ValueError, match="int64.*backend='torch'|must be a floating-point"):
         ops.linear_attn(q.long(), k.long(), w.long(), backend="triton")
     with pytest.raises(ValueError, match="k must have shape"):

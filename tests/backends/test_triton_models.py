@@ -25,7 +25,7 @@ def test_the_served_specs():
     """Hope and TTT-MLP have 256-wide memories (one head): skeleton 2 holds weights up to 128 on
     chip, so they run on torch and say so (test below)."""
     assert set(SERVED) == {"linear_attention", "deltanet", "gated_deltanet", "retnet", "gdn_swa",
-                           "titans", "hope_heads"}
+                           "gla", "titans", "hope_heads"}
 
 
 def small_triton(name, tmp_path):
@@ -89,9 +89,9 @@ def test_levels_no_skeleton_serves_say_why(tmp_path):
 
 
 def test_dplr_levels_say_why_they_run_on_torch(tmp_path):
-    build(ROOT / "specs" / "gla.yaml", tmp_path, backend="triton")
+    build(ROOT / "specs" / "rwkv7.yaml", tmp_path, backend="triton")
     placement = json.loads((tmp_path / "manifest.json").read_text())["placement"]
-    assert placement["memory"]["runs_on"] == "torch" and "DPLR" in placement["memory"]["why"]
+    assert placement["time_mix"]["runs_on"] == "torch" and "DPLR" in placement["time_mix"]["why"]
     assert "backend='torch'" in (tmp_path / "model.py").read_text()
 
 
