@@ -17,20 +17,20 @@ from nlc import vocab as V
 from nlc.diagnostics import Collector, did_you_mean
 from nlc.expr import Bin, Call, ExprNode, Name, Neg, Num, const_value
 
-from nlc.check_common import _CHECKING, _arity, _Base
+from nlc.check_common import CHECKING, _arity, _Base
 from nlc.check_optimizer import _OptimizerChecker
 
 
 def check(loaded, errors: Collector) -> None:
     spec = loaded.spec
-    _CHECKING.append(Path(loaded.file).resolve())
+    token = CHECKING.set(CHECKING.get() + (Path(loaded.file).resolve(),))
     try:
         if isinstance(spec, S.ModelSpec):
             _ModelChecker(spec, loaded.smap, errors, Path(loaded.file).parent).run()
         elif isinstance(spec, S.OptimizerSpec):
             _OptimizerChecker(spec, loaded.smap, errors, Path(loaded.file).parent).run()
     finally:
-        _CHECKING.pop()
+        CHECKING.reset(token)
 
 
 class _ModelChecker(_Base):

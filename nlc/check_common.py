@@ -2,6 +2,7 @@
 optimizer hyperparameters, and resolving a referenced optimizer spec (nlc.check runs them)."""
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
 
 from nlc import spec as S
@@ -79,8 +80,10 @@ def check_hyper(spec: S.OptimizerSpec, smap, overrides: dict | None, errors: Col
             errors.error("E502", f"override `{name}={value!r}` is out of range", get("hyper", name), why)
 
 
-_CHECKING: list[Path] = []     # the files being checked, outermost first: an optimizer reference back
-                               # into one of them is a cycle (checking it again would never end)
+# The files being checked, outermost first: an optimizer reference back into one of them is a
+# cycle (checking it again would never end). A context variable, not a shared list: `check`
+# sets it for the extent of one check, so threads and nested checks each see their own chain.
+CHECKING: ContextVar[tuple[Path, ...]] = ContextVar("nlc_checking", default=())
 
 
 class _Base:
@@ -153,8 +156,9 @@ class _Base:
             self.err("E207", f"optimizer spec `{ref.use}` not found", where,
                      did_you_mean(ref.use, shipped_names("optimizer")) or "give a shipped name or a path")
             return None
-        if found.resolve() in _CHECKING:
-            itself = found.resolve() == _CHECKING[-1]
+        chain = CHECKING.get()
+        if found.resolve() in chain:
+            itself = found.resolve() == chain[-1]
             self.err("E401", f"`{ref.use}` names {'this file itself' if itself else f'{found}, which uses this file'}: "
                      "optimizer specs that use each other never end", where,
                      f"a file named `{found.name}` beside the spec hides the shipped `{ref.use}`; rename one"

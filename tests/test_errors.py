@@ -213,3 +213,19 @@ def test_the_default_chunk_is_scheduled_too(tmp_path):
     them (each window would re-anchor the memory), so it is refused where the level is named."""
     err = diagnose(tmp_path, edit("    chunk: 16\n", "").replace("every: 64, 512 tokens", "every: 32, 512 tokens"))
     one(err, "E403", 8, 3, r"`memory`'s chunk 64 \(the default\) does not divide the fastest CMS period 32")
+
+
+def test_an_optimizer_reference_back_into_the_file_is_a_cycle(tmp_path):
+    """E401: a spec whose optimizer names the file itself (a local file shadows the shipped name);
+    the chain of files being checked is per check (a context variable), so a later check of
+    another file is not affected."""
+    from pathlib import Path
+
+    import nlc
+    root = Path(__file__).parent.parent
+    text = (root / "specs" / "titans.yaml").read_text().replace("optimizer: adamw(lr=4e-4, weight_decay=0.1)", "optimizer: {use: loop.yaml}")
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(SpecError) as e:
+        nlc.load(tmp_path / "loop.yaml")
+    assert "E401" in e.value.render() and "this file itself" in e.value.render()
+    nlc.load(root / "specs" / "titans.yaml")      # the chain was reset
