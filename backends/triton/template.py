@@ -2,7 +2,8 @@
 
 A skeleton (``skeletons/*.py``) is a real Triton module: it runs as is, with every hole turned on.
 Its holes are boolean flags (``DECAY``, ``ERASE``): module-level ``tl.constexpr`` constants, and
-``if FLAG:`` / ``else:`` blocks on expressions of them. ``render`` resolves those blocks for one
+``if FLAG:`` / ``else:`` blocks on expressions of them; and code holes, a comment line ``# {NAME}``
+replaced by generated statements (the flow prologue's chain of functions). ``render`` resolves those blocks for one
 level's flags, drops the flag constants and puts a header on top, so the generated source holds
 only the terms the level has: what you read is what runs. Triton would fold the same constants
 itself; resolving them in the source is for the reader, and it makes each variant its own file.
@@ -36,13 +37,20 @@ def flags_of(skeleton: str) -> tuple[str, ...]:
     return tuple(m.group(1) for m in map(_FLAG.match, text.splitlines()) if m)
 
 
-def body(skeleton: str, flags: dict) -> str:
-    """The skeleton's source with its holes resolved for ``flags`` (every flag must be given)."""
+def body(skeleton: str, flags: dict, code: dict | None = None) -> str:
+    """The skeleton's source with its holes resolved for ``flags`` (every flag must be given) and
+    its code holes (a line ``# {NAME}``) replaced by ``code[NAME]``, a list of lines."""
     names = flags_of(skeleton)
     if set(flags) != set(names):
         raise ValueError(f"skeleton {skeleton!r} takes flags {sorted(names)}, got {sorted(flags)}")
     lines = (SKELETONS / f"{skeleton}.py").read_text().splitlines()
     lines = [ln for ln in lines if not _FLAG.match(ln)]
+    for name, fill in (code or {}).items():
+        at = [i for i, ln in enumerate(lines) if ln.strip() == f"# {{{name}}}"]
+        if len(at) != 1:
+            raise ValueError(f"skeleton {skeleton!r} has no code hole `# {{{name}}}`")
+        pad = lines[at[0]][:_indent(lines[at[0]])]
+        lines[at[0]:at[0] + 1] = [pad + ln for ln in fill]
     out = _resolve(lines, {k: bool(v) for k, v in flags.items()})
     text = "\n".join(out).rstrip() + "\n"
     ast.parse(text)  # a skeleton edit that breaks a variant fails here, not in Triton
@@ -59,10 +67,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NLC_CACHE_DIR") or Path.home() / ".cache" / "nlc") / "triton"
 
 
-def load(skeleton: str, flags: dict, interpret: bool):
-    """The kernel module of ``skeleton`` with ``flags`` resolved (cached on disk and in memory)."""
+def load(skeleton: str, flags: dict, interpret: bool, code: dict | None = None):
+    """The kernel module of ``skeleton`` with ``flags`` and ``code`` filled in (cached on disk and
+    in memory)."""
     from nlc.fileio import atomic_write
-    text = body(skeleton, flags)
+    text = body(skeleton, flags, code)
     sha = hashlib.sha256(text.encode()).hexdigest()[:16]
     key = (sha, interpret)
     if key in _loaded:

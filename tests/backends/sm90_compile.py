@@ -80,5 +80,26 @@ def main(everything: bool):
                               "smem": compile_smem(mod.mlp_chunk_fwd, cfg, 1, warps)}), flush=True)
 
 
+def prologues():
+    """Skeleton 3 for the chains the shipped specs' flows have (K = 64, convolution width 4)."""
+    import triton.language as tl
+    from nlc.backends.triton.prologue import chain_of, code
+    chains = set()
+    for path in sorted((ROOT / "specs").glob("*.yaml")):
+        spec = nlc.load(path)
+        for lv in getattr(spec, "levels", {}).values():
+            for e in (lv.key, lv.value, lv.query):
+                c = e is not None and chain_of(e)
+                if c:
+                    chains.add((c[0], c[1]))
+    for width, ops in sorted(chains):
+        mod = template.load("flow_prologue", {"CONV": width > 0}, False, code(ops))
+        meta = dict(W=max(width, 1), BT=16, BK=64, ACC=tl.float32)
+        for name in ("flow_fwd", "flow_bwd"):
+            print(json.dumps({"variant": f"conv{width} {'-'.join(ops) or 'proj'}", "kernel": name,
+                              "smem": compile_smem(getattr(mod, name), meta, 1)}), flush=True)
+
+
 if __name__ == "__main__":
+    prologues()
     sys.exit(main("--all" in sys.argv))
