@@ -207,10 +207,16 @@ def load(out: Path, tensors: bool = True) -> Checkpoint:
             raise CheckpointError(f"{out / LEGACY} is a checkpoint of an older nlc (a pickle), which this one does "
                                   f"not load; train without --resume to start over")
         raise CheckpointError(f"no checkpoint at {out}: train without --resume first")
+    return read(path, tensors)
+
+
+def read(path: Path, tensors: bool = True) -> Checkpoint:
+    """The checkpoint whose JSON is `path` (its tensors file beside it), as `load` reads it."""
+    path = Path(path)
     meta = _read_json(path)
     model, optimizer = {}, {"state": {}, "param_groups": []}
     if tensors:
-        file = out / Path(meta["tensors"]).name
+        file = path.parent / Path(meta["tensors"]).name
         try:
             blob = file.read_bytes()
         except OSError as e:

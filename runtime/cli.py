@@ -187,7 +187,7 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
         raise typer.Exit(130)
 
 
-@app.command(epilog="\b\nExamples:\n  nlc verify specs/gated_deltanet.yaml\n  nlc verify my_rule.nl --backend torch --tokens 40")
+@app.command(epilog="\b\nExamples:\n  nlc verify specs/gated_deltanet.yaml\n  nlc verify specs/titans.nl --backend torch --tokens 40")
 def verify(spec: Path = typer.Argument(..., help="a model spec file"),
            backend: str = typer.Option("triton", "--backend", metavar="torch|triton",
                                        help="torch: recurrent vs chunked only; triton: the Triton kernels too"),
@@ -230,6 +230,94 @@ def schema():
     """Print the JSON schema of the YAML form of a spec (model or optimizer), for editors."""
     from nlc.schema import json_schema
     typer.echo(json.dumps(json_schema(), indent=2))
+
+
+
+def _run_errors():
+    """The errors a run's evaluation or sampling turns into exit status 2 (torch imported lazily)."""
+    import torch
+    from nlc.runtime.evaluate import EvalError
+    return EvalError, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+
+
+@app.command("eval", epilog="\b\nExamples:\n  nlc eval runs/titans\n  nlc eval runs/titans --task mqar:pairs=32 --context 512 --batches 20\n"
+                            "  nlc eval runs/titans-text/ckpt-00002000.json --data other.txt --out titans-other.json")
+def eval_cmd(target: Path = typer.Argument(..., metavar="RUN_DIR|CKPT", help="a run directory (its newest checkpoint) "
+                                           "or a checkpoint, DIR/ckpt-STEP.json (or its .safetensors)"),
+             task: Optional[str] = typer.Option(None, "--task", metavar="NAME[:KEY=VALUE,...]", is_eager=True,
+                                                callback=lambda value: _task_help(value),
+                                                help="evaluate on this synthetic task [the run's data or task]"),
+             data: Optional[Path] = typer.Option(None, "--data", help="evaluate on this text (its last 10%) [the run's]"),
+             context: Optional[int] = typer.Option(None, "--context", help="tokens per sequence [the run's]"),
+             batches: int = typer.Option(8, "--batches", help="validation batches"),
+             batch: Optional[int] = typer.Option(None, "--batch", help="sequences per batch [the run's]"),
+             pieces: int = typer.Option(4, "--pieces", help="cut each sequence into this many pieces to compare the "
+                                        "state carried across them with the state reset at each; 1: no pieces"),
+             device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto"),
+             out: Optional[Path] = typer.Option(None, "--out", help="write the JSON here (a file, or a directory for "
+                                                "eval.json) [RUN_DIR/eval.json]"),
+             progress_every: int = typer.Option(10, "--progress-every", help="a progress line on stderr every N "
+                                                "batches; 0: none")):
+    """Evaluate a trained model on the validation split: loss, perplexity, exact accuracy (tasks) and
+    tokens/s, for each sequence whole, in pieces with the state carried, in pieces with the state
+    reset (without its in-context memory across pieces), and for a CMS model with its CMS updates
+    off. Prints a table and writes eval.json atomically. Loads nothing but JSON and safetensors."""
+    from nlc.runtime import evaluate as E
+    user, oom = _run_errors()
+    try:
+        run = E.load_run(target, device)
+        path = E.output_path(run.dir, out)
+        result = E.evaluate(run, data=data, task=task, context=context, batches=batches, batch=batch, pieces=pieces,
+                            progress_every=progress_every, progress=lambda s: typer.echo(s, err=True))
+        E.write(result, path)
+    except user as e:
+        _fail(str(e))
+    except oom:
+        _fail("out of memory: lower --batch or --context")
+    except ValueError as e:        # an op's precondition, such as a retention gate at 0 (weights gone bad)
+        _fail(f"the model cannot run on this data: {e}")
+    except OSError as e:
+        _fail(f"cannot write {e.filename or 'eval.json'}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        typer.echo("interrupted: nothing written", err=True)
+        raise typer.Exit(130)
+    typer.echo(E.table(result))
+    typer.echo(f"wrote {path}")
+
+
+@app.command("sample", epilog="\b\nExamples:\n  nlc sample runs/titans-text --prompt 'The ' --tokens 200 --temperature 0.8 --top-k 40\n"
+                              "  nlc sample runs/titans --prompt '5 70 9 74 5' --tokens 1 --temperature 0   (a task model: ids)")
+def sample_cmd(target: Path = typer.Argument(..., metavar="RUN_DIR|CKPT", help="a run directory (its newest "
+                                             "checkpoint) or a checkpoint, DIR/ckpt-STEP.json"),
+               prompt: str = typer.Option(..., "--prompt", help="text (a text model reads its UTF-8 bytes) or, for a "
+                                          "model trained on a task, token ids such as '3 17 0'"),
+               tokens: int = typer.Option(100, "--tokens", help="tokens to generate"),
+               temperature: float = typer.Option(1.0, "--temperature", help="0: always the most likely token"),
+               top_k: int = typer.Option(0, "--top-k", help="draw from the k most likely tokens only; 0: all"),
+               seed: int = typer.Option(0, "--seed", help="seeds the draws"),
+               device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto")):
+    """Generate from a trained model: the prompt in one forward pass (a chunked prefill), then token
+    by token with the state carried, each token printed as it comes (text as UTF-8, a task model's
+    token ids as numbers). Notes and timings go to stderr."""
+    from nlc.runtime import evaluate as E
+    from nlc.runtime.sample import sample as _sample
+    user, oom = _run_errors()
+    try:
+        run = E.load_run(target, device)
+        r = _sample(run, prompt, tokens, temperature, top_k, seed, emit=lambda s: typer.echo(s, nl=False),
+                    note=lambda s: typer.echo(s, err=True))
+    except user as e:
+        _fail(str(e))
+    except oom:
+        _fail("out of memory: a shorter --prompt or fewer --tokens")
+    except ValueError as e:
+        _fail(f"the model cannot run on this prompt: {e}")
+    except KeyboardInterrupt:
+        typer.echo("", err=True)
+        raise typer.Exit(130)
+    rate = f", then {r['tokens_per_s']:,.1f} tokens/s" if r["tokens_per_s"] else ""
+    typer.echo(f"sampled {len(r['ids'])} tokens from `{run.spec.name}` at step {run.step} ({run.checkpoint}): prompt of "
+               f"{r['prefill_tokens']} tokens in {r['prefill_s']:.2f} s{rate}", err=True)
 
 
 def main() -> None:
