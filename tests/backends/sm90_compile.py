@@ -46,15 +46,18 @@ def placements():
 
 
 def main(everything: bool):
-    """``everything``: every variant in float32 and bfloat16; else the generalized delta's widest
-    variant (retention and erase: the superset of its tiles) in float32 and every deep-memory
-    level (each compile takes seconds on a CPU)."""
+    """``everything``: every variant in float32 and bfloat16, every deep-memory level; else, since
+    each compile takes 5-80 s on a CPU, the widest of each skeleton: the generalized delta with
+    retention and erase (the superset of its tiles) in float32, the per-channel kernels, and
+    the deep memory of titans (the largest tiles: D 64, hidden 256, momentum)."""
     from nlc.backends.triton.deep import _config, _pow2
     from nlc.backends.triton.delta import launch
     seen = set()
     for spec, level, p, (D, hidden, d_out, chunk) in placements():
         key = (p.skeleton, tuple(sorted(p.flags.items())), D, hidden, d_out, chunk)
         if key in seen or (not everything and p.skeleton == "delta_chunk" and not all(p.flags.values())):
+            continue
+        if not everything and p.skeleton == "mlp_chunk" and (spec, level) != ("titans", "memory"):
             continue
         seen.add(key)
         mod = template.load(p.skeleton, p.flags, interpret=False)
@@ -80,7 +83,7 @@ def main(everything: bool):
                               "smem": compile_smem(mod.mlp_chunk_fwd, cfg, 1, warps)}), flush=True)
 
 
-def prologues():
+def prologues(everything: bool):
     """Skeleton 3 for the chains the shipped specs' flows have (K = 64, convolution width 4)."""
     import triton.language as tl
     from nlc.backends.triton.prologue import chain_of, code
@@ -92,7 +95,7 @@ def prologues():
                 c = e is not None and chain_of(e)
                 if c:
                     chains.add((c[0], c[1]))
-    for width, ops in sorted(chains):
+    for width, ops in sorted(chains)[-1 if not everything else 0:]:   # the widest: conv + the most functions
         mod = template.load("flow_prologue", {"CONV": width > 0}, False, code(ops))
         meta = dict(W=max(width, 1), BT=16, BK=64, ACC=tl.float32)
         for name in ("flow_fwd", "flow_bwd"):
@@ -101,5 +104,5 @@ def prologues():
 
 
 if __name__ == "__main__":
-    prologues()
+    prologues("--all" in sys.argv)
     sys.exit(main("--all" in sys.argv))
