@@ -16,26 +16,14 @@ from nlc.runtime.cli import app
 from nlc.runtime.evaluate import EvalError, alignment, approximations, load_run, source_of
 from nlc.runtime.train import TrainConfig, train
 
-ROOT = Path(__file__).parent.parent
+from .test_compile import ROOT, small   # the shipped spec at test size
+
 TINY = ("model.d_model=32", "model.layers=2", "model.heads=2")
 MODEL_SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml") if "model:" in p.read_text())
 # exact at any cut: attention with its KV cache, matrix memories without momentum (chunked forms exact for any chunk)
 EXACT = ["deltanet", "gated_deltanet", "gdn_swa", "gla", "linear_attention", "retnet", "rwkv7", "transformer"]
 # exact only at multiples of their chunks and CMS window: MLP memories, CMS levels
 APPROXIMATE = ["hope", "hope_attention", "hope_heads", "titans", "ttt_mlp"]
-
-
-def small(name: str, tmp_path: Path) -> Path:
-    """The shipped spec at test size (2 layers, d_model 32, at most 2 heads, vocab 50, chunks 8 and
-    4, CMS every 8, 16, 32 tokens), as tests/backends/test_compile.py shrinks it."""
-    text = (ROOT / "specs" / f"{name}.yaml").read_text()
-    text = re.sub(r"vocab: 256, d_model: 256, layers: (\d+), heads: (\d+)",
-                  lambda m: f"vocab: 50, d_model: 32, layers: {min(int(m[1]), 2)}, heads: {min(int(m[2]), 2)}", text)
-    text = text.replace("chunk: 64", "chunk: 8").replace("chunk: 16", "chunk: 4")
-    text = text.replace("64, 512, 4096 tokens", "8, 16, 32 tokens")
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(text)
-    return p
 
 
 def compiled(name: str, tmp_path: Path):
