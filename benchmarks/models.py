@@ -1,18 +1,32 @@
-"""Forward+backward throughput of the shipped model specs on CPU (a benchmark, not a test).
+"""Forward+backward throughput of the shipped model specs on CPU, and the aten ops each dispatches
+per token (a benchmark, not a test).
 
-    .venv/bin/python benchmarks/models.py [--T 256] [--B 1] [--specs transformer,titans,hope]
+    .venv/bin/python benchmarks/models.py [--T 4096] [--threads 1,2] [--specs transformer,titans,hope]
+                                          [--compile] [--flush-denormal] [--ops-T 256] [--no-ops]
 
-Every spec is compiled at its shipped size (d_model 256, 4 layers, 4 heads) and run on the same
-random tokens; the table gives tokens per second of one forward + backward (median of repeats).
+Every spec is compiled at its shipped size (d_model 256, 4 layers) and run on the same random
+tokens, float32, batch --B; tokens per second of one forward + backward (median of --repeats after
+a warm-up), each spec beside `transformer` in the same run (the ratio column). With --threads
+1,2 each spec runs at each thread count. The op count runs the eager model once under a
+TorchDispatchMode at --ops-T tokens and divides by the tokens: a regression in the generated code
+(an op per token more in a scan) shows there before it shows in a timing.
+
+--compile runs the hot loops under torch.compile (nlc.compile(spec, compile=True); the first call
+compiles and is not timed). --flush-denormal sets torch.set_flush_denormal(True): untrained Hope's
+fast weights decay towards zero over long sequences and float32 denormals then slow its backward
+several times over; training setups commonly flush them.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import platform
 import statistics
+import subprocess
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nlc
 from nlc.backends.torch.codegen import Unsupported
@@ -20,22 +34,67 @@ from nlc.backends.torch.codegen import Unsupported
 ALL = ["transformer", "linear_attention", "deltanet", "gated_deltanet", "titans", "hope_attention", "hope"]
 
 
-def bench(name: str, B: int, T: int, repeats: int) -> float | None:
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it (views included: each costs a dispatch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def model_of(name: str, compile: bool = False):
     try:
-        model = nlc.compile(f"specs/{name}.yaml")
+        return nlc.compile(f"specs/{name}.yaml", compile=compile)
     except Unsupported as e:
         print(f"  {name}: skipped ({e})")
         return None
-    ids = torch.randint(0, model.embed.num_embeddings, (B, T), generator=torch.Generator().manual_seed(0))
+
+
+def step(model, ids):
+    logits, _ = model(ids)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def tokens(model, B: int, T: int):
+    return torch.randint(0, model.embed.num_embeddings, (B, T), generator=torch.Generator().manual_seed(0))
+
+
+def bench(model, B: int, T: int, repeats: int) -> float:
+    ids = tokens(model, B, T)
+    step(model, ids)                     # warm-up (and torch.compile's compilation)
     times = []
-    for i in range(repeats + 1):
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        logits, _ = model(ids)
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
+        step(model, ids)
+        times.append(time.perf_counter() - t0)
     return B * T / statistics.median(times)
+
+
+def ops_per_token(model, T: int) -> tuple[float, float]:
+    """Aten ops per token of the forward, and of forward + backward, eager, batch 1."""
+    ids = tokens(model, 1, T)
+    count = OpCount()
+    with count:
+        logits, _ = model(ids)
+        forward = count.n
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    model.zero_grad(set_to_none=True)
+    return forward / T, count.n / T
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    import os
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {datetime.date.today().isoformat()}"
 
 
 def main():
@@ -43,16 +102,41 @@ def main():
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", default=str(torch.get_num_threads()), help="thread counts, e.g. 1,2")
     ap.add_argument("--specs", default=",".join(ALL))
+    ap.add_argument("--compile", action="store_true", help="nlc.compile(spec, compile=True)")
+    ap.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
+    ap.add_argument("--ops-T", type=int, default=256, help="tokens of the op-count run")
+    ap.add_argument("--no-ops", action="store_true", help="skip the op count")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"B={args.B}, T={args.T}, float32, forward+backward\n")
-    print("| spec | tokens/s |\n| --- | ---: |")
-    for name in args.specs.split(","):
-        tps = bench(name, args.B, args.T, args.repeats)
-        if tps is not None:
-            print(f"| {name} | {tps:,.0f} |")
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
+    names = args.specs.split(",")
+    print(f"{machine()}")
+    print(f"B={args.B}, T={args.T}, float32, forward+backward, median of {args.repeats}"
+          + (", torch.compile" if args.compile else "") + (", denormals flushed" if args.flush_denormal else "") + "\n")
+    print("| spec | threads | tokens/s | x transformer |\n| --- | ---: | ---: | ---: |")
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads)
+        base = None
+        for name in names:
+            model = model_of(name, args.compile)
+            if model is None:
+                continue
+            tps = bench(model, args.B, args.T, args.repeats)
+            base = tps if name == "transformer" else base
+            ratio = f"{tps / base:.2f}" if base else ""
+            print(f"| {name} | {threads} | {tps:,.0f} | {ratio} |", flush=True)
+    if not args.no_ops:
+        torch.set_num_threads(1)
+        print("\n| spec | aten ops / token, forward | forward + backward |\n| --- | ---: | ---: |")
+        for name in names:
+            model = model_of(name)
+            if model is not None:
+                fwd, both = ops_per_token(model, args.ops_T)
+                print(f"| {name} | {fwd:,.0f} | {both:,.0f} |", flush=True)
+        print(f"(eager, T={args.ops_T}, B=1)")
 
 
 if __name__ == "__main__":

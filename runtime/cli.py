@@ -159,7 +159,10 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
                                                    "accuracy on the validation split) [100]"),
           save_every: Optional[int] = typer.Option(None, "--save-every", help="steps between checkpoints [100]"),
           keep: Optional[int] = typer.Option(None, "--keep", help="checkpoints to keep, the newest [3]"),
-          clip: Optional[float] = typer.Option(None, "--clip", help="gradient norm clipping, 0 for none [1.0]")):
+          clip: Optional[float] = typer.Option(None, "--clip", help="gradient norm clipping, 0 for none [1.0]"),
+          compile: bool = typer.Option(False, "--compile", help="run the model's hot loops (Hope's generator scan) "
+                                       "under torch.compile: compiled once, cached; eager, with a warning, "
+                                       "without a C++ compiler")):
     """Train the compiled model of a spec with the optimizer the spec names. Logs a line every
     --log-every steps, evaluates every --eval-every steps, saves a checkpoint (DIR/ckpt-STEP.safetensors
     and .json, atomically; the newest --keep are kept) every --save-every steps and at the end;
@@ -169,7 +172,7 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
     given = dict(data=data, task=task, steps=steps, batch=batch, context=context, out=out, seed=seed,
                  device=device, lr_schedule=lr_schedule, warmup=warmup, log_every=log_every, eval_every=eval_every,
                  save_every=save_every, keep=keep, clip=clip, sets=tuple(sets) or None)
-    explicit = {"spec": spec, "resume": resume, **{k: v for k, v in given.items() if v is not None}}
+    explicit = {"spec": spec, "resume": resume, "compile": compile, **{k: v for k, v in given.items() if v is not None}}
     try:
         cfg = resolve(explicit)
     except ValidationError as e:  # a setting out of its range, e.g. --steps 0

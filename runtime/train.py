@@ -65,6 +65,8 @@ class TrainConfig(BaseModel):
     clip: float = Field(1.0, ge=0, description="gradient norm clipping; 0: none")
     lr_schedule: Literal["constant", "cosine", "wsd"] = Field("constant", description="the learning rate's schedule")
     warmup: NonNegativeInt = Field(0, description="steps of linear warmup of the learning rate")
+    compile: bool = Field(False, description="run the model's hot loops under torch.compile (eager, with a "
+                                             "warning, where no C++ compiler is found)")
 
     # what a resumed run takes from its checkpoint unless given again
     RESUMED: ClassVar[tuple[str, ...]] = ("data", "task", "steps", "batch", "context", "sets", "seed", "log_every",
@@ -292,7 +294,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
     # -- the model and its optimizer
     torch.manual_seed(cfg.seed)
     try:
-        model = nlc.compile(spec).to(device)
+        model = nlc.compile(spec, compile=cfg.compile).to(device)
     except Unsupported as e:
         raise e.located(loaded) from None
     optimizer = compile_optimizer(opt_spec, model.parameters(), **hyper)

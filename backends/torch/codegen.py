@@ -74,6 +74,8 @@ def generate(spec: S.ModelSpec, source: str = "", backend: str = "auto") -> str:
               "        super().__init__()",
               '        self.mode = "chunk"  # "recurrent": every memory token by token (the oracle)',
               f'        self.backend = {backend!r}  # who runs the chunked forms: "torch", "triton" or "auto" (Triton on CUDA)',
+              *(["        self.compiled = False  # torch.compile the generators' scan (nlc.compile(spec, compile=True))"]
+                if g.hot else []),
               f"        self.embed = nn.Embedding({shape.vocab}, {shape.d_model})",
               f"        self.blocks = nn.ModuleList(Block() for _ in range({shape.layers}))",
               f"        self.norm = nn.RMSNorm({shape.d_model}, eps=1e-6)",
@@ -82,10 +84,15 @@ def generate(spec: S.ModelSpec, source: str = "", backend: str = "auto") -> str:
               "",
               "    def run(self, input_ids, state, fast):",
               "        new = {}",
-              "        h = self.embed(input_ids)",
-              "        for i, block in enumerate(self.blocks):",
-              '            h = block(h, state, new, f"{i}.", self.mode, fast, self.backend)',
-              "        return self.head(self.norm(h)), new",
+              "        h = self.embed(input_ids)"]
+    if g.hot:
+        lines += ["        with L.compiled(self.compiled):  # the scan's step and read under torch.compile, or eager",
+                  "            for i, block in enumerate(self.blocks):",
+                  '                h = block(h, state, new, f"{i}.", self.mode, fast, self.backend)']
+    else:
+        lines += ["        for i, block in enumerate(self.blocks):",
+                  '            h = block(h, state, new, f"{i}.", self.mode, fast, self.backend)']
+    lines += ["        return self.head(self.norm(h)), new",
               ""]
     if not g.cms_levels:
         lines += ["    def forward(self, input_ids, state=None):",

@@ -4,7 +4,8 @@ a commented section of `Block.forward` calling the shared ops (`lib`, `ops`, `me
 `_Gen` walks one (instanced) spec. `expr` turns a flow into one line of torch and its shape type;
 every parametric call site (`proj`, `gate`, `rate`, `conv`, `onorm`, `param`) becomes a submodule
 of its own. `level` emits a level's section by its derived family (attention, generalized delta,
-momentum or MLP memory, CMS); `scan` runs the generators a level reads chunk by chunk. A valid
+momentum or MLP memory, CMS); `scan` (in `scan.py`) runs the generators a level reads chunk by
+chunk, stacked (`generators.py`). A valid
 construct this backend cannot compile raises `Unsupported`, which `build` locates (E601).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from nlc.check import FlowTypes
 from nlc.expr import Bin, Call, ExprNode, Name, Neg, Num, subst
 from nlc.rules import derive
 from nlc.backends.triton.plan import delta_terms, plan
+from nlc.backends.torch.scan import ScanMixin
 
 _UNARY = V.ELEMENTWISE | {"l2norm", "detach", "norm", "sum"}   # one argument, one lib function each
 
@@ -41,7 +43,7 @@ class Unsupported(NotImplementedError):
         errors.raise_if_any()
 
 
-class _Gen:
+class _Gen(ScanMixin):
     def __init__(self, spec: S.ModelSpec):
         self.spec = spec
         self.D, self.H = spec.model.d_model, spec.model.heads
@@ -54,6 +56,9 @@ class _Gen:
         self.derived = derive(spec, self.types)                  # each level's update rule
         self.in_init = False                                     # generating a `param`'s initial value
         self.placement = plan(spec)                              # which levels have Triton kernels
+        self.gen_var: dict[str, str] = {}                        # generator -> its stacked state's variable
+        self.gen_reads: dict[str, str | None] = {}               # generator -> its batched read's input code
+        self.hot = False                                         # a loop worth torch.compile (compile.hot)
 
     def module(self, base: str, ctor: str) -> str:
         n = self.names.get(base, 0)
@@ -123,7 +128,7 @@ class _Gen:
                 if not isinstance(gen.memory, S.MLPMemory):
                     raise Unsupported(f"`{e.fn}(...)`: only MLP memories can generate flows in the torch backend yet")
                 code, _ = self.expr(e.args[0], ctx, level, body, done)
-                read = f"L.mlp_read(gst_{e.fn}, {code}, {gen.memory.activation!r}, {gen.memory.residual})"
+                read = self.generator_read(e.fn, code)
                 return (read + "[..., 0]" if gen.out == "scalar" else read), t
             raise Unsupported(f"`{e.fn}(...)`: the level's own memory inside a flow is not supported by the torch backend yet")
         raise Unsupported(f"expression `{e}`")
@@ -245,9 +250,38 @@ class _Gen:
 
     def memory_update(self, name: str, lv: S.Level, body: list[str], done: set[str], read: str) -> tuple[str, list[str]]:
         """The call that reads and updates a momentum / MLP memory, with the lines that fetch its state.
-        `read`: the code of what the memory is applied to (its query, or x for a generator)."""
+        `read`: the code of what the memory is applied to (its query). Generators: `scan.py`."""
         d = self.derived[name]
         m = lv.memory
+        c, self_target, _ = self.rule_codes(name, lv, body, done, generator=False)
+        args = f"{read}, {c['key']}, {c['target']}, {c['step']}, {c['beta']}, {c['retain']}, {c['erase']}"
+        chunk = lv.chunk_size()
+        H, K = self.H, self.K
+        if isinstance(m, S.MatrixMemory):
+            if lv.out == "scalar":
+                raise Unsupported(f"level `{name}`: a scalar-output matrix memory")
+            m0 = "None"
+            if lv.init == "meta":
+                m0 = "self." + self.module(f"{name}_M0", f"nn.Parameter(torch.zeros({H}, {K}, {K}))")
+            lines = [f"st = (L.initial(state, p + '{name}.M', {m0}, x, ({H}, {K}, {K})), state.get(p + '{name}.S'))"]
+            return (f"momentum_memory({args}, objective={d.loss!r}, initial_state=st, mode=mode, chunk_size={chunk})",
+                    lines)
+        if lv.init != "meta":
+            raise Unsupported(f"level `{name}`: an MLP memory starts from meta-learned weights (`init: meta`)")
+        hidden = int(round(K * m.expansion))
+        d_out = 1 if lv.out == "scalar" else K
+        w = self.module(f"{name}_W", f"L.mlp_params({H}, {K}, {hidden}, {d_out}, depth={m.depth}, residual={m.residual})")
+        lines = [f"st = L.mlp_state(state, p + '{name}', self.{w}, momentum={d.momentum is not None})"]
+        backend = "backend" if self.placement[name].skeleton else "'torch'"
+        return (f"mlp_memory({args}, initial_state=st, objective={d.loss!r}, "
+                f"self_target={self_target}, activation={m.activation!r}, residual={m.residual}, "
+                f"read={lv.read or 'anchor'!r}, mode=mode, chunk_size={chunk}, backend={backend})", lines)
+
+    def rule_codes(self, name: str, lv: S.Level, body: list[str], done: set[str], generator: bool):
+        """The code of a memory level's rule arguments (key, target, step, beta, retain, erase:
+        "None" where absent), whether its target is self-generated, and its derived rule. A
+        generator has no locals `key`, `value`: its flows' expressions are used."""
+        d = self.derived[name]
         why = None
         if d.pre_retain is not None:
             why = "retention before `grad`"
@@ -263,7 +297,7 @@ class _Gen:
             why = "a retention or erase rate per key channel (a vector) in a momentum or MLP memory"
         if why:
             raise Unsupported(f"level `{name}`: {why} is not supported by the torch backend yet", name, "rule")
-        if read == "x":  # a generator: no locals `key`, `value`; use its flows' expressions
+        if generator:
             own = {"key": lv.key, "value": lv.value, "query": lv.query}
             sub = lambda e: e if e is None else subst(e, own)  # noqa: E731
         else:
@@ -274,33 +308,8 @@ class _Gen:
         if not self_target and lv.out == "scalar":
             target = f"L.vec({target})"
         beta = code(d.momentum[1]) if d.momentum is not None else "None"
-        args = (f"{read}, {code(Name(id='key'))}, {target}, {code(d.step) if d.step is not None else '1.0'}, "
-                f"{beta}, {code(d.retain)}, {code(d.erase)}")
-        chunk = lv.chunk_size()
-        H, K = self.H, self.K
-        if isinstance(m, S.MatrixMemory):
-            if lv.out == "scalar":
-                raise Unsupported(f"level `{name}`: a scalar-output matrix memory")
-            m0 = "None"
-            if lv.init == "meta":
-                m0 = "self." + self.module(f"{name}_M0", f"nn.Parameter(torch.zeros({H}, {K}, {K}))")
-            lines = [f"st = (L.initial(state, p + '{name}.M', {m0}, x, ({H}, {K}, {K})), state.get(p + '{name}.S'))"]
-            return (f"momentum_memory({args}, objective={d.loss!r}, initial_state=st, mode=mode, chunk_size={chunk})",
-                    lines)
-        if lv.init != "meta":
-            raise Unsupported(f"level `{name}`: an MLP memory starts from meta-learned weights (`init: meta`)")
-        lines = []
-        if read != "x":  # a generator's weights are made by `scan`
-            hidden = int(round(K * m.expansion))
-            d_out = 1 if lv.out == "scalar" else K
-            w = self.module(f"{name}_W", f"L.mlp_params({H}, {K}, {hidden}, {d_out}, depth={m.depth}, residual={m.residual})")
-            lines = [f"st = L.mlp_state(state, p + '{name}', self.{w}, momentum={d.momentum is not None})"]
-        reads = f"read={lv.read or 'anchor'!r}, " if read != "x" else ""   # a generator is read at its anchor
-        placed = self.placement[name]
-        backend = "backend" if placed.skeleton else "'torch'"
-        return (f"mlp_memory({args}, initial_state={'st' if read != 'x' else f'gst_{name}'}, objective={d.loss!r}, "
-                f"self_target={self_target}, activation={m.activation!r}, residual={m.residual}, "
-                f"{reads}mode=mode, chunk_size={chunk}, backend={backend})", lines)
+        return (dict(key=code(Name(id="key")), target=target, step=code(d.step) if d.step is not None else "1.0",
+                     beta=beta, retain=code(d.retain), erase=code(d.erase)), self_target, d)
 
     def save_state(self, name: str, lv: S.Level) -> list[str]:
         if isinstance(lv.memory, S.MatrixMemory):
@@ -311,50 +320,6 @@ class _Gen:
         """Levels applied (through signals, transitively, and through the generators' own flows)
         by level `name`'s flows."""
         return sorted(S.generators_of(self.spec, name))
-
-    def scan(self, consumer: str, gens: list[str], done: set[str]) -> list[str]:
-        """Generators learn in context and generate the consumer's flows: run chunk by chunk (their
-        chunk), every generator read at the chunk's anchor, then all of them updated over the chunk."""
-        chunks = {self.spec.levels[g].chunk_size() for g in gens}
-        if len(chunks) != 1:
-            raise Unsupported(f"generators {', '.join(gens)} with different chunk sizes")
-        C = chunks.pop()
-        lines = [f"# generators {', '.join(gens)}: memories that learn in context; scanned in chunks of {C},",
-                 "# each read at its chunk's anchor state, then all updated over the chunk"]
-        for g in gens:
-            lv = self.spec.levels[g]
-            if lv.key is None or not isinstance(lv.memory, S.MLPMemory):
-                raise Unsupported(f"generator `{g}` must be an MLP memory with a key")
-            d = self.derived[g]
-            K, H = self.K, self.H
-            hidden = int(round(K * lv.memory.expansion))
-            d_out = 1 if lv.out == "scalar" else K
-            w = self.module(f"{g}_W", f"L.mlp_params({H}, {K}, {hidden}, {d_out}, depth={lv.memory.depth}, "
-                                      f"residual={lv.memory.residual})")
-            lines.append(f"gst_{g} = L.mlp_state(state, p + '{g}', self.{w}, momentum={d.momentum is not None})")
-        loop: list[str] = []
-        inner_done: set[str] = set()
-        sigs = [n for n in self.spec.signals]  # every signal the consumer or the generators read
-        needed = S.reads(self.spec, [e for n in (consumer, *gens) for e in self.spec.levels[n].flows()])[1]
-        for s in sigs:
-            if s in needed:
-                self.signal(s, loop, inner_done)
-        for g in gens:
-            call, _ = self.memory_update(g, self.spec.levels[g], loop, inner_done, read="x")
-            loop.append(f"_, gst_{g} = {call}")
-        computed = [s for s in sigs if s in inner_done]
-        loop += [f"parts.setdefault({s!r}, []).append(sig_{s})" for s in computed]
-        lines += ["cstate = cnew = dict(state)  # convolutions carry their past from chunk to chunk",
-                  "xfull, parts = x, {}",
-                  f"for c0 in range(0, T, {C}):",
-                  f"    x = xfull[:, c0:c0 + {C}]"]
-        lines += [f"    {ln}" for ln in loop]
-        lines += ["new.update({k: v for k, v in cnew.items() if k not in state or state[k] is not v})",
-                  "x, cstate, cnew = xfull, state, new"]
-        lines += [f"sig_{s} = torch.cat(parts[{s!r}], 1)" for s in computed]
-        lines += [f"L.mlp_save(new, p + '{g}', gst_{g})" for g in gens]
-        done.update(computed)
-        return lines
 
     def cms(self, name: str, lv: S.Level, first_norm: str) -> list[str]:
         """A Continuum Memory System level: one pre-norm residual MLP per period, run on every

@@ -1,13 +1,24 @@
 """Building blocks the generated model code calls: norms, per-head projections, causal
 convolutions with carried state, attention with a KV cache, MLPs. Small and plain on purpose:
-the generated `model.py` reads as the spec, and these are its vocabulary."""
+the generated `model.py` reads as the spec, and these are its vocabulary. The stacked generators
+(`generators.py`), the CMS window loop (`cms.py`) and `compiled` (`compile.py`) are re-exported."""
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nlc.backends.torch.generators import (
+    generators, read_generator, read_generators, save_generators, update_generators)
+from nlc.backends.torch.cms import Pending, cms_fast, cms_forward, cms_forward_two_pass, cms_step
+from nlc.backends.torch.compile import compiled
+
+__all__ = [  # the vocabulary of generated code (`L.name`)
+    "l2norm", "silu", "gelu", "relu", "tanh", "sigmoid", "softplus", "exp", "detach", "log", "norm", "sum_", "dot",
+    "heads", "per_head_init", "per_head", "vec", "Proj", "HeadScalar", "CausalConv", "MLP", "rope", "attention",
+    "initial", "mlp_with", "mlp_params", "mlp_state", "mlp_save", "mlp_read",
+    "generators", "read_generator", "read_generators", "save_generators", "update_generators",
+    "Pending", "cms_fast", "cms_forward", "cms_forward_two_pass", "cms_step", "compiled"]
 
 ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "identity": lambda z: z}
 
@@ -185,77 +196,6 @@ def mlp_with(mlp: MLP, x: torch.Tensor, deltas: list | None) -> torch.Tensor:
     return x
 
 
-class Pending(NamedTuple):
-    """The last token's logits of a window, with the fast weights that computed them: its
-    next-token pair is counted when the target arrives (the next window's, or the next call's,
-    first token)."""
-    logits: torch.Tensor          # [B, vocab], with its graph to `fast`
-    fast: dict                    # level key -> the window's delta leaves
-
-
-def cms_fast(model, state: dict, levels, batch: int) -> dict:
-    """Per layer and CMS level, leaf tensors [B, out, in] for the in-context deltas of the level's
-    weights (carried in `state`, zero at first): the window's gradients are taken with respect to
-    them."""
-    fast = {}
-    for i, block in enumerate(model.blocks):
-        for name, _, _ in levels:
-            mlp = getattr(block, f"{name}_mlp")
-            fast[f"{i}.{name}"] = [
-                (state[f"{i}.{name}.delta{j}"] if f"{i}.{name}.delta{j}" in state
-                 else layer.weight.new_zeros(batch, *layer.weight.shape)).detach().to(layer.weight.dtype).requires_grad_()
-                for j, layer in enumerate(mlp.layers)]
-    return fast
-
-
-def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of logits [..., V] against targets [...] (computed in float32 at least)."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    return F.cross_entropy(flat if flat.dtype in (torch.float32, torch.float64) else flat.float(),
-                           targets.reshape(-1), reduction="sum")
-
-
-def cms_step(ids, logits, fast: dict, pending: Pending | None, state: dict, new: dict, levels, end: int) -> Pending:
-    """After one window (tokens up to absolute position `end`), first order: add to each CMS
-    level's accumulator the gradient of every next-token pair whose target arrived in the window,
-    each taken at the fast weights that made its prediction: the pair from the previous window's
-    last token (`pending`) and the pairs inside the window. A level whose chunk ends at `end`
-    applies `delta -= lr * accumulated` and starts a new accumulation. The loss is summed over
-    the batch, and each sequence has its own deltas, so each gets its own gradient. Returns the
-    window's last token as the next pending pair."""
-    losses, inputs = [], []
-    if ids.shape[1] > 1:
-        losses.append(_next_token_loss(logits[:, :-1], ids[:, 1:]))
-        inputs.append(fast)
-    if pending is not None:
-        losses.append(_next_token_loss(pending.logits, ids[:, 0]))
-        inputs.append(pending.fast)
-    leaves = [d for f in inputs for ds in f.values() for d in ds]
-    grads = torch.autograd.grad(sum(losses), leaves, retain_graph=True, allow_unused=True) if losses else []
-    total: dict = {}
-    it = iter(grads)
-    for f in inputs:
-        for key, ds in f.items():
-            sums = total.setdefault(key, [None] * len(ds))
-            for j in range(len(ds)):
-                g = next(it)
-                if g is not None:
-                    sums[j] = g if sums[j] is None else sums[j] + g
-    periods = {name: (period, lr) for name, period, lr in levels}
-    for key, deltas in fast.items():
-        period, lr = periods[key.split(".", 1)[1]]
-        for j, d in enumerate(deltas):
-            acc = state[f"{key}.acc{j}"].detach() if f"{key}.acc{j}" in state else torch.zeros_like(d)
-            g = total.get(key, [None] * len(deltas))[j]
-            if g is not None:
-                acc = acc + g.detach()
-            delta = d.detach()
-            if end % period == 0:
-                delta, acc = delta - lr * acc, torch.zeros_like(acc)
-            new[f"{key}.delta{j}"], new[f"{key}.acc{j}"] = delta, acc
-    return Pending(logits[:, -1], fast)
-
-
 # ---------------------------------------------------------------- deep (MLP) memories
 
 def mlp_params(heads: int, d_in: int, hidden: int, d_out: int, depth: int, residual: bool) -> nn.ParameterList:
@@ -291,38 +231,3 @@ def mlp_read(st, x: torch.Tensor, activation: str, residual: bool) -> torch.Tens
     from nlc.backends.torch.memories import mlp_forward
     y, _, _ = mlp_forward(x.transpose(1, 2), [w.to(x.dtype) for w in st.weights], activation, residual)
     return y.transpose(1, 2)
-
-
-def cms_forward(model, input_ids, state, levels, window: int):
-    """The forward pass of a model with CMS levels, window by window (the fastest period).
-
-    Each window runs, then takes the gradient of the next-token loss of every pair whose target
-    arrived in it (the previous window's last token included) with respect to the CMS fast
-    weights that made the prediction (first order), and updates the levels whose chunk ends. The
-    inner gradient is taken on a pass that sees the carried state as constants (it needs nothing
-    else, and so never walks the graph of earlier windows); when the outer gradient is wanted, a
-    second pass keeps the full graph. Windows are anchored at absolute positions (`state['t']`).
-    """
-    state = dict(state or {})
-    keep_graph = torch.is_grad_enabled()
-    pos = int(state.pop("t", torch.zeros((), dtype=torch.long)))
-    pending = state.pop("cms.pending", None)  # the last token's logits: its target comes next
-    outs, s, (B, T) = [], 0, input_ids.shape
-    while s < T:
-        e = min(T, s + window - (pos + s) % window)
-        ids = input_ids[:, s:e]
-        with torch.enable_grad():
-            fast = cms_fast(model, state, levels, B)
-            logits, new = model.run(ids, {k: v.detach() for k, v in state.items()}, fast)
-            pending = cms_step(ids, logits, fast, pending, state, new, levels, pos + e)
-        if keep_graph:
-            logits, outer = model.run(ids, state, {k: [d.detach() for d in v] for k, v in fast.items()})
-            new.update({k: v for k, v in outer.items() if ".delta" not in k and ".acc" not in k})
-        else:
-            logits, new = logits.detach(), {k: v.detach() for k, v in new.items()}
-        state.update(new)
-        outs.append(logits)
-        s = e
-    state["t"] = torch.tensor(pos + T)
-    state["cms.pending"] = pending
-    return torch.cat(outs, 1), state

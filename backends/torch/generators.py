@@ -1,0 +1,276 @@
+"""Generators stacked: the in-context MLP memories a level reads (Hope's M_k, M_v, M_eta, M_alpha)
+as one state, read in one call and updated over a chunk in one call.
+
+A level's generators run in a scan over their chunk (``scan.py``, generated code): each chunk
+reads every generator at its anchor, computes the flows, then updates every generator over the
+chunk. Run one by one, that is four ``mlp_memory`` calls of some 300 small ops each per chunk.
+Here the generators that share a form (depth, hidden size, activation, momentum) are stacked on a
+generator axis ``G`` next to the heads: weights ``[B, G, H, d_out, d_in]``, the output-side matrix
+padded with zero rows to the largest output size (``out: scalar`` generators have one output), and
+the residual path kept per generator. The padding is exact: its rows read 0, so their error is 0,
+their gradient is 0 and they stay 0, and a generator without the residual adds ``0 * z``.
+
+Arguments shared by every generator (Hope's key, value, rates) broadcast over ``G``; a tuple gives
+one per generator (stacked). Nothing is read that nobody uses: the update computes no output.
+``mode="recurrent"``, a Triton backend that serves the generators, or :func:`reference` run each
+generator through :func:`mlp_memory` instead (the slow reference; tests hold the two together).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from nlc.backends.torch.compile import hot
+from nlc.backends.torch.deep_memory import ACTIVATIONS, MLPState, mlp_memory, mlp_token_grads
+from nlc.backends.torch.memory_core import _coefficients, _erase_solve
+
+__all__ = ["Generators", "generators", "read_generators", "read_generator", "update_generators", "save_generators",
+           "reference"]
+
+_REFERENCE = [False]
+
+
+@contextmanager
+def reference(on: bool = True):
+    """Within this block, stacked generators run one by one through ``mlp_memory`` (and a CMS
+    model runs each window twice, ``cms.cms_forward_two_pass``): the slow references."""
+    old = _REFERENCE[0]
+    _REFERENCE[0] = on
+    try:
+        yield
+    finally:
+        _REFERENCE[0] = old
+
+
+class Generators(NamedTuple):
+    """Stacked generator state. ``weights[l]`` ``[B, G, H, d_out_l, d_in_l]``, output side first
+    (``weights[0]`` padded to ``max(d_out)`` rows); ``momenta`` the same shapes, or None."""
+    names: tuple[str, ...]
+    d_out: tuple[int, ...]
+    residual: tuple[bool, ...]
+    activation: str
+    weights: tuple[torch.Tensor, ...]
+    momenta: tuple[torch.Tensor, ...] | None
+
+
+def generators(state: dict, p: str, params: dict, *, residual, activation: str, momentum: bool,
+               like: torch.Tensor) -> Generators:
+    """The generators' carried state (``state[p + NAME + '.W0']`` ...), else their meta-learned
+    initial weights (``params[NAME]``, momenta zero), stacked. ``like``: a ``[B, ...]`` tensor."""
+    B = like.shape[0]
+    ws, ms, d_out = [], [], []
+    for name, ps in params.items():
+        key = p + name
+        w = [state[f"{key}.W{i}"] if f"{key}.W{i}" in state else q for i, q in enumerate(ps)]
+        d_out.append(w[0].shape[-2])
+        ws.append(w)
+        if momentum:
+            ms.append([state[f"{key}.S{i}"] if f"{key}.S{i}" in state else torch.zeros_like(x) for i, x in enumerate(w)])
+    top = max(d_out)
+    return Generators(tuple(params), tuple(d_out), tuple(residual), activation, _stack(ws, top, B),
+                      _stack(ms, top, B) if momentum else None)
+
+
+def _stack(per_gen, top, B):
+    """[[W1, W2, ..] per generator] -> (W1, W2, ..) stacked ``[B, G, H, o, i]``, W1 padded to ``top`` rows."""
+    out = []
+    for l in range(len(per_gen[0])):
+        mats = [w[l] for w in per_gen]
+        dtype = mats[0].dtype
+        for m in mats[1:]:
+            dtype = torch.promote_types(dtype, m.dtype)
+        if l == 0:
+            mats = [F.pad(m, (0, 0, 0, top - m.shape[-2])) if m.shape[-2] < top else m for m in mats]
+        out.append(torch.stack([m.to(dtype).expand(B, *m.shape[-3:]) for m in mats], 1))
+    return tuple(out)
+
+
+def save_generators(new: dict, p: str, gens: Generators) -> None:
+    """Each generator's weights (and momenta) into ``new`` under its own keys, ``[B, H, d_out, d_in]``."""
+    for name, st in zip(gens.names, _split(gens)):
+        for kind, mats in (("W", st.weights), ("S", st.momenta or ())):
+            for i, m in enumerate(mats):
+                new[f"{p}{name}.{kind}{i}"] = m
+
+
+def _forward(z, weights, activation, residual):
+    """``M(z)`` for every generator at once: z ``[B, 1 or G, H, C, d_in]``; ``residual`` per
+    generator. Returns ``(y, inputs, pre)`` as ``deep_memory.mlp_forward``."""
+    act = ACTIVATIONS[activation][0]
+    L = len(weights)
+    inputs, pre = [None] * L, [None] * L
+    a = z
+    for l in range(L - 1, 0, -1):
+        inputs[l] = a
+        pre[l] = a @ weights[l].mT
+        a = act(pre[l])
+    inputs[0] = a
+    y = a @ weights[0].mT
+    if all(residual):
+        y = y + z
+    elif any(residual):   # 0 * z where a generator has no residual path: exact
+        y = y + z * torch.tensor(residual, dtype=y.dtype, device=y.device)[:, None, None, None]
+    return y, inputs, pre
+
+
+def read_generators(gens: Generators, x) -> tuple[torch.Tensor, ...]:
+    """Every generator applied to its input at the current (anchor) weights, one call: ``x``
+    ``[B, T, H, D]`` read by all, or a tuple with one input per generator. Returns one
+    ``[B, T, H, d_out]`` per generator."""
+    if _REFERENCE[0]:
+        from nlc.backends.torch.deep_memory import mlp_forward
+        xs = x if isinstance(x, tuple) else (x,) * len(gens.names)
+        return tuple(mlp_forward(xi.transpose(1, 2), [w.to(xi.dtype) for w in st.weights], gens.activation, r)[0]
+                     .transpose(1, 2) for xi, st, r in zip(xs, _split(gens), gens.residual))
+    z = _grouped(x, lambda t: t.transpose(1, 2))
+    y = _read(z, [w.to(z.dtype) for w in gens.weights], gens.activation, gens.residual)
+    return tuple(y_g[..., :d].transpose(1, 2) for y_g, d in zip(y.unbind(1), gens.d_out))
+
+
+@hot
+def _read(z, weights, activation, residual):
+    return _forward(z, weights, activation, residual)[0]
+
+
+def read_generator(gens: Generators, name: str, x: torch.Tensor) -> torch.Tensor:
+    """One generator applied to ``x`` ``[B, T, H, D]`` (a generator read at several inputs, or at an
+    input that needs another generator's read): ``[B, T, H, d_out]``."""
+    from nlc.backends.torch.deep_memory import mlp_forward
+    g = gens.names.index(name)
+    st = _split(gens)[g]
+    y = mlp_forward(x.transpose(1, 2), [w.to(x.dtype) for w in st.weights], gens.activation, gens.residual[g])[0]
+    return y.transpose(1, 2)
+
+
+def _grouped(x, f):
+    """A shared argument with a generator axis of 1 (it broadcasts), or a tuple stacked on it."""
+    if isinstance(x, tuple):
+        return torch.stack([f(t) for t in x], 1)
+    return f(x).unsqueeze(1)
+
+
+def _split(gens: Generators) -> list[MLPState]:
+    """Each generator's own state (unpadded), ``[B, H, d_out, d_in]``."""
+    def per_gen(mats):   # unbind: its backward is one stack, not a zero-filled copy per generator
+        return [[m[..., :d, :] if i == 0 and d < m.shape[-2] else m for i, m in enumerate(ms)]
+                for ms, d in zip(zip(*(m.unbind(1) for m in mats)), gens.d_out)]
+    ws = per_gen(gens.weights)
+    ms = per_gen(gens.momenta) if gens.momenta is not None else [None] * len(ws)
+    return [MLPState(tuple(w), None if m is None else tuple(m)) for w, m in zip(ws, ms)]
+
+
+def update_generators(gens: Generators, k, v, eta, beta=None, alpha=None, erase=None, *, objective="l2",
+                      self_target=False, detach_target=False, chunk_size=64, mode="chunk",
+                      backend="auto") -> Generators:
+    """The update of ``mlp_memory`` (gradients at each chunk's anchor) for every generator at once;
+    no output is read. ``k`` ``[B, T, H, D]``, ``v`` the target (``[B, T, H, d_out]``, or ``D``
+    with ``self_target``), ``eta, beta, alpha, erase`` ``[B, T, H]``, numbers or None, each shared
+    or a tuple with one per generator. T may exceed ``chunk_size`` (chunks from the first token)."""
+    if _REFERENCE[0] or mode != "chunk" or _triton_serves(gens, k, chunk_size, backend, objective, self_target):
+        return _one_by_one(gens, k, v, eta, beta, alpha, erase, objective=objective, self_target=self_target,
+                           detach_target=detach_target, chunk_size=chunk_size, mode=mode, backend=backend)
+    if (beta is None) != (gens.momenta is None):
+        raise ValueError("update_generators: momenta must be given exactly when beta is")
+    if objective not in ("l2", "dot"):
+        raise ValueError(f"update_generators: objective must be 'l2' or 'dot', got {objective!r}")
+    first = k[0] if isinstance(k, tuple) else k
+    dtype = torch.promote_types(torch.promote_types(torch.float32, first.dtype), gens.weights[0].dtype)
+    W = [w.to(dtype) for w in gens.weights]
+    S = None if gens.momenta is None else [s.to(dtype) for s in gens.momenta]
+    top, T = W[0].shape[-2], first.shape[1]
+    pad = (lambda t: t) if self_target else (lambda t: F.pad(t, (0, top - t.shape[-1])) if t.shape[-1] < top else t)
+    kb = _grouped(k, lambda t: t.to(dtype).transpose(1, 2))                      # [B, 1|G, H, T, D]
+    vb = _grouped(v, lambda t: pad(t.to(dtype)).transpose(1, 2))
+    sc = lambda x, fill=None: _scalars(x, kb, fill, dtype)  # noqa: E731
+    eta, beta, alpha, erase = sc(eta), sc(beta), sc(alpha, 1.0), sc(erase)
+    cfg = (objective, self_target, detach_target, gens.activation, gens.residual)
+    for c0 in range(0, T, chunk_size):
+        cut = lambda x: None if x is None else x[..., c0:c0 + chunk_size]        # noqa: E731  per-token scalars
+        rows = lambda x: x[..., c0:c0 + chunk_size, :]                          # noqa: E731
+        W, S = _chunk(W, S, rows(kb), rows(vb), cut(eta), cut(beta), cut(alpha), cut(erase), cfg)
+    return gens._replace(weights=tuple(W), momenta=None if S is None else tuple(S))
+
+
+def _scalars(x, kb, fill, dtype):
+    """Per-token scalars ``[B, T, H]`` (shared, a number, or a tuple per generator) -> ``[B, 1|G, H, T]``."""
+    if x is None:
+        if fill is None:
+            return None
+        x = fill
+    if isinstance(x, tuple):
+        return torch.stack([_scalars(t, kb, None, dtype)[:, 0] for t in x], 1)
+    B, _, H, T = kb.shape[:4]
+    if not isinstance(x, torch.Tensor):
+        return torch.full((B, 1, H, T), float(x), dtype=dtype, device=kb.device)
+    return x.to(dtype).expand(B, T, H).transpose(1, 2).unsqueeze(1)
+
+
+@hot
+def _chunk(W, S, k, v, eta, beta, alpha, erase, cfg):
+    """One chunk of every generator's update, the algebra of ``deep_memory._mlp_chunk`` (README
+    "Memories") on the stacked weights: errors and per-token gradients at the anchor ``W``, then
+    each matrix's end state. With a self-generated target, keys and values go through the MLP
+    together; the erase reuses the keys' pre-activation ``k W_L^T`` (its ``K h0``)."""
+    objective, self_target, detach_target, activation, residual = cfg
+    C = k.shape[-2]
+    co = _coefficients(alpha, beta)
+    if self_target:
+        kv = torch.cat(torch.broadcast_tensors(k, v), -2) if k.shape != v.shape else torch.cat([k, v], -2)
+        y, inputs, pre = _forward(kv, W, activation, residual)
+        y, tau = y[..., :C, :], y[..., C:, :]
+        inputs = [a[..., :C, :] for a in inputs]
+        pre = [None if x is None else x[..., :C, :] for x in pre]
+        if detach_target:
+            tau = tau.detach()
+    else:
+        (y, inputs, pre), tau = _forward(k, W, activation, residual), v
+    deltas = mlp_token_grads(-tau if objective == "dot" else y - tau, W, inputs, pre, activation)
+    L = len(W)
+    new_W, new_S = [], []
+    for l in range(L):
+        keys, G = inputs[l], eta[..., None] * deltas[l]          # [.., C, d_in], [.., C, d_out]
+        coef = co.Phi[..., C, :, None] * G
+        if l == L - 1 and erase is not None:   # the DGD erase's UT transform (memory_core._erase_solve)
+            KK, Tinv = _erase_solve(co, keys, erase)
+            kh = (keys @ W[l].mT) if pre[l] is None else pre[l]  # K h0: the rows' reads before the chunk
+            rhs = co.A[..., :-1, None] * kh - (KK * co.Phi[..., :-1, :]) @ G
+            if S is not None:
+                rhs = rhs - co.c[..., :-1, None] * (keys @ S[l].mT)
+            coef = coef + co.Da[..., C, :, None] * (erase[..., None] * (Tinv @ rhs))
+        w = co.A[..., C, None, None] * W[l] - coef.mT @ keys
+        if S is not None:
+            w = w - co.c[..., C, None, None] * S[l]
+            new_S.append(co.Bc[..., C, None, None] * S[l] + (co.Db[..., C, :, None] * G).mT @ keys)
+        new_W.append(w)
+    return new_W, (new_S if S is not None else None)
+
+
+def _triton_serves(gens, k, chunk_size, backend, objective, self_target) -> bool:
+    """Whether ``mlp_memory`` would send any of these generators to a Triton kernel."""
+    if backend == "torch" or (backend == "auto" and not k.is_cuda):
+        return False
+    from nlc.backends.dispatch import pick
+    from nlc.backends.triton import deep
+    cfg = (objective, self_target, False, gens.activation)
+    return any(pick("mlp_memory", backend, k, why_not=deep.supports(cfg + (r,), st.weights, chunk_size)) == "triton"
+               for st, r in zip(_split(gens), gens.residual))
+
+
+def _one_by_one(gens, k, v, eta, beta, alpha, erase, *, objective, self_target, detach_target, chunk_size,
+                mode, backend):
+    """The reference: each generator through ``mlp_memory`` (its output unused), then restacked."""
+    each = lambda x, g: x[g] if isinstance(x, tuple) else x  # noqa: E731
+    states = []
+    for g, (st, r) in enumerate(zip(_split(gens), gens.residual)):
+        kg = each(k, g)
+        _, st = mlp_memory(kg, kg, each(v, g), each(eta, g), each(beta, g), each(alpha, g), each(erase, g),
+                           initial_state=st, objective=objective, self_target=self_target,
+                           detach_target=detach_target, activation=gens.activation, residual=r, mode=mode,
+                           chunk_size=chunk_size, backend=backend)
+        states.append(st)
+    top, B = max(gens.d_out), (k[0] if isinstance(k, tuple) else k).shape[0]
+    return gens._replace(weights=_stack([s.weights for s in states], top, B),
+                         momenta=None if gens.momenta is None else _stack([s.momenta for s in states], top, B))
