@@ -13,6 +13,7 @@ import torch
 
 import nlc
 from nlc.backends.torch import optim as O
+from nlc.backends.torch import optim_lanes as lanes
 from nlc.backends.torch.optim import compile_optimizer
 
 F64 = torch.float64
@@ -317,8 +318,8 @@ def test_batched_newton_schulz_equals_per_parameter(monkeypatch):
     shapes = [(5, 3), (5, 3), (5, 3), (4, 6)]
     p0, stream = params_of(shapes), stream_of(shapes, 8)
     calls = []
-    real = O.newton_schulz
-    monkeypatch.setattr(O, "newton_schulz", lambda x, s: calls.append(x.shape[0]) or real(x, s))
+    real = lanes.newton_schulz
+    monkeypatch.setattr(lanes, "newton_schulz", lambda x, s: calls.append(x.shape[0]) or real(x, s))
 
     def make(batch):
         def mk(ps):
