@@ -130,17 +130,20 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
                     "  nlc train specs/titans.yaml --task mqar:pairs=32,queries=16 --context 256 --lr-schedule cosine --warmup 50\n"
                     "  nlc train --task help   (the tasks and their options)\n"
                     "  nlc train specs/titans.yaml --data input.txt --steps 2000 --out runs/titans-text\n"
-                    "  nlc train specs/titans.yaml --data input.txt --steps 4000 --out runs/titans-text --resume")
+                    "  nlc train specs/titans.yaml --data input.txt --steps 4000 --out runs/titans-text --resume\n"
+                    "  torchrun --nproc_per_node 2 -m nlc.runtime.cli train specs/titans.yaml --batch 32   (data-parallel)")
 def train(spec: Path = typer.Argument(..., help="a model spec file"),
           data: Optional[Path] = typer.Option(None, "--data", help="a text file, or a folder of them (concatenated in "
                                               "sorted path order), read as bytes (vocab 256), split 90/10 into "
-                                              "train/val; without it a synthetic task"),
+                                              "train/val; without it a synthetic task (not both)"),
           task: Optional[str] = typer.Option(None, "--task", metavar="NAME[:KEY=VALUE,...]", is_eager=True,
                                              callback=lambda value: _task_help(value),
                                              help="synthetic task: copy (default), recall, mqar, niah, parity, anbn, "
-                                                  "with options (mqar:pairs=32,queries=16); `--task help` lists them"),
+                                                  "with options (mqar:pairs=32,queries=16); `--task help` lists them; "
+                                                  "an error with --data"),
           steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps in all [200]"),
-          batch: Optional[int] = typer.Option(None, "--batch", help="sequences per step [16]"),
+          batch: Optional[int] = typer.Option(None, "--batch", help="sequences per step [16]; under torchrun the "
+                                              "global batch, a multiple of the processes, split among them"),
           context: Optional[int] = typer.Option(None, "--context", help="tokens per sequence [64]"),
           out: Optional[Path] = typer.Option(None, "--out", help="the run's directory [runs/<spec file name>]"),
           resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out; "
@@ -148,7 +151,8 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
           sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override: `name=value` an optimizer hyperparameter "
                                          "(lr=1e-3), `path.key=value` the spec (model.d_model=64); repeatable"),
           seed: Optional[int] = typer.Option(None, "--seed", help="seeds the initialisation and the data [0]"),
-          device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto [auto]"),
+          device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto [auto]; under "
+                                               "torchrun cuda puts each process on cuda:LOCAL_RANK"),
           lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", metavar="constant|cosine|wsd",
                                                     help="the learning rate's schedule: constant [default]; cosine "
                                                          "(to 0 at --steps); wsd (warmup, stable, then a linear decay "
@@ -166,7 +170,8 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
     """Train the compiled model of a spec with the optimizer the spec names. Logs a line every
     --log-every steps, evaluates every --eval-every steps, saves a checkpoint (DIR/ckpt-STEP.safetensors
     and .json, atomically; the newest --keep are kept) every --save-every steps and at the end;
-    Ctrl-C saves before it exits."""
+    Ctrl-C saves before it exits. Under torchrun it trains data-parallel (DDP: gloo on CPU, NCCL on
+    CUDA): each process takes its share of each batch, and process 0 logs, evaluates and saves."""
     from pydantic import ValidationError
     from nlc.runtime.train import TrainError, resolve, train as _train
     given = dict(data=data, task=task, steps=steps, batch=batch, context=context, out=out, seed=seed,

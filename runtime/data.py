@@ -8,7 +8,7 @@ loss and the accuracy do not count (in a synthetic task, what no memory can pred
 - `TextData`: a file, or every file in a folder (recursively, in sorted path order, hidden ones
   skipped), read as bytes (vocab 256) and concatenated; the first 90% for training, the rest for
   validation; a batch is `B` random windows of `T + 1` bytes.
-- the synthetic tasks (`copy`, `recall`, `mqar`, `niah`, `parity`, `anbn`) are in
+- the synthetic tasks (`copy`, `recall`, `mqar`, `niah`, `parity`, `anbn`, `stream`) are in
   `nlc.runtime.tasks`; `nlc train --task help` lists them with their options.
 """
 from __future__ import annotations

@@ -351,6 +351,53 @@ class AnBnTask(_Formal):
 TASKS: dict[str, type[Task]] = {t.name: t for t in (CopyTask, RecallTask, MQARTask, NIAHTask, ParityTask, AnBnTask)}
 
 
+def task_list(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split("+") if t.strip())
+    if len(names) < 2:
+        raise ValueError("two or more task names joined by `+`, e.g. copy+mqar+parity")
+    bad = [n for n in names if n not in TASKS or n == "stream"]
+    if bad:
+        raise ValueError(f"a list of the other tasks' names joined by `+`; `{bad[0]}` is not one "
+                         f"(the tasks: {', '.join(n for n in TASKS if n != 'stream')})")
+    return names
+
+
+class StreamTask(Task):
+    """Continual learning: the tasks one after another in training (`every` steps each, the last
+    one to the end); validation batches cycle through all of them, so the score says what is
+    remembered of the earlier ones. Each part is the task of that name with its defaults (at
+    this vocabulary and context); score one part alone with `--task NAME`."""
+    name = "stream"
+    about = "continual learning: the tasks in turn (`every` steps each); validation cycles through all"
+    options = (Option("tasks", "copy+mqar+parity", "task names joined by `+`, trained in this order", task_list),
+               Option("every", 100, "training steps (batches) on each task before the next", whole(1)))
+
+    def setup(self):
+        names = self.opt["tasks"]
+        names = task_list(names) if isinstance(names, str) else names
+        self.opt["tasks"] = "+".join(names)
+        self.parts = [TASKS[n](self.vocab, self.context, self.seed) for n in names]
+
+    def part(self, split: str, index: int) -> tuple[int, int]:
+        """(which task, its own batch index) of batch `index` of `split`."""
+        n = len(self.parts)
+        if split == "train":
+            k = min(index // self.opt["every"], n - 1)
+            return k, index
+        return index % n, index // n
+
+    def batch(self, split, index, size):
+        k, i = self.part(split, index)
+        return self.parts[k].batch(split, i, size)
+
+    def layout(self):
+        return (f"{' then '.join(p.spelled for p in self.parts)}, {self.opt['every']} steps each "
+                f"(the last to the end); validation cycles through them")
+
+
+TASKS[StreamTask.name] = StreamTask
+
+
 def parse(text: str) -> tuple[type[Task], dict]:
     """`name:key=value,...` -> (the task's class, its options parsed); DataError with a hint."""
     name, _, rest = text.partition(":")

@@ -1,22 +1,17 @@
 """`nlc train`: train the compiled model of a spec with the optimizer the spec names.
 
 The run reads top to bottom (`train`): settings, the spec (with `--set` applied and checked
-again), the data, the model and its optimizer, maybe the checkpoint to resume, then the loop:
-occasionally evaluate and save, then one step (forward, backward, optimizer), then log.
-
-`--set` takes two kinds of override:
-
-- `path.to.key=value` changes the spec itself (`model.d_model=64`, `levels.attn.memory.window=128`);
-  the changed spec is validated and checked like a file, and a mistake in the value is located on
-  the command line;
-- `name=value` overrides a hyperparameter of the optimizer (`lr=1e-3`, `betas=[0.9,0.95]`);
-  unknown names (E208) and values out of range (E502) are located on the command line.
+again: `nlc.runtime.overrides`), the data, the model and its optimizer, maybe the checkpoint to
+resume, then the loop: occasionally evaluate and save, then one step (forward, backward,
+optimizer), then log.
 
 Each batch is a pure function of (seed, step) (`nlc.runtime.data`, `nlc.runtime.tasks`), the
 model is initialised from the seed, the learning rate is a function of the step
 (`nlc.runtime.schedule`), and a checkpoint holds everything else (parameters, optimizer state, RNG
 states; `nlc.runtime.checkpoint`: safetensors and JSON, nothing pickled), so stopping and resuming
-gives the same trajectory as running straight through.
+gives the same trajectory as running straight through. Under torchrun the same loop trains
+data-parallel (`nlc.runtime.distributed`): each rank takes its rows of each step's batch, and
+rank 0 logs, evaluates and saves.
 """
 from __future__ import annotations
 
@@ -25,16 +20,14 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
-from nlc.diagnostics import Collector, Span, SpecError, did_you_mean
+# (benchmarks/studies import load_spec and parse_sets from here too)
+from nlc.runtime.overrides import check_hyper_sets, load_spec, parse_sets
 
-CMDLINE = "<command line>"
 DEFAULT_OPTIMIZER = "adamw"
 
 
@@ -48,9 +41,10 @@ class TrainConfig(BaseModel):
 
     spec: Path = Field(description="the model spec file")
     data: Path | None = Field(None, description="a text file or a folder of them, read as bytes; None: a synthetic task")
-    task: str = Field("copy", description="the synthetic task without data: `name` or `name:key=value,...`")
+    task: str = Field("copy", description="the synthetic task without data: `name` or `name:key=value,...` "
+                                          "(`resolve` refuses one given with data)")
     steps: PositiveInt = Field(200, description="optimizer steps in all (a resumed run continues up to this step)")
-    batch: PositiveInt = Field(16, description="sequences per step")
+    batch: PositiveInt = Field(16, description="sequences per step (under torchrun, split over the processes)")
     context: PositiveInt = Field(64, description="tokens per sequence")
     out: Path | None = Field(None, description="the run's directory; default runs/<spec file name>")
     resume: bool = Field(False, description="continue from the checkpoint in `out`")
@@ -76,139 +70,6 @@ class TrainConfig(BaseModel):
     @property
     def run_dir(self) -> Path:
         return self.out if self.out is not None else Path("runs") / self.spec.stem
-
-
-# ---------------------------------------------------------------- --set
-
-@dataclass(frozen=True)
-class Override:
-    """One `--set key=value`, with the spans of its key and value on the command line."""
-    key: str
-    value: str
-    key_span: Span
-    span: Span
-
-
-def parse_sets(sets: tuple[str, ...]) -> tuple[str, list[Override]]:
-    """The command line the diagnostics show (`--set a=1 --set b=2`), and each override."""
-    source, items = "", []
-    errors = Collector(CMDLINE)
-    for item in sets:
-        source += ("" if not source else " ") + "--set "
-        col = len(source) + 1
-        source += item
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            errors.error("E103", f"`--set {item}` is not `key=value`", Span(CMDLINE, 1, col, 1, col + len(item)),
-                         "write `--set lr=1e-3` (the optimizer) or `--set model.d_model=64` (the spec)")
-            continue
-        vcol = col + len(key) + 1
-        items.append(Override(key=key.strip(), value=value.strip(), key_span=Span(CMDLINE, 1, col, 1, vcol - 1),
-                              span=Span(CMDLINE, 1, vcol, 1, vcol + len(value))))
-    errors.source = source
-    errors.raise_if_any()
-    return source, items
-
-
-def parse_value(text: str):
-    """`64` -> 64, `1e-3` -> 0.001, `true` -> True, `[0.9, 0.95]` -> [0.9, 0.95]; other text stays text."""
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    if text in ("true", "false"):
-        return text == "true"
-    if text.startswith("["):
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            return text
-        if isinstance(value, list):
-            return [parse_value(str(v)) if isinstance(v, str) else v for v in value]
-    return text
-
-
-def load_spec(path: Path, spec_sets: list[Override], cmdline: str):
-    """Read, parse, patch with the spec overrides, validate and check: the loader's steps, with the
-    patch between parsing and validation. Raises SpecError (the command line among its sources)."""
-    from nlc.check import check
-    from nlc.loader import Loaded, load_located, parse_text, read_source, validate
-    from nlc.syntax.source import Located, SourceMap
-    try:
-        if not spec_sets:
-            return load_located(path)
-        file = str(path)
-        errors = Collector(file)
-        text = read_source(path, errors)
-        raw, smap = parse_text(text, file, errors) if text is not None else (None, SourceMap(file))
-        if raw is None and not errors.diagnostics:
-            errors.error("E001", "the file holds no spec", Span(file, 1, 1))
-        errors.raise_if_any()
-        for o in spec_sets:
-            _patch(raw, smap, o, errors, Located)
-        spec = validate(raw, smap, errors)
-        errors.raise_if_any()
-        loaded = Loaded(spec, smap, text, file)
-        check(loaded, errors)
-        errors.raise_if_any()
-        return loaded
-    except SpecError as e:
-        e.sources[CMDLINE] = cmdline
-        raise
-
-
-def _patch(raw, smap, o: Override, errors: Collector, Located) -> None:
-    """Set raw[k1][k2]... = value; the spans of the key and the value point at the command line."""
-    keys, value, span = o.key.split("."), parse_value(o.value), o.span
-    node, path = raw, ()
-    for i, k in enumerate(keys):
-        key = int(k) if isinstance(node, list) and k.isdigit() else k
-        if isinstance(node, list) and isinstance(key, int) and key >= len(node):
-            errors.error("E103", f"`{'.'.join(keys[:i])}` has {len(node)} items; there is no item {key}", o.key_span)
-            return
-        if not isinstance(node, (dict, list)):
-            errors.error("E103", f"`{'.'.join(keys[:i])}` is `{node}`, not a mapping: `{'.'.join(keys)}` cannot be set",
-                         o.key_span)
-            return
-        path += (key,)
-        smap.keys[path] = o.key_span
-        if i == len(keys) - 1:
-            node[key] = Located(value, span) if isinstance(value, str) else value
-            smap.values[path] = span
-            return
-        if isinstance(node, dict) and key not in node:
-            errors.error("E102", f"`--set {'.'.join(keys)}`: the spec has no `{'.'.join(keys[:i + 1])}`", o.key_span,
-                         did_you_mean(key, node) if node else None)
-            return
-        if key == "memory" and isinstance(node[key], str):  # `memory: attention` is short for {kind: attention}
-            node[key] = {"kind": node[key]}
-        node = node[key]
-
-
-def check_hyper_sets(opt, hyper_sets: list[Override], cmdline: str) -> dict:
-    """The optimizer overrides of the command line, checked: names (E208), types and ranges (E502)."""
-    from nlc.check_common import hyper_problem
-    errors, out = Collector(CMDLINE, cmdline), {}
-    for o in hyper_sets:
-        key, text, span, value = o.key, o.value, o.span, parse_value(o.value)
-        if key not in opt.hyper:
-            errors.error("E208", f"`{key}` is not a hyperparameter of the optimizer `{opt.name}`", o.key_span,
-                         did_you_mean(key, opt.hyper) or f"`{opt.name}` has: {', '.join(opt.hyper)}")
-            continue
-        default = opt.hyper[key]
-        kind_ok = (isinstance(value, list) == isinstance(default, list)
-                   and (isinstance(value, list) or isinstance(value, (int, float)))
-                   and (not isinstance(value, list) or all(isinstance(v, (int, float)) for v in value)))
-        why = hyper_problem(key, value) if kind_ok else (
-            f"`{key}` is a list like `{default}`" if isinstance(default, list) else f"`{key}` is a number like `{default}`")
-        if why:
-            errors.error("E502", f"`--set {key}={text}`: the value is out of range" if kind_ok else
-                         f"`--set {key}={text}`: not a valid value", span, why)
-            continue
-        out[key] = float(value) if isinstance(default, float) and not isinstance(value, bool) else value
-    errors.raise_if_any()
-    return out
 
 
 # ---------------------------------------------------------------- Ctrl-C
@@ -239,6 +100,9 @@ def stop_requests(log: Callable[[str], None]):
 
 def resolve(explicit: dict) -> TrainConfig:
     """The run's settings: given ones, then (on --resume) the checkpoint's, then the defaults."""
+    if explicit.get("data") is not None and explicit.get("task") is not None:
+        raise TrainError(f"--data {explicit['data']} and --task {explicit['task']} both say what to train on: drop "
+                         f"--task to train on the text, or drop --data to train on the task")
     cfg = TrainConfig(**explicit)
     if not cfg.resume:
         return cfg
@@ -248,6 +112,9 @@ def resolve(explicit: dict) -> TrainConfig:
     except checkpoint.CheckpointError as e:
         raise TrainError(str(e)) from None
     merged = {k: saved[k] for k in TrainConfig.RESUMED if k in saved and k not in explicit}
+    if merged.get("data") is not None and "task" in explicit:   # the task would be ignored, as on a fresh run
+        raise TrainError(f"--task {explicit['task']}: the run in {cfg.run_dir} trains on --data {merged['data']} "
+                         f"(its checkpoint's): drop --task to resume it, or train the task into another --out")
     sets = {item.partition("=")[0].strip(): item for item in (*saved.get("sets", ()), *explicit.get("sets", ()))}
     merged["sets"] = tuple(sets.values())       # the checkpoint's --set values, then the new ones (a later one wins)
     return TrainConfig(**{**explicit, **merged})
@@ -262,8 +129,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
     from nlc import spec as S
     from nlc.backends.torch.codegen import Unsupported
     from nlc.backends.torch.optim import _load as load_optimizer, compile_optimizer, optimizer_of
-    from nlc.runtime import checkpoint, schedule
+    from nlc.runtime import checkpoint, distributed, schedule
     from nlc.runtime.data import IGNORE, DataError, correct, make_data
+
+    world = distributed.world()                # torchrun's processes; one without it
+    log = log if world.main else (lambda s: None)
 
     # -- the spec, with --set applied, checked like a file
     cmdline, sets = parse_sets(cfg.sets)
@@ -284,8 +154,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
     spec_sha = checkpoint.spec_hash(spec_text)
     out = cfg.run_dir
 
-    # -- the device and the data
-    device = _device(cfg.device)
+    # -- the device (this rank's under torchrun) and the data
+    device = distributed.start(world, _device(cfg.device), cfg.batch)
     try:
         data = make_data(cfg.data, cfg.task, spec.model.vocab, cfg.context, cfg.seed)
     except DataError as e:
@@ -298,6 +168,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
     except Unsupported as e:
         raise e.located(loaded) from None
     optimizer = compile_optimizer(opt_spec, model.parameters(), **hyper)
+    net = distributed.wrap(model, world, device)      # what the steps call: DDP under torchrun
     n_params = sum(p.numel() for p in model.parameters())
     base_lr = [group.get("lr") for group in optimizer.param_groups]   # what the schedule scales
     if (cfg.lr_schedule != "constant" or cfg.warmup) and None in base_lr:
@@ -326,6 +197,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
     log(f"train `{spec.name}`: {n_params:,} parameters, {spec.model.layers} layers, d_model {spec.model.d_model}, "
         f"optimizer `{opt_spec.name}` ({', '.join(f'{k}={v}' for k, v in {**opt_spec.hyper, **hyper}.items())})")
     log(f"data: {data.describe}; batch {cfg.batch} x {cfg.context} tokens; device {device}; run {out}"
+        + (f"; {world.size} processes, {cfg.batch // world.size} sequences each" if world.size > 1 else "")
         + (f"; lr schedule {cfg.lr_schedule}, warmup {cfg.warmup}" if cfg.lr_schedule != "constant" or cfg.warmup else "")
         + (f"; resumed at step {step}" if cfg.resume else ""))
 
@@ -336,18 +208,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
         with torch.no_grad():
             for i in range(cfg.eval_batches):
                 x, y = data.batch("val", i, cfg.batch)
-                logits = logits_of(x)
+                logits = model(x.to(device))[0]
                 losses.append(loss_of(logits, y).item())
                 r, c = correct(logits, y.to(device))
                 right, counted = right + r, counted + c
         model.train()
         return sum(losses) / len(losses), right / max(counted, 1)
 
-    def logits_of(x):
-        return model(x.to(device))[0]
-
-    def loss_of(logits, y):
-        return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE)
+    def loss_of(logits, y, reduction="mean"):
+        return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE,
+                               reduction=reduction)
 
     def save() -> Path:
         ck = checkpoint.Checkpoint(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -361,23 +231,28 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
     tokens, steps_since_log, path = 0, 0, None
     with stop_requests(log) as flag:
         while True:
-            last, stop = step >= cfg.steps, flag["stop"]
+            last, stop = step >= cfg.steps, distributed.anyone(flag["stop"], world, device)
             t_pause = time.perf_counter()
             if (step % cfg.eval_every == 0 or last) and step not in evaluated and not stop:
-                val, acc = evaluate()
                 evaluated.add(step)
-                history.append({"step": step, "val_loss": val, "val_acc": acc})
-                log(f"step {step:>6}/{cfg.steps} | val loss {val:.4f} | acc {acc:.4f}"
-                    + (f" (loss without memory: {data.floor:.4f})" if data.floor else ""))
+                if world.main:
+                    val, acc = evaluate()
+                    history.append({"step": step, "val_loss": val, "val_acc": acc})
+                    log(f"step {step:>6}/{cfg.steps} | val loss {val:.4f} | acc {acc:.4f}"
+                        + (f" (loss without memory: {data.floor:.4f})" if data.floor else ""))
+                distributed.barrier(world)
             if (step > start and (step % cfg.save_every == 0 or last)) or stop:
-                path = save()
+                if world.main:
+                    path = save()
+                distributed.barrier(world)
             if last or stop:
                 break
             t_log += time.perf_counter() - t_pause    # the log reports training speed only
 
             x, y = data.batch("train", step, cfg.batch)
-            try:
-                loss = loss_of(logits_of(x), y)
+            xs, ys, counted = distributed.shard(x, y, world)   # this rank's rows (all of them in one process)
+            try:   # the global batch's mean loss (under torchrun, this rank's share of it)
+                loss = loss_of(net(xs.to(device))[0], ys, "sum") / counted
             except ValueError as e:  # an op's precondition, such as a retention gate that reached 0
                 raise TrainError(f"step {step + 1}: {e}. The run has probably diverged (try a lower learning "
                                  f"rate: --set lr=...); the last checkpoint is kept") from None
@@ -394,7 +269,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
             steps_since_log += 1
 
             if step % cfg.log_every == 0 or step == start + 1:
-                lossf = loss.item()
+                lossf = distributed.mean(loss, world)
                 now = time.perf_counter()
                 lr_now = optimizer.param_groups[0].get("lr")      # the learning rate of this step
                 history.append({"step": step, "loss": lossf, "lr": lr_now, "tokens_per_s": tokens / (now - t_log)})

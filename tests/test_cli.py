@@ -73,3 +73,32 @@ def test_explain_and_schema():
 def test_help_has_an_example(cmd):
     r = nlc(cmd, "--help")
     assert r.returncode == 0 and "Example" in r.stdout and "nlc " + cmd in r.stdout
+
+
+def test_train_refuses_data_with_task(tmp_path):
+    """`--data` with `--task` is an error (the task used to be ignored), and so is `--task` on
+    resuming a run that trains on text; `--resume` alone takes the checkpoint's `--data`."""
+    from typer.testing import CliRunner
+
+    from nlc.runtime.cli import app
+    from nlc.runtime.train import TrainConfig, train
+    text = tmp_path / "t.txt"
+    text.write_bytes(bytes(range(256)) * 8)
+    out = tmp_path / "run"
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", str(ROOT / "specs/transformer.yaml"), "--data", str(text), "--task", "recall",
+                            "--out", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert r.stderr == (f"error: --data {text} and --task recall both say what to train on: drop --task to train "
+                        f"on the text, or drop --data to train on the task\n")
+    assert not out.exists()
+    train(TrainConfig(spec=ROOT / "specs/transformer.yaml", data=text, steps=1, batch=2, context=16, out=out,
+                      device="cpu", sets=("model.d_model=32", "model.layers=1")), log=lambda s: None)
+    r = runner.invoke(app, ["train", str(ROOT / "specs/transformer.yaml"), "--out", str(out), "--resume",
+                            "--task", "recall", "--steps", "2"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr == (f"error: --task recall: the run in {out} trains on --data {text} (its checkpoint's): drop "
+                        f"--task to resume it, or train the task into another --out\n")
+    r = runner.invoke(app, ["train", str(ROOT / "specs/transformer.yaml"), "--out", str(out), "--resume",
+                            "--steps", "2", "--device", "cpu"])
+    assert r.exit_code == 0 and f"data: {text} (" in r.stdout and "done: step 2/2" in r.stdout, r.output

@@ -177,3 +177,19 @@ def test_text_data_from_a_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="without files"):
         TextData(tmp_path / "empty", 8, 0)
+
+
+def test_stream_trains_the_tasks_in_turn_and_validates_on_all():
+    stream = make_task("stream:tasks=copy+mqar+parity,every=5", 256, CONTEXT, seed=2)
+    parts = [make_task(n, 256, CONTEXT, seed=2) for n in ("copy", "mqar", "parity")]
+    for step, k in ((0, 0), (4, 0), (5, 1), (9, 1), (10, 2), (500, 2)):   # the last task to the end
+        x, y = stream.batch("train", step, 3)
+        px, py = parts[k].batch("train", step, 3)
+        assert torch.equal(x, px) and torch.equal(y, py), (step, k)
+    for i in range(6):                                                     # validation cycles through all
+        x, _ = stream.batch("val", i, 3)
+        assert torch.equal(x, parts[i % 3].batch("val", i // 3, 3)[0])
+    for bad, said in (("stream:tasks=copy", "two or more"), ("stream:tasks=copy+stream", "`stream` is not one"),
+                      ("stream:tasks=copy+mqar,every=0", "at least 1")):
+        with pytest.raises(DataError, match=said):
+            make_task(bad, 256, CONTEXT, seed=0)
