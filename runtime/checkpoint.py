@@ -235,6 +235,45 @@ def read(path: Path, tensors: bool = True) -> Checkpoint:
                       version=meta.get("nlc_version", "?"))
 
 
+def initialise(model, path: Path) -> tuple[list[str], list[str]]:
+    """Copy tensors into `model` (`nlc train --init`); returns (copied, left new), by name.
+
+    From a run directory or checkpoint JSON: its model tensors whose names and shapes match the
+    model's (another architecture shares what it can: a Transformer's embedding and head with
+    Hope). From a safetensors file: tensors named as the model's, every one of which must match
+    (a file made for this model, such as a mapping of another model's tensors)."""
+    path = Path(path)
+    strict = not (path.is_dir() or path.suffix == ".json")
+    if not strict:
+        json_path = latest(path) if path.is_dir() else path
+        if json_path is None:
+            raise CheckpointError(f"--init {path}: no checkpoint there")
+        named = read(json_path).model
+    else:
+        try:
+            named = safetensors.loads(path.read_bytes())
+        except OSError as e:
+            raise CheckpointError(f"--init {path}: cannot read it: {e.strerror or e}") from None
+        except safetensors.SafetensorsError as e:
+            raise CheckpointError(f"--init {path}: {e}") from None
+    own = model.state_dict()
+    unknown = [k for k in named if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} (the model's is {tuple(own[k].shape)})" for k, v in named.items()
+             if k in own and own[k].shape != v.shape]
+    if strict and (unknown or wrong):
+        what = (f"names no tensor of the model: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}"
+                if unknown else f"has other shapes: {'; '.join(wrong[:3])}")
+        raise CheckpointError(f"--init {path} {what}\nhint: name the tensors as the model's state_dict "
+                              f"(`nlc build` shows them in model.py); the model has {', '.join(list(own)[:4])} ...")
+    copied = [k for k, v in named.items() if k in own and own[k].shape == v.shape]
+    if not copied:
+        raise CheckpointError(f"--init {path}: no tensor there matches one of the model's in name and shape")
+    with torch.no_grad():
+        for k in copied:
+            own[k].copy_(named[k])
+    return copied, [k for k in own if k not in set(copied)]
+
+
 def restore(out: Path, model, optimizer, spec_sha256: str) -> Checkpoint:
     """Load the newest checkpoint in `out` into `model` and `optimizer` and set the RNG states as
     they were; the checkpoint must be of the spec whose hash is `spec_sha256`."""

@@ -164,6 +164,9 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
           save_every: Optional[int] = typer.Option(None, "--save-every", help="steps between checkpoints [100]"),
           keep: Optional[int] = typer.Option(None, "--keep", help="checkpoints to keep, the newest [3]"),
           clip: Optional[float] = typer.Option(None, "--clip", help="gradient norm clipping, 0 for none [1.0]"),
+          init: Optional[Path] = typer.Option(None, "--init", help="start from these weights: a safetensors file "
+                                              "named as the model's tensors, or another run or checkpoint (its "
+                                              "model); tensors it lacks keep the seed's initialisation"),
           compile: bool = typer.Option(False, "--compile", help="run the model's hot loops (Hope's generator scan) "
                                        "under torch.compile: compiled once, cached; eager, with a warning, "
                                        "without a C++ compiler")):
@@ -176,7 +179,7 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
     from nlc.runtime.train import TrainError, resolve, train as _train
     given = dict(data=data, task=task, steps=steps, batch=batch, context=context, out=out, seed=seed,
                  device=device, lr_schedule=lr_schedule, warmup=warmup, log_every=log_every, eval_every=eval_every,
-                 save_every=save_every, keep=keep, clip=clip, sets=tuple(sets) or None)
+                 save_every=save_every, keep=keep, clip=clip, sets=tuple(sets) or None, init=init)
     explicit = {"spec": spec, "resume": resume, "compile": compile, **{k: v for k, v in given.items() if v is not None}}
     try:
         cfg = resolve(explicit)

@@ -59,6 +59,8 @@ class TrainConfig(BaseModel):
     clip: float = Field(1.0, ge=0, description="gradient norm clipping; 0: none")
     lr_schedule: Literal["constant", "cosine", "wsd"] = Field("constant", description="the learning rate's schedule")
     warmup: NonNegativeInt = Field(0, description="steps of linear warmup of the learning rate")
+    init: Path | None = Field(None, description="initial weights: a safetensors file named as the model's "
+                                               "tensors, or a run or checkpoint (its model); the rest from the seed")
     compile: bool = Field(False, description="run the model's hot loops under torch.compile (eager, with a "
                                              "warning, where no C++ compiler is found)")
 
@@ -167,6 +169,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
         model = nlc.compile(spec, compile=cfg.compile).to(device)
     except Unsupported as e:
         raise e.located(loaded) from None
+    if cfg.init is not None and not cfg.resume:      # a resumed run is its checkpoint
+        try:
+            copied, new = checkpoint.initialise(model, cfg.init)
+        except checkpoint.CheckpointError as e:
+            raise TrainError(str(e)) from None
+        log(f"init: {len(copied)} of the model's {len(copied) + len(new)} tensors from {cfg.init}: "
+            f"{', '.join(copied)}" + (f"; new (from the seed): {', '.join(new)}" if new else ""))
     optimizer = compile_optimizer(opt_spec, model.parameters(), **hyper)
     net = distributed.wrap(model, world, device)      # what the steps call: DDP under torchrun
     n_params = sum(p.numel() for p in model.parameters())

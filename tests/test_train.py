@@ -241,3 +241,30 @@ def test_hope_trains_past_its_first_windows(tmp_path, lr):
             sets=("model.d_model=64", "model.layers=2", f"lr={lr}"))
     assert s["step"] == 100 and math.isfinite(s["last_val"]), s["log"]
     assert s["last_loss"] < s["first_loss"] - 2.0, s["log"]
+
+
+def test_init_starts_from_another_runs_weights(tmp_path):
+    a = run(tmp_path, out=tmp_path / "a")
+    b = run(tmp_path, out=tmp_path / "b", init=tmp_path / "a", steps=1)   # a fresh run, from a's trained weights
+    n = len(checkpoint.read(a["checkpoint"]).model)
+    assert any(ln.startswith(f"init: {n} of the model's {n} tensors from {tmp_path / 'a'}: ") and "new" not in ln
+               for ln in b["log"])
+    assert b["first_val"] == a["last_val"]                          # step 0 of b is a's last model
+    part = {"embed.weight": torch.randn(256, 32, generator=torch.Generator().manual_seed(1))}
+    from nlc.runtime.safetensors import save_file
+    save_file(part, tmp_path / "part.safetensors")
+    c = run(tmp_path, out=tmp_path / "c", init=tmp_path / "part.safetensors", steps=1)
+    assert any(ln.startswith("init: 1 of the model's") and ": embed.weight; new (from the seed): " in ln
+               for ln in c["log"])
+    d = run(tmp_path, out=tmp_path / "d", spec="specs/gated_deltanet.yaml", init=tmp_path / "a", steps=1)
+    line = next(ln for ln in d["log"] if ln.startswith("init: "))    # another architecture: what matches
+    assert "embed.weight" in line.split("; new")[0] and "head.weight" in line.split("; new")[0]
+    assert "attn" not in line.split("; new")[0]
+    got = checkpoint.read(c["checkpoint"]).model["embed.weight"]
+    assert (got - part["embed.weight"]).abs().max() < 0.05          # one small step away from what was given
+    save_file({"embed.weight": torch.zeros(3, 3), "nope": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(TrainError, match="names no tensor of the model: nope"):
+        run(tmp_path, out=tmp_path / "d", init=tmp_path / "bad.safetensors")
+    save_file({"embed.weight": torch.zeros(3, 3)}, tmp_path / "bad.safetensors")
+    with pytest.raises(TrainError, match=r"embed.weight \(3, 3\) \(the model's is \(256, 32\)\)"):
+        run(tmp_path, out=tmp_path / "d", init=tmp_path / "bad.safetensors")
