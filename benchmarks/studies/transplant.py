@@ -1,0 +1,102 @@
+"""Study 6, CMS initialised from a pretrained Transformer (Nested Learning §7.3).
+
+A Transformer trains on the text corpus; its MLP of each layer initialises every CMS level of
+that layer in Hope (and its embedding, final norm and head initialise Hope's: the shapes match
+at the same width), written as a safetensors file that `nlc train --init` loads. That Hope then
+trains; a Hope from scratch trains for the same total compute (the Transformer's wall time
+converted into Hope steps at Hope's measured speed). Both are scored on the validation split.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from benchmarks.studies.common import VARIANTS, Variant, build, score, shipped, train
+from benchmarks.studies.language import corpus
+
+TITLE = "CMS initialised from a pretrained Transformer's MLPs (§7.3)"
+CLAIM = ("Nested Learning §7.3: a Transformer's MLP blocks are a CMS of one frequency, so they can "
+         "initialise Hope's CMS; starting from them beats training Hope from scratch at equal compute.")
+
+SIZES = {
+    "toy": dict(layers=1, transformer_steps=3, hope_steps=2, batch=2, context=32, batches=1, seeds=1, lr=3e-3),
+    "default": dict(layers=1, transformer_steps=400, hope_steps=150, batch=8, context=128, batches=8, seeds=1,
+                    lr=3e-3),
+}
+
+
+def transplant(transformer, hope) -> dict:
+    """Hope's tensors taken from the Transformer: per layer, its MLP into every CMS level (the
+    pre-norm too), and the embedding, final norm and head."""
+    t, h = transformer.state_dict(), hope.state_dict()
+    out = {k: t[k] for k in ("embed.weight", "norm.weight", "head.weight")}
+    for key in h:
+        parts = key.split(".")       # blocks.i.cmsN_mlp.layers.j.weight, blocks.i.cms(N)_norm.weight
+        if len(parts) > 2 and parts[0] == "blocks" and parts[2].startswith("cms"):
+            kind = "mlp_mlp" if parts[2].endswith("_mlp") else "mlp_norm"
+            out[key] = t[".".join(["blocks", parts[1], kind, *parts[3:]])]
+    for k, v in out.items():
+        assert h[k].shape == v.shape, (k, h[k].shape, v.shape)
+    return out
+
+
+def run(cfg: dict, log) -> dict:
+    from nlc.runtime.safetensors import save_file
+    path, sha, _ = corpus()
+    common = dict(data=path, batch=cfg["batch"], context=cfg["context"])
+    sets = (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}")
+    tv = shipped("transformer", "transformer", *sets, "model.d_model=64")
+    hv = Variant("hope_small", VARIANTS / "hope_small.yaml", sets)
+    rows = []
+    for seed in range(cfg["seeds"]):
+        t = train(tv, steps=cfg["transformer_steps"], seed=seed, **common)
+        with tempfile.TemporaryDirectory(prefix="nlc-study-") as tmp:
+            init = Path(tmp) / "init.safetensors"
+            save_file(transplant(t.model, build(hv)), init)
+            h = train(hv, steps=cfg["hope_steps"], seed=seed, sets=(), init=init, **common)
+        per_step = h.seconds / cfg["hope_steps"]
+        extra = round(t.seconds / per_step)
+        s = train(hv, steps=cfg["hope_steps"] + extra, seed=seed, **common)
+        row = dict(seed=seed, transformer_seconds=t.seconds, hope_seconds_per_step=per_step,
+                   scratch_steps=cfg["hope_steps"] + extra,
+                   transformer=score(t.model, data=path, context=cfg["context"], batches=cfg["batches"],
+                                     batch=cfg["batch"], seed=seed)["loss"],
+                   transplanted=score(h.model, data=path, context=cfg["context"], batches=cfg["batches"],
+                                      batch=cfg["batch"], seed=seed)["loss"],
+                   scratch=score(s.model, data=path, context=cfg["context"], batches=cfg["batches"],
+                                 batch=cfg["batch"], seed=seed)["loss"],
+                   transformer_params=t.params, hope_params=h.params)
+        log(f"transplant seed {seed}: transformer {row['transformer']:.4f}, hope from it {row['transplanted']:.4f} "
+            f"({cfg['hope_steps']} steps), hope from scratch {row['scratch']:.4f} ({row['scratch_steps']} steps)")
+        rows.append(row)
+    return {"rows": rows}
+
+
+def report(result: dict) -> str:
+    cfg, rows = result["config"], result["rows"]
+    r0 = rows[0]
+    lines = [f"Corpus of study 2; batch {cfg['batch']} x {cfg['context']} bytes, AdamW lr {cfg['lr']}, "
+             f"{cfg['layers']} layer(s), d_model 64 for both. The Transformer ({r0['transformer_params']:,} "
+             f"parameters) trains {cfg['transformer_steps']} steps; its tensors initialise Hope "
+             f"({r0['hope_params']:,} parameters), which trains {cfg['hope_steps']} steps. Hope from scratch "
+             f"trains the same steps plus the Transformer's wall time in Hope steps.", "",
+             "| seed | Transformer | Hope from the Transformer | Hope from scratch (steps) | difference |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['transformer']:.4f} | {r['transplanted']:.4f} | "
+                     f"{r['scratch']:.4f} ({r['scratch_steps']}) | {r['transplanted'] - r['scratch']:+.4f} |")
+    held = all(r["transplanted"] < r["scratch"] for r in rows)
+    lines += ["", f"**Verdict** (criterion: the transplanted Hope has the lower validation loss at equal "
+                  f"compute, every seed): {'holds' if held else 'does not hold'} at this scale."]
+    return "\n".join(lines)
+
+
+def plot(result: dict, plt):
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    labels = ["transformer", "transplanted", "scratch"]
+    ax.bar(labels, [sum(r[k] for r in rows) / len(rows) for k in labels], color=["gray", "tab:green", "tab:blue"])
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_ylim(min(sum(r[k] for r in rows) / len(rows) for k in labels) - 0.1, None)
+    ax.set_title("Hope's CMS from a Transformer")
+    return fig
