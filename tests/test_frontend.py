@@ -14,7 +14,7 @@ from nlc.rules import derive, explain
 SPECS = Path(__file__).parent.parent / "specs"
 SHIPPED = sorted(SPECS.glob("*.yaml"))
 MODELS = ["linear_attention", "deltanet", "gated_deltanet", "titans", "hope", "hope_attention", "transformer"]
-OPTIMIZERS = ["adamw", "muon", "m3", "m3_ema", "sgd_momentum", "delta_momentum"]
+OPTIMIZERS = ["adamw", "muon", "m3", "m3_ema", "m3_muon", "sgd_momentum", "delta_momentum"]
 
 
 def test_every_required_spec_ships():

@@ -207,7 +207,7 @@ def test_m3_rest_is_adamw():
     assert max_diff(ours, theirs) < 1e-13
 
 
-def m3_ema_reference(params0, stream, lr, beta1, beta2, beta3, alpha, eps, slow_every, ns_steps):
+def m3_ema_reference(params0, stream, lr, beta1, beta2, beta3, alpha, eps, slow_every, ns_steps, divide=True):
     theta = [p.clone() for p in params0]
     M1, V, M2, block = ([torch.zeros_like(p) for p in theta] for _ in range(4))
     O2 = [torch.zeros_like(p) for p in theta]
@@ -219,7 +219,8 @@ def m3_ema_reference(params0, stream, lr, beta1, beta2, beta3, alpha, eps, slow_
             V[i] = beta2 * V[i] + (1 - beta2) * g[i] ** 2
             block[i] = block[i] + g[i] / slow_every
             v_hat = V[i] / (1 - beta2 ** t)
-            theta[i] = theta[i] - lr * (ns_ref(M1[i], ns_steps) + alpha * O2[i]) / (v_hat.sqrt() + eps)
+            step = ns_ref(M1[i], ns_steps) + alpha * O2[i]
+            theta[i] = theta[i] - lr * (step / (v_hat.sqrt() + eps) if divide else step)
             if t % slow_every == 0:       # the block's mean enters M2 after this step's update
                 M2[i] = beta3 * M2[i] + (1 - beta3) * block[i]
                 block[i] = torch.zeros_like(block[i])
@@ -232,6 +233,14 @@ def test_m3_ema_equals_reference():
     p0, stream = params_of(MATRICES), stream_of(MATRICES, 10)
     ours = trajectory(lambda ps: compile_optimizer("m3_ema", ps, **M3_HYPER), p0, stream)
     assert max_diff(ours, m3_ema_reference(p0, stream, **M3_HYPER)) < 1e-12
+
+
+def test_m3_muon_is_m3_ema_without_the_division():
+    p0, stream = params_of(MATRICES), stream_of(MATRICES, 10)
+    hyper = {k: v for k, v in M3_HYPER.items() if k != "beta2"}
+    ours = trajectory(lambda ps: compile_optimizer("m3_muon", ps, **hyper), p0, stream)
+    assert max_diff(ours, m3_ema_reference(p0, stream, **M3_HYPER, divide=False)) < 1e-12
+    assert max_diff(ours, m3_ema_reference(p0, stream, **M3_HYPER)) > 1e-3     # the division mattered here
 
 
 def test_delta_momentum_equals_reference():
