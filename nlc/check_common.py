@@ -2,6 +2,7 @@
 optimizer hyperparameters, and resolving a referenced optimizer spec (nlc.check runs them)."""
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -25,8 +26,21 @@ INT_HYPERS = {"slow_every": "a period in steps is a positive integer",
               "ns_steps": "Newton-Schulz steps are a positive integer"}
 
 
-def hyper_problem(name: str, value) -> str | None:
-    """Why `value` is out of range for a hyperparameter called `name`, or None."""
+def hyper_problem(name: str, value, default=None) -> str | None:
+    """Why `value` is no valid value of the hyperparameter called `name`, or None: the one check of a
+    hyperparameter's value, for the command line (`--set`), a model's `adamw(...)`, an optimizer
+    spec's own `hyper:` and `compile_optimizer`'s keywords alike. Every number is finite; the value
+    is shaped like `default`, the value it replaces (when there is one): a list of as many items, or
+    one number; names with a range (`HYPER_RANGES`, `INT_HYPERS`) lie in it."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    bad = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool) and not _finite(v)]
+    if bad:
+        return f"`{name}` must be finite, not {bad[0]}: a NaN or infinite hyperparameter makes the weights NaN"
+    if isinstance(default, (list, tuple)) and (not isinstance(value, (list, tuple)) or len(value) != len(default)):
+        return (f"`{name}` is a list of {len(default)} number{'s' * (len(default) != 1)}, like its default "
+                f"`{list(default)}`; " + (f"{len(value)} given" if isinstance(value, (list, tuple)) else "not a list"))
+    if default is not None and not isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return f"`{name}` is one number, like its default `{default}`, not a list"
     if name in INT_HYPERS:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return INT_HYPERS[name]
@@ -35,12 +49,19 @@ def hyper_problem(name: str, value) -> str | None:
     if key not in HYPER_RANGES:
         return None
     lo, hi, lo_ok, why = HYPER_RANGES[key]
-    for v in value if isinstance(value, (list, tuple)) else [value]:
+    for v in items:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return why
         if v < lo or (v == lo and not lo_ok) or (hi is not None and v >= hi):
             return why
     return None
+
+
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:     # an integer too large for a float
+        return False
 
 
 def override_value(e: ExprNode, default):
@@ -75,7 +96,7 @@ def check_hyper(spec: S.OptimizerSpec, smap, overrides: dict | None, errors: Col
             errors.error("E208", f"override `{name}` names no hyperparameter of `{spec.name}`",
                          get("hyper"), did_you_mean(name, spec.hyper))
             continue
-        why = hyper_problem(name, value)
+        why = hyper_problem(name, value, spec.hyper[name])
         if why:
             errors.error("E502", f"override `{name}={value!r}` is out of range", get("hyper", name), why)
 
@@ -178,11 +199,19 @@ class _Base:
                 self.err("E208", f"`{opt.name}` has no hyperparameter `{name}`", where, did_you_mean(name, opt.hyper))
             elif constant:
                 value = override_value(e, opt.hyper[name])
-                why = "a number (or a list of numbers)" if value is None else hyper_problem(name, value)
+                why = "a number (or a list of numbers)" if value is None else hyper_problem(name, value, opt.hyper[name])
                 if why:
-                    self.err("E502", f"override `{name}={e}` is out of range" if value is not None
+                    self.err("E502", f"override `{name}={_shown(e, value)}` is out of range" if value is not None
                              else f"override `{name}={e}` is not a constant", where, why)
         return opt
+
+
+def _shown(e: ExprNode, value) -> str:
+    """How an override is shown: as written, or its value where its text cannot be (`1e999`)."""
+    try:
+        return str(e)
+    except (OverflowError, ValueError):
+        return repr(value)
 
 
 def _arity(fn: V.Fn) -> str:

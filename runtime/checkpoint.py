@@ -11,9 +11,11 @@ One directory per run; every file written atomically (`nlc.fileio.atomic_write`)
     DIR/spec.yaml                  the canonical text of the spec trained (after --set), for people
     DIR/metrics.jsonl              one JSON record per logged step and per evaluation
     DIR/loss.png                   the loss curves, when matplotlib is installed
+    DIR/.lock                      locked (flock) while a run trains into DIR; holds its process id
 
 The tensors are written before the JSON, and the JSON names them with their hash, so the newest
-JSON always describes a whole checkpoint. After a save, the newest `keep` checkpoints stay; older
+JSON always describes a whole checkpoint. A number that is not finite (a diverged loss) is written as
+null, so every file is JSON; tensors that are not finite are never saved (`non_finite`). After a save, the newest `keep` checkpoints stay; older
 ones, and any newer one left by an earlier run in the same directory, are removed. Loading parses
 JSON and safetensors only: nothing is unpickled.
 """
@@ -23,8 +25,12 @@ import base64
 import hashlib
 import io
 import json
+import math
+import os
 import random
 import re
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +41,7 @@ from nlc.fileio import atomic_write
 from nlc.runtime import safetensors
 
 FORMAT = 2
-SPEC, METRICS, PLOT = "spec.yaml", "metrics.jsonl", "loss.png"
+SPEC, METRICS, PLOT, LOCK = "spec.yaml", "metrics.jsonl", "loss.png", ".lock"
 LEGACY = "ckpt.pt"                 # format 1 (torch.save), no longer loaded
 NAME = re.compile(r"ckpt-(\d+)\.(json|safetensors)")
 
@@ -100,6 +106,17 @@ def _to_json(x, where: str):
     raise CheckpointError(f"cannot save {where}: a {type(x).__name__} is neither a tensor nor a JSON value")
 
 
+def _finite_json(x):
+    """`x` with every float that is not finite (NaN, inf) as None: JSON has no NaN."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, list):
+        return [_finite_json(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _finite_json(v) for k, v in x.items()}
+    return x
+
+
 def _from_json(x, tensors: dict):
     if isinstance(x, list):
         return [_from_json(v, tensors) for v in x]
@@ -160,7 +177,8 @@ def save(out: Path, ck: Checkpoint, keep: int = 3, plot: bool = True, fresh: boo
     tensors = {f"model.{k}": v for k, v in ck.model.items()} | opt_tensors
     blob = safetensors.dumps(tensors, {"format": f"nlc-checkpoint-{FORMAT}", "step": str(ck.step)})
     atomic_write(out / SPEC, ck.spec)
-    atomic_write(out / METRICS, "".join(json.dumps(r) + "\n" for r in ck.history))
+    history = _finite_json(ck.history)
+    atomic_write(out / METRICS, "".join(json.dumps(r, allow_nan=False) + "\n" for r in history))
     if plot:
         plot_losses(ck.history, out / PLOT)
     name = stem(ck.step)
@@ -169,10 +187,67 @@ def save(out: Path, ck: Checkpoint, keep: int = 3, plot: bool = True, fresh: boo
             "data": {"split": "train", "next_batch": ck.step},
             "tensors": f"{name}.safetensors", "tensors_sha256": hashlib.sha256(blob).hexdigest(),
             "spec_sha256": ck.spec_sha256, "rng": ck.rng, "optimizer": opt_json,
-            "config": ck.config, "history": ck.history, "spec": ck.spec}
-    path = atomic_write(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
+            "config": ck.config, "history": history, "spec": ck.spec}
+    path = atomic_write(out / f"{name}.json", json.dumps(_finite_json(meta), indent=1, allow_nan=False) + "\n")
     prune(out, ck.step, 1 if fresh else keep, everything=fresh)
     return path
+
+
+def non_finite(model: dict, optimizer: dict) -> str | None:
+    """Which tensor of a state dict and an optimizer state dict first holds a NaN or an infinity
+    (`model.embed.weight is NaN`, `optimizer.3.exp_avg is infinite`), or None: what is never saved."""
+    named = [(f"model.{k}", v) for k, v in model.items()]
+    named += [(f"optimizer.{i}.{k}", v) for i, st in optimizer.get("state", {}).items() for k, v in st.items()]
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
+            return f"{name} {'is NaN' if torch.isnan(t).any() else 'is infinite'}"
+    return None
+
+
+@contextmanager
+def claim(out: Path):
+    """Hold the run directory `out` for one run, before its first step: create it, check that files
+    can be written there (a probe file, written and removed), and lock it (an exclusive `flock` on
+    DIR/.lock, which holds this process's id) until the run ends, so that a second run into the
+    same directory is refused at once instead of replacing this one's checkpoints. The lock goes
+    with the process (a crash or a kill releases it); the file stays. CheckpointError when `out`
+    cannot be written or another process holds it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a directory: give a directory for the run's files")
+    doing = "cannot create the directory"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        doing = "cannot write files in it"
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+        lock = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise CheckpointError(f"--out {out}: {doing} ({e.strerror or e}); give a directory you can write "
+                              f"to") from None
+    try:
+        import fcntl
+    except ImportError:        # no flock (Windows): the run goes unlocked
+        fcntl = None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(lock, 32, 0).decode(errors="replace").strip()
+                raise CheckpointError(f"--out {out} is in use: another training (process {pid or '?'}) is writing "
+                                      f"its checkpoints there (it holds {out / LOCK}); wait for it to end, or give "
+                                      f"another --out") from None
+            except OSError:    # a file system without locks: the run goes unlocked
+                fcntl = None
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+        yield out
+    finally:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
 
 
 def prune(out: Path, step: int, keep: int, everything: bool = False) -> None:
@@ -295,8 +370,8 @@ def plot_losses(history: list, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in history if r.get("loss") is not None]   # None: not finite
+    val = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     for pts, label in ((train, "train"), (val, "val")):
         if pts:

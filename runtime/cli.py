@@ -145,7 +145,8 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
           batch: Optional[int] = typer.Option(None, "--batch", help="sequences per step [16]; under torchrun the "
                                               "global batch, a multiple of the processes, split among them"),
           context: Optional[int] = typer.Option(None, "--context", help="tokens per sequence [64]"),
-          out: Optional[Path] = typer.Option(None, "--out", help="the run's directory [runs/<spec file name>]"),
+          out: Optional[Path] = typer.Option(None, "--out", help="the run's directory, created and locked for the run "
+                                              "[runs/<spec file name>]"),
           resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out; "
                                       "settings not given again are the checkpoint's"),
           sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override: `name=value` an optimizer hyperparameter "
@@ -188,10 +189,13 @@ def train(spec: Path = typer.Argument(..., help="a model spec file"),
         _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg'][0].lower() + err['msg'][1:]}")
     except TrainError as e:
         _fail(str(e))
+    _, oom = _run_errors()
     try:
         summary = _train(cfg)
     except TrainError as e:
         _fail(str(e))
+    except oom:
+        _fail("out of memory: lower --batch or --context, or train a smaller model (--set model.d_model=...)")
     except OSError as e:
         _fail(f"cannot write the run's files: {e.strerror or e}")
     if summary["interrupted"]:

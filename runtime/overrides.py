@@ -144,11 +144,10 @@ def check_hyper_sets(opt, hyper_sets: list[Override], cmdline: str) -> dict:
         kind_ok = (isinstance(value, list) == isinstance(default, list)
                    and (isinstance(value, list) or isinstance(value, (int, float)))
                    and (not isinstance(value, list) or all(isinstance(v, (int, float)) for v in value)))
-        why = hyper_problem(key, value) if kind_ok else (
+        why = hyper_problem(key, value, default) if kind_ok else (
             f"`{key}` is a list like `{default}`" if isinstance(default, list) else f"`{key}` is a number like `{default}`")
         if why:
-            errors.error("E502", f"`--set {key}={text}`: the value is out of range" if kind_ok else
-                         f"`--set {key}={text}`: not a valid value", span, why)
+            errors.error("E502", f"`--set {key}={text}`: not a valid value", span, why)
             continue
         out[key] = float(value) if isinstance(default, float) and not isinstance(value, bool) else value
     errors.raise_if_any()

@@ -1,9 +1,10 @@
 """`nlc train`: train the compiled model of a spec with the optimizer the spec names.
 
-The run reads top to bottom (`train`): settings, the spec (with `--set` applied and checked
-again: `nlc.runtime.overrides`), the data, the model and its optimizer, maybe the checkpoint to
-resume, then the loop: occasionally evaluate and save, then one step (forward, backward,
-optimizer), then log.
+The run reads top to bottom (`train`, its body `_train`): settings, the spec (with `--set` applied
+and checked again: `nlc.runtime.overrides`), the data, the model and its optimizer, the run
+directory (written to and locked before anything is computed: `checkpoint.claim`), maybe the
+checkpoint to resume, then the loop: occasionally evaluate and save, then one step (forward,
+backward, optimizer), then log.
 
 Each batch is a pure function of (seed, step) (`nlc.runtime.data`, `nlc.runtime.tasks`), the
 model is initialised from the seed, the learning rate is a function of the step
@@ -19,7 +20,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
@@ -56,7 +57,7 @@ class TrainConfig(BaseModel):
     eval_batches: PositiveInt = Field(4, description="validation batches per evaluation")
     save_every: PositiveInt = Field(100, description="steps between checkpoints (and at the end, and on Ctrl-C)")
     keep: PositiveInt = Field(3, description="how many checkpoints to keep, the newest")
-    clip: float = Field(1.0, ge=0, description="gradient norm clipping; 0: none")
+    clip: float = Field(1.0, ge=0, allow_inf_nan=False, description="gradient norm clipping; 0: none")
     lr_schedule: Literal["constant", "cosine", "wsd"] = Field("constant", description="the learning rate's schedule")
     warmup: NonNegativeInt = Field(0, description="steps of linear warmup of the learning rate")
     init: Path | None = Field(None, description="initial weights: a safetensors file named as the model's "
@@ -124,6 +125,11 @@ def resolve(explicit: dict) -> TrainConfig:
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
     """Train as `cfg` says; returns a summary (losses first and last, steps, time, checkpoint)."""
+    with ExitStack() as held:       # the run directory's lock (`checkpoint.claim`), held until the run ends
+        return _train(cfg, log, held)
+
+
+def _train(cfg: TrainConfig, log: Callable[[str], None], held: ExitStack) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -184,6 +190,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
         raise TrainError(f"--lr-schedule and --warmup scale the hyperparameter `lr`, which the optimizer "
                          f"`{opt_spec.name}` does not have")
 
+    # -- the run directory: written to, and locked for this run, before anything is computed
+    if world.main:
+        try:
+            held.enter_context(checkpoint.claim(out))
+        except checkpoint.CheckpointError as e:
+            raise TrainError(str(e)) from None
+
     # -- maybe resume
     step, history = 0, []
     if cfg.resume:
@@ -229,7 +242,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
                                reduction=reduction)
 
     def save() -> Path:
-        ck = checkpoint.Checkpoint(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+        state, opt_state = model.state_dict(), optimizer.state_dict()
+        bad = checkpoint.non_finite(state, opt_state)
+        if bad:   # never over the last good checkpoint
+            kept = checkpoint.latest(out)
+            raise TrainError(f"step {step}: {bad}: training diverged (lower the learning rate, e.g. "
+                             f"--set lr=...); nothing saved, "
+                             + (f"the last checkpoint ({kept}) is kept" if kept else "and no checkpoint before"))
+        ck = checkpoint.Checkpoint(step=step, model=state, optimizer=opt_state,
                                    rng=checkpoint.rng_state(), spec=spec_text, spec_sha256=spec_sha,
                                    config=_json_config(cfg), history=history)
         return checkpoint.save(out, ck, keep=cfg.keep, fresh=path is None and not cfg.resume)   # replaces a run before
@@ -291,8 +311,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flus
 
     stopped = stop and not last
     elapsed = time.perf_counter() - t_start
-    train_losses = [r["loss"] for r in history if "loss" in r]
-    val_losses = [r["val_loss"] for r in history if "val_loss" in r]
+    train_losses = [r["loss"] for r in history if r.get("loss") is not None]   # None: not finite, in a checkpoint
+    val_losses = [r["val_loss"] for r in history if r.get("val_loss") is not None]
     summary = {"step": step, "steps": cfg.steps, "interrupted": stopped, "seconds": elapsed,
                "first_loss": train_losses[0] if train_losses else None,
                "last_loss": train_losses[-1] if train_losses else None,
@@ -314,8 +334,14 @@ def _device(name: str):
         device = torch.device(name)
     except RuntimeError:
         raise TrainError(f"unknown device `{name}`: use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"device `{name}`: nlc runs on a CPU or a CUDA GPU: use --device cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"device `{name}` asked for, but torch sees no CUDA device here: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise TrainError(f"device `{name}`: torch sees {n} CUDA device{'s' * (n != 1)} here, "
+                         f"cuda:0 to cuda:{n - 1}")
     return device
 
 

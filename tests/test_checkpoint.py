@@ -143,7 +143,8 @@ def test_a_checkpoint_holds_no_pickle_and_loads_without_one(tmp_path, monkeypatc
     s = run(out, steps=3, save_every=1, keep=2, eval_every=3, task="parity:train=3,eval=6")
     names = {p.name for p in out.iterdir()} - {"loss.png"}      # loss.png: when matplotlib is installed
     assert names == {"ckpt-00000002.json", "ckpt-00000002.safetensors", "ckpt-00000003.json",
-                     "ckpt-00000003.safetensors", "metrics.jsonl", "spec.yaml"}     # --keep 2
+                     "ckpt-00000003.safetensors", "metrics.jsonl", "spec.yaml", ".lock"}   # --keep 2; .lock: the
+    assert (out / ".lock").read_text() == f"{os.getpid()}\n"        # run directory's lock, its last holder's pid
     assert s["checkpoint"] == out / "ckpt-00000003.json"
     for p in out.iterdir():
         head = p.read_bytes()[:4]
@@ -193,3 +194,21 @@ def test_keep_prunes_and_starting_over_removes_the_run_before(tmp_path):
     (tmp_path / "old" / "ckpt.pt").write_bytes(b"\x80\x04")
     with pytest.raises(checkpoint.CheckpointError, match="older nlc .a pickle."):
         checkpoint.load(tmp_path / "old")
+
+
+def test_numbers_that_are_not_finite_are_written_as_null(tmp_path):
+    """metrics.jsonl and the checkpoint's JSON are JSON: a NaN or infinite metric is null (it used
+    to be a bare NaN, which no JSON reader takes), and a run resumes from such a history."""
+    out = tmp_path / "run"
+    run(out, steps=2)
+    ck = checkpoint.load(out)
+    ck.history.append({"step": 2, "val_loss": float("nan"), "val_acc": 0.0, "loss": float("inf")})
+    checkpoint.save(out, ck, plot=True)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    records = [strict(line) for line in (out / checkpoint.METRICS).read_text().splitlines()]
+    assert records[-1] == {"step": 2, "val_loss": None, "val_acc": 0.0, "loss": None}
+    assert strict(checkpoint.latest(out).read_text())["history"] == records
+    s = run(out, steps=3, resume=True)
+    assert s["step"] == 3 and s["first_val"] is not None and math.isfinite(s["last_loss"])

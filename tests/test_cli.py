@@ -102,3 +102,19 @@ def test_train_refuses_data_with_task(tmp_path):
     r = runner.invoke(app, ["train", str(ROOT / "specs/transformer.yaml"), "--out", str(out), "--resume",
                             "--steps", "2", "--device", "cpu"])
     assert r.exit_code == 0 and f"data: {text} (" in r.stdout and "done: step 2/2" in r.stdout, r.output
+
+
+def test_train_out_of_memory_exits_2(tmp_path, monkeypatch):
+    """Running out of memory is a message and exit 2, not a traceback."""
+    import torch
+    from typer.testing import CliRunner
+
+    from nlc.runtime import train as T
+    from nlc.runtime.cli import app
+
+    def oom(cfg, log=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(T, "train", oom)
+    r = CliRunner().invoke(app, ["train", str(ROOT / "specs/transformer.yaml"), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert r.stderr.startswith("error: out of memory: lower --batch or --context"), r.output
