@@ -44,8 +44,9 @@ def section(name: str, study, result: dict, size: str, seconds: float, command: 
     png = f"results/{name}.png"
     lines = [f"<!-- study:{name} -->", f"## {study.TITLE}", "",
              f"**Claim tested.** {study.CLAIM}", "",
-             f"`{command}` · size `{size}` · {seconds / 60:.1f} min · {result['machine']}, load average "
-             f"{result.get('load', '?')} at the end · {result['date']} · commit {result['commit']}", "",
+             f"`{command}` · size `{size}` · {seconds / 60:.1f} min · {result['machine']}"
+             + (f", load average {result['load']} at the end" if "load" in result else "")
+             + f" · {result['date']} · commit {result['commit']}", "",
              study.report(result).rstrip(), ""]
     if result.get("plot"):
         lines += [f"![{name}]({png})", ""]

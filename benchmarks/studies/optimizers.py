@@ -94,6 +94,9 @@ def report(result: dict) -> str:
                      f"{fmt(*mean_sd([r['final'] for r in rs]), 4)} |")
     if "untrained" in by:
         lines.append(f"| untrained network | | | | {fmt(*mean_sd([r['final'] for r in by['untrained']]), 4)} |")
+    edge = [n for n, g in result["grids"].items() if f"{best[n]:g}" in (list(g)[0], list(g)[-1])]
+    if edge:
+        lines += ["", f"Best lr at the edge of its grid (the optimum may lie beyond it): {', '.join(edge)}."]
     lines += ["", "Grids (lr: mean online loss of the tuning run): "
               + "; ".join(f"{n}: " + ", ".join(f"{lr} {v:.3g}" for lr, v in g.items()) for n, g in result["grids"].items())]
     verdicts = []
