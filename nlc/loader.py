@@ -32,6 +32,9 @@ def read_source(path: str | Path, errors: Collector) -> str | None:
     if p.suffix not in (".yaml", ".yml", ".nl"):
         errors.error("E009", f"`{p.name}` is not a spec file", hint="name it `.yaml`, `.yml` or `.nl`")
         return None
+    if p.exists() and not p.is_file():   # a folder, a FIFO, a device: reading could block forever
+        errors.error("E009", f"`{path}` is not a regular file", hint="pass the path of a spec file")
+        return None
     try:
         data = p.read_bytes()
     except OSError as e:

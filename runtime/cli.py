@@ -3,7 +3,9 @@ traceback; outputs are written atomically. Heavy imports (torch) happen only in 
 that need them, so `nlc check` stays fast."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -343,6 +345,14 @@ def main() -> None:
     except SpecError as e:
         typer.echo(e.render(), err=True)
         sys.exit(EXIT_USER)
+    except OSError as e:          # the output itself cannot be written: a full disk, a closed pipe
+        if e.errno not in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EBADF):
+            raise
+        try:
+            sys.stderr.write(f"error: cannot write the output: {e.strerror or e}\n")
+        except OSError:
+            pass
+        os._exit(EXIT_USER)       # not sys.exit: flushing stdout again would fail the same way
 
 
 def _task_help(value: Optional[str]) -> Optional[str]:

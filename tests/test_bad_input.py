@@ -94,3 +94,27 @@ def _mutate(text: str, muts) -> str:
 @given(src=st.sampled_from(SOURCES), muts=st.lists(_mutation, min_size=1, max_size=4))
 def test_mutated_specs_give_diagnostics_never_tracebacks(tmp_path, src, muts):
     outcome(tmp_path, src.name, _mutate(src.read_text(), muts).encode("utf-8", "surrogatepass"))
+
+
+def _nlc(*args, **kw):
+    import subprocess
+    import sys
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+    return subprocess.run([sys.executable, "-m", "nlc.runtime.cli", *map(str, args)], text=True, timeout=60, **kw)
+
+
+def test_a_fifo_is_refused_not_read(tmp_path):
+    import os
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)                      # reading it would block until someone writes
+    r = _nlc("check", fifo)
+    assert r.returncode == 2 and "is not a regular file" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_output_that_cannot_be_written_is_a_message(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    with open("/dev/full", "w") as full:
+        r = _nlc("explain", root / "specs" / "titans.yaml", stdout=full)
+    assert r.returncode == 2 and "cannot write the output: No space left on device" in r.stderr
+    assert "Traceback" not in r.stderr
