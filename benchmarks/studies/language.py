@@ -90,9 +90,12 @@ def report(result: dict) -> str:
     loss = {n: mean_sd(m["loss"])[0] for n, m in by.items()}
     if "hope" in loss:
         best = min(loss, key=loss.get)
+        other = min((n for n in loss if n != "hope"), key=loss.get, default=None)
         lines.append(f"**Verdict** (criterion: Hope has the lowest validation loss): "
-                     f"{'holds' if best == 'hope' else 'does not hold'} at this scale (hope {loss['hope']:.4f}; "
-                     f"best {best} {loss[best]:.4f}).")
+                     f"{'holds' if best == 'hope' else 'does not hold'} at this scale (hope {loss['hope']:.4f}, "
+                     f"{by['hope']['params']:,} parameters"
+                     + (f"; the best other, {other}, {loss[other]:.4f} with {by[other]['params']:,}" if other else "")
+                     + "; the widths are the closest to the target the 16-wide steps allow).")
     return "\n".join(lines)
 
 
