@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nlc.backends.torch.compile import hot
-from nlc.backends.torch.deep_memory import ACTIVATIONS, MLPState, mlp_memory, mlp_token_grads
+from nlc.backends.torch.deep_memory import MLPState, mlp_forward, mlp_memory, mlp_token_grads
 from nlc.backends.torch.memory_core import _coefficients, _erase_solve
 
 __all__ = ["Generators", "generators", "read_generators", "read_generator", "update_generators", "save_generators",
@@ -99,16 +99,7 @@ def save_generators(new: dict, p: str, gens: Generators) -> None:
 def _forward(z, weights, activation, residual):
     """``M(z)`` for every generator at once: z ``[B, 1 or G, H, C, d_in]``; ``residual`` per
     generator. Returns ``(y, inputs, pre)`` as ``deep_memory.mlp_forward``."""
-    act = ACTIVATIONS[activation][0]
-    L = len(weights)
-    inputs, pre = [None] * L, [None] * L
-    a = z
-    for l in range(L - 1, 0, -1):
-        inputs[l] = a
-        pre[l] = a @ weights[l].mT
-        a = act(pre[l])
-    inputs[0] = a
-    y = a @ weights[0].mT
+    y, inputs, pre = mlp_forward(z, weights, activation, residual=False)
     if all(residual):
         y = y + z
     elif any(residual):   # 0 * z where a generator has no residual path: exact
@@ -121,7 +112,6 @@ def read_generators(gens: Generators, x) -> tuple[torch.Tensor, ...]:
     ``[B, T, H, D]`` read by all, or a tuple with one input per generator. Returns one
     ``[B, T, H, d_out]`` per generator."""
     if _REFERENCE[0]:
-        from nlc.backends.torch.deep_memory import mlp_forward
         xs = x if isinstance(x, tuple) else (x,) * len(gens.names)
         return tuple(mlp_forward(xi.transpose(1, 2), [w.to(xi.dtype) for w in st.weights], gens.activation, r)[0]
                      .transpose(1, 2) for xi, st, r in zip(xs, _split(gens), gens.residual))
