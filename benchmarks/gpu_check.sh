@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One short device session: install, run the Triton tests on the GPU (compiled, float32, bfloat16
-# and float64), then the kernel benchmark. Results land in $OUT (or ./gpu_out).
-# Run from the repository root on the GPU machine:  bash benchmarks/gpu_check.sh
+# and float64), the kernel benchmark, then the models' training throughput on the card.
+# Each step has its own time limit so that one slow compile cannot eat the session.
+# Results land in $OUT (or ./gpu_out). Run from the repository root on the GPU machine:
+#   bash benchmarks/gpu_check.sh            (STEPS="tests bench models" by default)
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+STEPS=${STEPS:-tests bench models}
+export PYTHONUNBUFFERED=1
 {
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 # the card's image has torch and triton but no registry: the pure dependencies travel in .bench/site
 export PYTHONPATH=$PWD/.bench/site${PYTHONPATH:+:$PYTHONPATH}
@@ -17,6 +21,16 @@ if ! (cd /tmp && python -c "import nlc.backends.torch.ops"); then
   (cd /tmp && python -c "import nlc.backends.torch.ops as m; print('nlc ops from', m.__file__)")
 fi
 export NLC_TEST_DEVICE=cuda TRITON_INTERPRET=0 NLC_CACHE_DIR=$PWD/.nlc_cache
-timeout 240 python -m pytest -q -x -p no:cacheprovider tests/backends/test_triton_delta.py ${EXTRA_TESTS:-} 2>&1 | tail -25
-timeout 300 python benchmarks/kernels.py --fla .bench --out "$OUT/kernels_bf16.md" ${BENCH_ARGS:-}
+for step in $STEPS; do
+  echo "== $step $(date -u +%T)"
+  case $step in
+    profile) timeout ${T_PROFILE:-200} python benchmarks/profile_gpu.py ${PROFILE_ARGS:-} ;;
+    tests) timeout ${T_TESTS:-110} python -m pytest -x -p no:cacheprovider tests/backends/test_triton_delta.py ${EXTRA_TESTS:-} 2>&1 | tail -15 ;;
+    bench) timeout ${T_BENCH:-200} python benchmarks/kernels.py --fla .bench --out "$OUT/kernels_bf16.md" ${BENCH_ARGS:-} ;;
+    models) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
+              --specs ${MODEL_SPECS:-transformer,gated_deltanet,titans,hope} --backend torch,auto ;;
+    *) timeout ${T_OTHER:-100} bash -c "$step" ;;
+  esac
+done
+echo "== done $(date -u +%T)"
 } 2>&1 | tee "$OUT/log.txt"

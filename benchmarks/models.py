@@ -1,8 +1,12 @@
-"""Forward+backward throughput of the shipped model specs on CPU, and the aten ops each dispatches
-per token (a benchmark, not a test).
+"""Forward+backward throughput of the shipped model specs, and the aten ops each dispatches per
+token (a benchmark, not a test).
 
     .venv/bin/python benchmarks/models.py [--T 4096] [--threads 1,2] [--specs transformer,titans,hope]
                                           [--compile] [--flush-denormal] [--ops-T 256] [--no-ops]
+                                          [--device cpu|cuda] [--backend torch,auto]
+
+--device cuda runs on the GPU (threads are then irrelevant); --backend takes one or several of
+torch, triton, auto (nlc.compile(spec, backend=...)), each timed in turn beside the others.
 
 Every spec is compiled at its shipped size (d_model 256, 4 layers) and run on the same random
 tokens, float32, batch --B; tokens per second of one forward + backward (median of --repeats after
@@ -46,9 +50,9 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def model_of(name: str, compile: bool = False):
+def model_of(name: str, compile: bool = False, backend: str = "torch", device: str = "cpu"):
     try:
-        return nlc.compile(f"specs/{name}.yaml", compile=compile)
+        return nlc.compile(f"specs/{name}.yaml", compile=compile, backend=backend).to(device)
     except Unsupported as e:
         print(f"  {name}: skipped ({e})")
         return None
@@ -61,7 +65,13 @@ def step(model, ids):
 
 
 def tokens(model, B: int, T: int):
-    return torch.randint(0, model.embed.num_embeddings, (B, T), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.embed.num_embeddings, (B, T), generator=torch.Generator().manual_seed(0))
+    return ids.to(model.embed.weight.device)
+
+
+def sync(ids):
+    if ids.is_cuda:
+        torch.cuda.synchronize()
 
 
 def bench(model, B: int, T: int, repeats: int) -> float:
@@ -69,8 +79,10 @@ def bench(model, B: int, T: int, repeats: int) -> float:
     step(model, ids)                     # warm-up (and torch.compile's compilation)
     times = []
     for _ in range(repeats):
+        sync(ids)
         t0 = time.perf_counter()
         step(model, ids)
+        sync(ids)
         times.append(time.perf_counter() - t0)
     return B * T / statistics.median(times)
 
@@ -87,7 +99,11 @@ def ops_per_token(model, T: int) -> tuple[float, float]:
     return forward / T, count.n / T
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    if device == "cuda":
+        import triton
+        return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+                f"{datetime.date.today().isoformat()}")
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         cpu = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
@@ -108,26 +124,34 @@ def main():
     ap.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     ap.add_argument("--ops-T", type=int, default=256, help="tokens of the op-count run")
     ap.add_argument("--no-ops", action="store_true", help="skip the op count")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--backend", default="torch", help="torch, triton, auto, or several: torch,auto")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.flush_denormal:
         torch.set_flush_denormal(True)
     names = args.specs.split(",")
-    print(f"{machine()}")
-    print(f"B={args.B}, T={args.T}, float32, forward+backward, median of {args.repeats}"
+    print(f"{machine(args.device)}")
+    print(f"B={args.B}, T={args.T}, float32, forward+backward, median of {args.repeats}, {args.device}"
           + (", torch.compile" if args.compile else "") + (", denormals flushed" if args.flush_denormal else "") + "\n")
-    print("| spec | threads | tokens/s | x transformer |\n| --- | ---: | ---: | ---: |")
-    for threads in map(int, args.threads.split(",")):
+    print("| spec | backend | threads | tokens/s | x transformer |\n| --- | --- | ---: | ---: | ---: |")
+    threads_list = [torch.get_num_threads()] if args.device == "cuda" else list(map(int, args.threads.split(",")))
+    for threads in threads_list:
         torch.set_num_threads(threads)
         base = None
         for name in names:
-            model = model_of(name, args.compile)
-            if model is None:
-                continue
-            tps = bench(model, args.B, args.T, args.repeats)
-            base = tps if name == "transformer" else base
-            ratio = f"{tps / base:.2f}" if base else ""
-            print(f"| {name} | {threads} | {tps:,.0f} | {ratio} |", flush=True)
+            for backend in args.backend.split(","):
+                model = model_of(name, args.compile, backend, args.device)
+                if model is None:
+                    continue
+                try:
+                    tps = bench(model, args.B, args.T, args.repeats)
+                except Exception as e:  # a spec that fails on this device must not lose the table
+                    print(f"| {name} | {backend} | {threads} | {type(e).__name__}: {str(e)[:80]} | |", flush=True)
+                    continue
+                base = tps if name == "transformer" and base is None else base
+                ratio = f"{tps / base:.3f}" if base else ""
+                print(f"| {name} | {backend} | {threads} | {tps:,.0f} | {ratio} |", flush=True)
     if not args.no_ops:
         torch.set_num_threads(1)
         print("\n| spec | aten ops / token, forward | forward + backward |\n| --- | ---: | ---: |")

@@ -71,10 +71,15 @@ def load(skeleton: str, flags: dict, interpret: bool, code: dict | None = None):
     """The kernel module of ``skeleton`` with ``flags`` and ``code`` filled in (cached on disk and
     in memory)."""
     from nlc.fileio import atomic_write
+    call = (skeleton, tuple(sorted(flags.items())), tuple((k, tuple(v)) for k, v in sorted((code or {}).items())),
+            interpret)
+    if call in _loaded:     # the launch path: no rendering, hashing or file access per call
+        return _loaded[call]
     text = body(skeleton, flags, code)
     sha = hashlib.sha256(text.encode()).hexdigest()[:16]
     key = (sha, interpret)
     if key in _loaded:
+        _loaded[call] = _loaded[key]
         return _loaded[key]
     path = cache_dir() / f"{skeleton}_{sha}.py"
     if not path.exists() or path.read_text() != text:
@@ -92,7 +97,7 @@ def load(skeleton: str, flags: dict, interpret: bool, code: dict | None = None):
         else:
             os.environ["TRITON_INTERPRET"] = saved
     module.SHA = sha
-    _loaded[key] = module
+    _loaded[key] = _loaded[call] = module
     return module
 
 

@@ -1,0 +1,69 @@
+"""Where the time of nlc's Triton kernels goes on a GPU: per-kernel CUDA time (torch.profiler) of
+gated DeltaNet's chunked kernels (forward + backward) at num_warps 4 and 8, and of Titans' MLP
+memory (Triton forward, torch chunk-recompute backward). A diagnostic for benchmarks/kernels.py's
+table, run by benchmarks/gpu_check.sh (STEPS=profile).
+
+    python benchmarks/profile_gpu.py [--T 8192] [--dtype bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nlc.backends.torch import ops
+from nlc.backends.triton import delta
+
+import kernels as bench   # benchmarks/kernels.py: the same inputs as the table
+
+
+def breakdown(fn, label, steps=3):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print(f"\n{label}: wall {wall:.3f} ms per call, CUDA kernels {total:.3f} ms")
+    for key, ms, n in rows[:10]:
+        print(f"  {ms:9.3f} ms  x{n:<4} {key[:90]}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--T", type=int, default=8192)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--mlp-T", type=int, default=2048)
+    args = p.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    x = bench.inputs(1, args.T, 16, 128, 128, dtype, "cuda")
+    qkv = [x[n] for n in ("q", "k", "v")]
+    go = delta._go
+    for warps in (4, 8):
+        delta._go = lambda mod, cfg, name, grid, *a, **f: go(mod, cfg, name, grid, *a, num_warps=warps, **f)
+        breakdown(lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="triton")[0].sum().backward(),
+                  f"gated delta triton T={args.T} {args.dtype} num_warps={warps} fwd+bwd")
+    delta._go = go
+    breakdown(lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="torch")[0].sum().backward(),
+              f"gated delta torch chunk T={args.T} {args.dtype} fwd+bwd")
+
+    class A:
+        H, K = 16, 128
+    mlp = bench.mlp_rows(1, args.mlp_T, A, dtype, "cuda")
+    for name, fn in mlp.items():
+        breakdown(lambda: fn().sum().backward(), f"{name} T={args.mlp_T} fwd+bwd", steps=1)
+        with torch.no_grad():
+            breakdown(fn, f"{name} T={args.mlp_T} fwd", steps=1)
+
+
+if __name__ == "__main__":
+    main()
