@@ -24,36 +24,25 @@ example stands alone.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-import nlc
+import nlc as nlc_api
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(os.environ.get("NLC_EXAMPLES_OUT", "runs/examples")) / "m3_vs_adamw"   # NLC_EXAMPLES_OUT: elsewhere
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--toy", action="store_true", default=os.environ.get("NLC_EXAMPLES_TOY") == "1",
-                    help="shrink everything to run in seconds (also NLC_EXAMPLES_TOY=1)")
-toy = parser.parse_args().toy
-t_start = time.perf_counter()
-(ROOT / OUT).mkdir(parents=True, exist_ok=True)
+from _common import ROOT, nlc, start   # examples/_common.py: the tutorials' shared set-up
+
+OUT, toy, t_start = start("m3_vs_adamw", __doc__)
 torch.set_num_threads(1)     # tiny matrices: one thread is fastest, and fair to everything else on the CPU
 
 # ---------------------------------------------------------------- 1. the optimizers are specs
 # `nlc explain` renders an optimizer spec's levels and update as Markdown with LaTeX. M3 as printed
 # divides the orthogonalised step element-wise by sqrt(V) + eps.
-print("$ nlc explain specs/m3.yaml", flush=True)
-subprocess.run([sys.executable, "-m", "nlc.runtime.cli", "explain", "specs/m3.yaml"], cwd=ROOT, check=True)
+nlc("explain", "specs/m3.yaml")
 
 # ---------------------------------------------------------------- 2. a variant of your own
 # M3 divides the orthogonalised step element-wise by sqrt(V): an entry whose gradient has been tiny
@@ -71,8 +60,7 @@ text = (ROOT / "specs/m3_ema.yaml").read_text()
 assert printed in text, "specs/m3_ema.yaml changed: update this example's variant"
 (ROOT / variant).write_text("# M3-EMA with sqrt(V) moved inside Newton-Schulz: written by examples/m3_vs_adamw.py\n"
                    + text.replace("name: m3_ema\n", "name: m3_ema_predivide\n").replace(printed, changed))
-print(f"\n$ nlc check {variant}", flush=True)
-subprocess.run([sys.executable, "-m", "nlc.runtime.cli", "check", str(variant)], cwd=ROOT, check=True)
+nlc("check", str(variant))
 print(f"the changed line:\n-    {printed}\n+    {changed}")
 
 # Each entry: the spec (a shipped name or a path) and its learning-rate grid, 3x apart. The grids
@@ -117,7 +105,7 @@ def run(spec: str, lr: float, steps: int, seed: int) -> dict:
     model = mlp()
     # The optimizer compiled from its spec: a torch.optim.Optimizer; keyword arguments override the
     # spec's hyperparameters by name (range-checked).
-    opt = nlc.compile_optimizer(spec, model.parameters(), lr=lr)
+    opt = nlc_api.compile_optimizer(spec, model.parameters(), lr=lr)
     online = []
     for step in range(steps):
         x, y = stream.batch((step // SWITCH) % TASKS)

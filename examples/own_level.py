@@ -18,28 +18,13 @@ Outputs go to runs/examples/own_level/ (runs/ is git-ignored).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent      # the repository: every path below is relative to it
+from _common import ROOT, nlc, start   # examples/_common.py: the tutorials' shared set-up
+
 SPEC = "examples/my_level.nl"
-OUT = Path(os.environ.get("NLC_EXAMPLES_OUT", "runs/examples")) / "own_level"   # NLC_EXAMPLES_OUT: elsewhere
-
-
-def nlc(*args: str, expect: int = 0) -> None:
-    """Run `nlc ARGS` from the repository root, as you would at a shell, and check its exit status.
-    (OMP_NUM_THREADS=1 unless you set it: small models train faster with one thread on a busy CPU.)"""
-    print(f"\n$ nlc {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    rc = subprocess.run([sys.executable, "-m", "nlc.runtime.cli", *args], cwd=ROOT, env=env).returncode
-    if rc != expect:
-        sys.exit(f"`nlc {args[0]}` exited with status {rc}, expected {expect}")
 
 
 def curve(run: Path) -> tuple[list[dict], list[dict]]:
@@ -48,12 +33,7 @@ def curve(run: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--toy", action="store_true", default=os.environ.get("NLC_EXAMPLES_TOY") == "1",
-                    help="shrink everything to run in seconds (also NLC_EXAMPLES_TOY=1)")
-toy = parser.parse_args().toy
-t_start = time.perf_counter()
-(ROOT / OUT).mkdir(parents=True, exist_ok=True)
+OUT, toy, t_start = start("own_level", __doc__)
 
 # ---------------------------------------------------------------- 1. check
 # `nlc check` parses the spec, validates it against the language's schema and runs every semantic

@@ -15,35 +15,14 @@ The script trains Titans on 64-token sequences, evaluates it there and at 4x the
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(os.environ.get("NLC_EXAMPLES_OUT", "runs/examples")) / "titans_recall"   # NLC_EXAMPLES_OUT: elsewhere
+from _common import ROOT, nlc, start   # examples/_common.py: the tutorials' shared set-up
+
+OUT, toy, t_start = start("titans_recall", __doc__)
 RUN = OUT / "run"
-
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--toy", action="store_true", default=os.environ.get("NLC_EXAMPLES_TOY") == "1",
-                    help="shrink everything to run in seconds (also NLC_EXAMPLES_TOY=1)")
-toy = parser.parse_args().toy
-t_start = time.perf_counter()
-(ROOT / OUT).mkdir(parents=True, exist_ok=True)
-
-
-def nlc(*args: str) -> None:
-    """Run `nlc ARGS` from the repository root, as you would at a shell; stop if it fails.
-    (OMP_NUM_THREADS=1 unless you set it: small models train faster with one thread on a busy CPU.)"""
-    print(f"\n$ nlc {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    rc = subprocess.run([sys.executable, "-m", "nlc.runtime.cli", *args], cwd=ROOT, env=env).returncode
-    if rc != 0:
-        sys.exit(f"`nlc {args[0]}` exited with status {rc}")
 
 
 def accuracy(path: Path) -> dict:
