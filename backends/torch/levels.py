@@ -91,6 +91,9 @@ class _Gen(ScanMixin):
             op = "**" if e.op == "^" else e.op
             return f"({lc} {op} {rc})", t
         if isinstance(e, Call):
+            fused = self.fused_flow(e, ctx, level, body, done)
+            if fused is not None:
+                return fused, t
             if e.fn in _UNARY:
                 code, _ = self.expr(e.args[0], ctx, level, body, done)
                 return f"L.{'sum_' if e.fn == 'sum' else e.fn}({code})", t
@@ -132,6 +135,21 @@ class _Gen(ScanMixin):
                 return (read + "[..., 0]" if gen.out == "scalar" else read), t
             raise Unsupported(f"`{e.fn}(...)`: the level's own memory inside a flow is not supported by the torch backend yet")
         raise Unsupported(f"expression `{e}`")
+
+    def fused_flow(self, e: Call, ctx: str, level: str | None, body: list[str], done: set[str]) -> str | None:
+        """A flow `f_n(...f_1([conv](proj(...), W)))` as one `L.flow` call: the same modules, made in
+        the same order, run op by op on torch or as one fused Triton kernel (skeleton 3). Only where
+        fusing saves kernels: a convolution, an l2norm, or two functions or more."""
+        from nlc.backends.triton.prologue import chain_of
+        chain = chain_of(e)
+        if chain is None or not (chain[0] or "l2norm" in chain[1] or len(chain[1]) > 1):
+            return None
+        width, ops, proj = chain
+        code, _ = self.expr(proj, ctx, level, body, done)
+        if not width:
+            return f"L.flow({code}, {ops!r}, None, cstate, cnew, None, backend)"
+        conv = self.module(f"{ctx}_conv", f"L.CausalConv({self.D}, {width})")
+        return f"L.flow({code}, {ops!r}, self.{conv}, cstate, cnew, p + {conv!r}, backend)"
 
     def signal(self, name: str, body: list[str], done: set[str]) -> None:
         """Emit a signal (after the signals it reads). Its parameters are made once per block and

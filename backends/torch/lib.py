@@ -15,7 +15,7 @@ from nlc.backends.torch.compile import compiled
 
 __all__ = [  # the vocabulary of generated code (`L.name`)
     "l2norm", "silu", "gelu", "relu", "tanh", "sigmoid", "softplus", "exp", "detach", "log", "norm", "sum_", "dot",
-    "heads", "per_head_init", "per_head", "vec", "Proj", "HeadScalar", "CausalConv", "MLP", "rope", "attention",
+    "heads", "per_head_init", "per_head", "vec", "Proj", "HeadScalar", "CausalConv", "flow", "MLP", "rope", "attention",
     "initial", "mlp_with", "mlp_params", "mlp_state", "mlp_save", "mlp_read",
     "generators", "read_generator", "read_generators", "save_generators", "update_generators",
     "Pending", "cms_fast", "cms_forward", "cms_forward_two_pass", "cms_step", "compiled"]
@@ -116,6 +116,29 @@ class CausalConv(nn.Module):
         # a sum of shifted copies: exact, and far faster on CPU than a grouped conv1d
         y = sum(full[:, j:j + T] * w[:, j] for j in range(self.width))
         return y.reshape(x.shape)
+
+
+def flow(p, ops: tuple, conv, state: dict, new: dict, key: str, backend: str):
+    """A flow `ops[-1](...ops[0]([conv](p)))` (p = a projection's output [B, T, H, K]), as the spec
+    writes it: on torch, the ops one by one (exactly `L.l2norm(L.silu(conv(p, ...)))`); where the
+    backend runs Triton for `p` (`pick`: CUDA under "auto", any device under "triton"), one fused
+    kernel (skeleton 3, `nlc.backends.triton.prologue`) with the convolution's past carried the same way."""
+    from nlc.backends.dispatch import pick
+    if pick("flow", backend, p) == "triton":
+        from nlc.backends.triton.prologue import flow as fused
+        if conv is None:
+            return fused(p, ops)
+        B, T = p.shape[:2]
+        flat = p.reshape(B, T, -1)
+        past = state.get(key)
+        if past is None:
+            past = flat.new_zeros(B, conv.width - 1, flat.shape[-1])
+        new[key] = torch.cat([past.to(flat.dtype), flat], dim=1)[:, -(conv.width - 1):] if conv.width > 1 else past
+        return fused(p, ops, conv.weight, past.to(flat.dtype))
+    z = p if conv is None else conv(p, state, new, key)
+    for op in ops:
+        z = globals()[op](z)
+    return z
 
 
 class MLP(nn.Module):
