@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from nlc.backends.torch.memory_core import (
-    BEFORE_WRITE, _advance, _blocks, _check_common, _chunk_slice, _coefficients, _dtype, _erase_solve,
-    _per_token, _read, _require, _unblock)
+    BEFORE_WRITE, _advance, _anchored, _blocks, _check_common, _check_offset, _chunk_slice, _coefficients,
+    _dtype, _erase_solve, _per_token, _read, _require, _unblock)
 from nlc.backends.torch.ops import check_tensor
 from nlc.backends.dispatch import pick
 
@@ -36,9 +36,17 @@ class MLPState(NamedTuple):
     that consumes the key; ``W2`` at depth 2). Each is ``[B, H, d_out, d_in]`` (the paper's
     orientation) or, as an initial state, ``[H, d_out, d_in]`` shared by the batch (a meta-learned
     initial state). ``momenta`` is None (no momentum) or one tensor per weight, same shapes.
+
+    Chunks start at absolute positions (multiples of ``chunk_size`` from the sequence start).
+    ``offset`` is the number of tokens of the open chunk already consumed (``t mod chunk_size``),
+    ``anchor`` that chunk's anchor weights (the weights at its start, same shapes as ``weights``;
+    None, and ignored, at offset 0, where the next token starts a chunk). The defaults are a state
+    at a chunk boundary: ``MLPState(weights, momenta)`` as before.
     """
     weights: tuple[torch.Tensor, ...]
     momenta: tuple[torch.Tensor, ...] | None = None
+    anchor: tuple[torch.Tensor, ...] | None = None
+    offset: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,13 +132,19 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
     Titans). ``chunk_size=1`` makes both reads the same. Only the outputs differ: the weights and
     momenta returned are the same for both reads.
 
+    Chunks start at absolute positions, multiples of ``chunk_size`` from the sequence start: a
+    state carried with an ``offset`` (:class:`MLPState`) first finishes its open chunk (gradients at
+    the carried anchor), so feeding a sequence in pieces cut anywhere (token by token included)
+    equals feeding it whole, in both modes.
+
     Args:
         q, k: ``[B, T, H, D]`` with D the MLP's input size. v: ``[B, T, H, D_out]`` (the target),
             or ``[B, T, H, D]`` with ``self_target=True``.
         eta: ``[B, T, H]`` (or a number). beta: momentum decay or None (no momentum).
         alpha: retention or None (1). erase: DGD erase on the input-side matrix or None.
         initial_state: :class:`MLPState` or a sequence of weights ``(W1, ..., WL)``, each
-            ``[H, d_out, d_in]`` or ``[B, H, d_out, d_in]``; momenta None = zeros.
+            ``[H, d_out, d_in]`` or ``[B, H, d_out, d_in]``; momenta None = zeros; a state with an
+            offset > 0 carries the open chunk's anchor weights (same shapes).
         objective: ``"l2"`` (``1/2 ||M(k) - tau||^2``) or ``"dot"`` (``-<M(k), tau>``).
         activation: one of :data:`ACTIVATIONS`. residual: add the input to the output (needs
             ``d_out = D``).
@@ -139,11 +153,13 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
             masked matmuls over each chunk (README "Memories"), no loop over tokens.
         backend: who runs ``mode="chunk"``: ``"torch"``, ``"triton"`` (skeleton 2,
             ``nlc.backends.triton.deep``: depth 2, silu or gelu, chunk 16, 32 or 64, sizes up to
-            128) or ``"auto"`` (Triton for CUDA tensors that it takes, torch otherwise).
+            128) or ``"auto"`` (Triton for CUDA tensors that it takes, torch otherwise). A state
+            with an offset > 0 runs on torch (``"auto"``) or is a ValueError (``"triton"``).
 
     Returns:
         ``(o, MLPState)``: o ``[B, T, H, D_out]`` in q's dtype; weights ``[B, H, d_out, d_in]``;
-        momenta the same shapes, or None without momentum.
+        momenta the same shapes, or None without momentum; ``offset`` the open chunk's tokens
+        (``(initial offset + T) mod chunk_size``) and ``anchor`` its anchor weights (None at 0).
     """
     op = "mlp_memory"
     _check_common(op, q, k, v, objective, mode, chunk_size)
@@ -153,8 +169,10 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
     if read not in READS:
         raise ValueError(f"{op}: read must be one of {READS}, got {read!r}")
     B, T, H, D = q.shape
+    A0, offset = None, 0
     if isinstance(initial_state, MLPState):
         W0, S0 = tuple(initial_state.weights), initial_state.momenta
+        A0, offset = initial_state.anchor, initial_state.offset
     elif isinstance(initial_state, Sequence) and all(isinstance(w, torch.Tensor) for w in initial_state):
         W0, S0 = tuple(initial_state), None
     else:
@@ -174,7 +192,15 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
         if [tuple(s.shape[-2:]) for s in S0] != [tuple(w.shape[-2:]) for w in W0]:
             raise ValueError(f"{op}: momenta must have the weights' shapes "
                              f"{[tuple(w.shape[-2:]) for w in W0]}, got {[tuple(s.shape[-2:]) for s in S0]}")
-    dtype, out_dtype = _dtype(q, k, v, eta, beta, alpha, erase, *W0, *(S0 or ())), q.dtype
+    _check_offset(op, offset, chunk_size, A0)
+    if not offset:
+        A0 = None                                   # at a chunk boundary the anchor is the weights
+    if A0 is not None:
+        A0 = _check_weights(op, tuple(A0), q, B, H, D, residual, name="anchor")
+        if [tuple(a.shape[-2:]) for a in A0] != [tuple(w.shape[-2:]) for w in W0]:
+            raise ValueError(f"{op}: the anchor must have the weights' shapes "
+                             f"{[tuple(w.shape[-2:]) for w in W0]}, got {[tuple(a.shape[-2:]) for a in A0]}")
+    dtype, out_dtype = _dtype(q, k, v, eta, beta, alpha, erase, *W0, *(S0 or ()), *(A0 or ())), q.dtype
     eta = _per_token(op, "eta", eta, q, dtype)
     beta = _per_token(op, "beta", beta, q, dtype)
     retain = alpha is not None
@@ -182,18 +208,35 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
     erase = _per_token(op, "erase", erase, q, dtype)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     W = [w.to(dtype).expand(B, *w.shape[-3:]) for w in W0]
+    A = None if A0 is None else [a.to(dtype).expand(B, *a.shape[-3:]) for a in A0]
     S = None
     if beta is not None:
         S = ([torch.zeros_like(w) for w in W] if S0 is None
              else [s.to(dtype).expand(B, *s.shape[-3:]) for s in S0])
-    cfg = (objective, self_target, detach_target, activation, residual)
-    run = _mlp_recurrent if mode == "recurrent" else _mlp_chunk
-    if mode == "chunk" and backend != "torch":
-        from nlc.backends.triton import deep
-        if pick(op, backend, q, why_not=deep.supports(cfg, W, chunk_size)) == "triton":
-            run, alpha = deep.chunk_mlp_memory, (alpha if retain else None)  # None: no retention terms
-    o, W, S = run(q, k, v, eta, beta, alpha, erase, cfg, W, S, chunk_size, read == "current")
-    state = MLPState(tuple(W), None if S is None else tuple(S))
+    cfg, current = (objective, self_target, detach_target, activation, residual), read == "current"
+    if mode == "recurrent":
+        o, W, S, A = _mlp_recurrent(q, k, v, eta, beta, alpha, erase, cfg, W, S, chunk_size, current, A, offset)
+        offset = (offset + T) % chunk_size
+    else:
+        run = _mlp_chunk
+        if backend != "torch":
+            if offset and backend == "triton":
+                raise ValueError(f"{op}: backend='triton' takes states at a chunk boundary only; this one "
+                                 f"is {offset} tokens into a chunk (offset={offset}): use backend='torch'")
+            if not (offset and backend == "auto"):  # mid-chunk: torch
+                from nlc.backends.triton import deep
+                if pick(op, backend, q, why_not=deep.supports(cfg, W, chunk_size)) == "triton":
+                    run, alpha = deep.chunk_mlp_memory, (alpha if retain else None)  # None: no retention
+        toks = (q, k, v, eta, beta, alpha, erase)
+
+        def piece(a, b, st, anchor):
+            xs = (None if x is None else x[:, a:b] for x in toks)
+            extra = {} if anchor is None else {"anchor": anchor}   # only the torch core takes one
+            o, W_, S_ = run(*xs, cfg, st[0], st[1], chunk_size, current, **extra)
+            return o, (W_, S_)
+
+        o, (W, S), A, offset = _anchored(piece, T, chunk_size, offset, A, (W, S))
+    state = MLPState(tuple(W), None if S is None else tuple(S), None if A is None else tuple(A), offset)
     return o.to(out_dtype), (state if output_final_state else None)
 
 
@@ -210,12 +253,15 @@ def _mlp_errors(k, v, anchor, cfg):
     return mlp_token_grads(err, anchor, inputs, pre, activation), inputs
 
 
-def _mlp_recurrent(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current):
+def _mlp_recurrent(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current, anchor=None, offset=0):
+    """The token loop (the reference): the anchor becomes the running weights at every absolute
+    position ``offset + t`` that is a multiple of C. Returns ``(o, W, S, anchor)``: the last
+    anchor (the open chunk's where ``(offset + T) % C`` is not 0, else None)."""
     activation, residual = cfg[3], cfg[4]
     outs = []
-    anchor = W
+    anchor = W if anchor is None else anchor
     for t in range(q.shape[1]):
-        if t % C == 0:
+        if (offset + t) % C == 0:
             anchor = W
         sl = slice(t, t + 1)
         tok = lambda x: x[:, sl].transpose(1, 2)          # noqa: E731  [B, H, 1, d]
@@ -235,10 +281,12 @@ def _mlp_recurrent(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current):
             new_W.append(w_new - u)
         W, S = new_W, (new_S if S is not None else None)
     o = torch.cat(outs, 2).transpose(1, 2) if outs else q.new_zeros(*q.shape[:3], W[0].shape[-2])
-    return o, W, S
+    return o, W, S, (anchor if (offset + q.shape[1]) % C else None)
 
 
-def _mlp_chunk(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current):
+def _mlp_chunk(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current, anchor=None):
+    """Chunks of C from the first token, the first one's gradients (and anchor reads) at ``anchor``
+    (None: at W; otherwise T <= C, the rest of a carried open chunk). Returns ``(o, W, S)``."""
     activation, residual = cfg[3], cfg[4]
     B, T, H, D = q.shape
     if T == 0:
@@ -251,12 +299,14 @@ def _mlp_chunk(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current):
         eb = _blocks(erase, C, N)
         KK, Tinv = _erase_solve(co, kb, eb)
     L = len(W)
-    anchors, moms, keys, Gs, bZs = [], [], [], [], []      # per chunk (the last four: current read)
+    anchors, starts, moms, keys, Gs, bZs = [], [], [], [], [], []  # per chunk (from starts: current read)
     for n in range(N):
         end = C if n < N - 1 else T - (N - 1) * C
-        anchors.append(W)
+        A = anchor if n == 0 and anchor is not None else W
+        anchors.append(A)
+        starts.append(W)
         moms.append(S)
-        deltas, inputs = _mlp_errors(kb[n], vb[n], W, cfg)
+        deltas, inputs = _mlp_errors(kb[n], vb[n], A, cfg)
         cn = _chunk_slice(co, n)
         new_W, new_S, G_n = [], [], []
         for l in range(L):
@@ -277,7 +327,7 @@ def _mlp_chunk(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current):
     if not current:
         o = mlp_forward(qb, per_layer(anchors), activation, residual)[0]
     else:
-        o = _mlp_read_current(qb, co, per_layer(anchors), None if S is None else per_layer(moms),
+        o = _mlp_read_current(qb, co, per_layer(starts), None if S is None else per_layer(moms),
                               per_layer(keys), per_layer(Gs), None if eb is None else torch.stack(bZs),
                               activation, residual)
     return _unblock(o, T), W, S
@@ -286,9 +336,10 @@ def _mlp_chunk(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current):
 def _mlp_read_current(qb, co, W0, S0, keys, G, bZ, activation, residual):
     """``M_{W_{r-1}}(q_r)`` for every token r of every chunk, ``[N, B, H, C, d_out]``: layer by
     layer from the input side, the layer's input ``x`` (q, then the activations of this read)
-    reads its matrix before token r's write, with the chunk's anchor ``W0``, momenta ``S0``, the
-    layer's anchor inputs ``keys`` (its gradients' right factors) and ``G = eta * delta``; the
-    input-side matrix adds the erase terms ``bZ``. All ``[N, B, H, ...]`` (lists per layer)."""
+    reads its matrix before token r's write, with the chunk's start weights ``W0`` (its anchor,
+    except in the rest of a carried open chunk) and momenta ``S0``, the layer's anchor inputs
+    ``keys`` (its gradients' right factors) and ``G = eta * delta``; the input-side matrix adds the
+    erase terms ``bZ``. All ``[N, B, H, ...]`` (lists per layer)."""
     act = ACTIVATIONS[activation][0]
     x = qb
     for l in range(len(W0) - 1, -1, -1):

@@ -22,10 +22,10 @@ Conventions follow ``ops.py`` (flash-linear-attention's functional API)::
 
 ``mode="recurrent"`` is the literal token loop (the oracle), ``mode="chunk"`` the chunkwise-parallel
 form; both use the same anchor semantics (the anchor is the state at the end of the previous
-chunk, chunks counted from the first token of the call), so they agree up to rounding for any
-``chunk_size >= 1`` and any T; ``chunk_size=1`` is the exact sequential rule. A state carried
-between calls continues the same computation when the first call's length is a multiple of
-``chunk_size``.
+chunk, chunks starting at absolute positions, multiples of ``chunk_size`` from the sequence
+start), so they agree up to rounding for any ``chunk_size >= 1`` and any T; ``chunk_size=1`` is
+the exact sequential rule. The states carry the open chunk's anchor and offset, so a sequence fed
+in pieces cut anywhere (token by token included) gives what it gives whole.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from typing import NamedTuple
 import torch
 
 from nlc.backends.torch.memory_core import (
-    AFTER_WRITE, MODES, OBJECTIVES, _advance, _blocks, _check_common, _chunk_slice, _coefficients,
-    _dtype, _erase_solve, _per_token, _read, _require, _unblock)
+    AFTER_WRITE, MODES, OBJECTIVES, _advance, _anchored, _blocks, _check_common, _check_offset,
+    _chunk_slice, _coefficients, _dtype, _erase_solve, _per_token, _read, _require, _unblock)
 from nlc.backends.torch.deep_memory import (
     ACTIVATIONS, READS, MLPState, mlp_forward, mlp_memory, mlp_token_grads)
 from nlc.backends.torch.ops import check_tensor
@@ -47,11 +47,35 @@ __all__ = ["momentum_memory", "mlp_memory", "MomentumState", "MLPState", "ACTIVA
            "MODES", "OBJECTIVES"]      # the MLP memory's names re-exported from deep_memory.py
 
 
-class MomentumState(NamedTuple):
-    """State of :func:`momentum_memory`: the memory ``M`` and its momentum ``S``, each
-    ``[B, H, K, V]`` (fla's orientation: the transpose of the paper's ``V x K`` memory)."""
+class _Pair(NamedTuple):
     M: torch.Tensor
     S: torch.Tensor
+
+
+class MomentumState(_Pair):
+    """State of :func:`momentum_memory`: the memory ``M`` and its momentum ``S``, each
+    ``[B, H, K, V]`` (fla's orientation: the transpose of the paper's ``V x K`` memory), and the
+    open chunk: ``offset`` tokens of it consumed (``t mod chunk_size``; chunks start at multiples
+    of ``chunk_size`` from the sequence start) and its ``anchor`` memory ``[B, H, K, V]`` (None,
+    and ignored, at offset 0).
+
+    It unpacks as the pair ``(M, S)`` (``M, S = state``, as generated code and callers do);
+    ``anchor`` and ``offset`` are attributes, ``MomentumState(M, S)`` a state at a chunk boundary.
+    """
+
+    def __new__(cls, M, S, anchor=None, offset=0):
+        self = super().__new__(cls, M, S)
+        self.anchor, self.offset = anchor, offset
+        return self
+
+    def __getnewargs__(self):                       # pickle, copy
+        return (self.M, self.S, self.anchor, self.offset)
+
+    def _replace(self, **fields):
+        return MomentumState(**{**dict(M=self.M, S=self.S, anchor=self.anchor, offset=self.offset), **fields})
+
+    def __repr__(self):
+        return f"MomentumState(M={self.M!r}, S={self.S!r}, anchor={self.anchor!r}, offset={self.offset!r})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,18 +99,23 @@ def momentum_memory(q, k, v, eta, beta, alpha, erase=None, *, objective="l2", sc
     or :math:`-\langle M^\top k, v\rangle` (``"dot"``, :math:`g = -k v^\top`); :math:`\epsilon` is
     ``erase`` (the DGD erase of Eq. 96, acting on the running state). Titans writes
     :math:`S_t = \beta S - \eta g,\ M_t = \alpha M + S`: the same rule with ``S`` negated.
+    Chunks start at multiples of ``chunk_size`` from the sequence start: a carried
+    :class:`MomentumState` with an offset first finishes its open chunk at the carried anchor.
 
     Args:
         q, k: ``[B, T, H, K]`` (keys L2-normalised where an erase is used). v: ``[B, T, H, V]``.
         eta, beta, alpha: ``[B, T, H]`` learning rate, momentum decay, retention (or numbers).
         erase: ``[B, T, H]``, a number, or None (no erase).
         objective: ``"l2"`` or ``"dot"``. scale: multiplies q; defaults to ``K ** -0.5``.
-        initial_state: None or ``(M0, S0)``, each ``[B, H, K, V]`` or None (zeros).
+        initial_state: None, ``(M0, S0)`` (each ``[B, H, K, V]`` or None: zeros) or a
+            :class:`MomentumState` (with its anchor and offset).
         output_final_state: return the final state, else None.
         mode: ``"chunk"`` or ``"recurrent"``. chunk_size: tokens per anchor (both modes).
 
     Returns:
-        ``(o, MomentumState(M, S))``: o ``[B, T, H, V]`` in q's dtype; ``M, S`` ``[B, H, K, V]``.
+        ``(o, MomentumState(M, S, anchor, offset))``: o ``[B, T, H, V]`` in q's dtype; ``M, S``
+        ``[B, H, K, V]``; ``offset = (initial offset + T) mod chunk_size``, ``anchor`` the open
+        chunk's anchor (None at offset 0).
         Any alpha and beta (zero and negative included) are exact in both modes.
     """
     op = "momentum_memory"
@@ -97,30 +126,49 @@ def momentum_memory(q, k, v, eta, beta, alpha, erase=None, *, objective="l2", sc
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real)
                               or not math.isfinite(scale)):
         raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
+    A0, offset = ((initial_state.anchor, initial_state.offset) if isinstance(initial_state, MomentumState)
+                  else (None, 0))
+    _check_offset(op, offset, chunk_size, A0)
+    A0 = A0 if offset else None                     # at a chunk boundary the anchor is M
     M0, S0 = (None, None) if initial_state is None else tuple(initial_state)
-    for name, t in (("initial_state[0] (M)", M0), ("initial_state[1] (S)", S0)):
+    for name, t in (("initial_state[0] (M)", M0), ("initial_state[1] (S)", S0), ("the anchor", A0)):
         if t is not None:
             check_tensor(op, name, t, q)
             if tuple(t.shape) != (B, H, K, V):
                 raise ValueError(f"{op}: {name} must have shape [B, H, K, V] = [{B}, {H}, {K}, {V}], "
                                  f"got {tuple(t.shape)}")
-    dtype, out_dtype = _dtype(q, k, v, eta, beta, alpha, erase, M0, S0), q.dtype
+    dtype, out_dtype = _dtype(q, k, v, eta, beta, alpha, erase, M0, S0, A0), q.dtype
     eta, beta, alpha, erase = (_per_token(op, n, x, q, dtype) for n, x in
                                (("eta", eta), ("beta", beta), ("alpha", alpha), ("erase", erase)))
     q, k, v = (x.to(dtype) for x in (q, k, v))
     M = q.new_zeros(B, H, K, V) if M0 is None else M0.to(dtype)
     S = q.new_zeros(B, H, K, V) if S0 is None else S0.to(dtype)
+    A = None if A0 is None else A0.to(dtype)
     q = q * (K ** -0.5 if scale is None else scale)
-    run = _momentum_recurrent if mode == "recurrent" else _momentum_chunk
-    o, M, S = run(q, k, v, eta, beta, alpha, erase, objective, M, S, chunk_size)
-    return o.to(out_dtype), (MomentumState(M, S) if output_final_state else None)
+    if mode == "recurrent":
+        o, M, S, A = _momentum_recurrent(q, k, v, eta, beta, alpha, erase, objective, M, S, chunk_size,
+                                         A, offset)
+        offset = (offset + T) % chunk_size
+    else:
+        toks = (q, k, v, eta, beta, alpha, erase)
+
+        def piece(a, b, st, anchor):
+            xs = (None if x is None else x[:, a:b] for x in toks)
+            o, M_, S_ = _momentum_chunk(*xs, objective, *st, chunk_size, anchor)
+            return o, (M_, S_)
+
+        o, (M, S), A, offset = _anchored(piece, T, chunk_size, offset, A, (M, S))
+    return o.to(out_dtype), (MomentumState(M, S, A, offset) if output_final_state else None)
 
 
-def _momentum_recurrent(q, k, v, eta, beta, alpha, erase, objective, M, S, C):
+def _momentum_recurrent(q, k, v, eta, beta, alpha, erase, objective, M, S, C, anchor=None, offset=0):
+    """The token loop (the reference): the anchor becomes the running memory at every absolute
+    position ``offset + t`` that is a multiple of C. Returns ``(o, M, S, anchor)``, the anchor
+    the open chunk's (None where ``(offset + T) % C`` is 0)."""
     outs = []
-    anchor = M
+    anchor = M if anchor is None else anchor
     for t in range(q.shape[1]):
-        if t % C == 0:
+        if (offset + t) % C == 0:
             anchor = M
         k_t = k[:, t]
         err = -v[:, t] if objective == "dot" else torch.einsum("bhk,bhkv->bhv", k_t, anchor) - v[:, t]
@@ -133,10 +181,12 @@ def _momentum_recurrent(q, k, v, eta, beta, alpha, erase, objective, M, S, C):
         outs.append(torch.einsum("bhkv,bhk->bhv", M, q[:, t]))
     B, T, H, _ = q.shape
     o = torch.stack(outs, 1) if outs else q.new_zeros(B, 0, H, v.shape[-1])
-    return o, M, S
+    return o, M, S, (anchor if (offset + T) % C else None)
 
 
-def _momentum_chunk(q, k, v, eta, beta, alpha, erase, objective, M, S, C):
+def _momentum_chunk(q, k, v, eta, beta, alpha, erase, objective, M, S, C, anchor=None):
+    """Chunks of C from the first token, the first one's gradients at ``anchor`` (None: at M;
+    otherwise T <= C, the rest of a carried open chunk). Returns ``(o, M, S)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     if T == 0:
@@ -154,7 +204,8 @@ def _momentum_chunk(q, k, v, eta, beta, alpha, erase, objective, M, S, C):
         end = C if n < N - 1 else T - (N - 1) * C
         starts_M.append(M)
         starts_S.append(S)
-        err = -vb[n] if objective == "dot" else kb[n] @ M - vb[n]
+        A = anchor if n == 0 and anchor is not None else M
+        err = -vb[n] if objective == "dot" else kb[n] @ A - vb[n]
         G = etab[n][..., None] * err
         M, S, bZ = _advance(_chunk_slice(co, n), end, kb[n], G, M, S,
                             None if eb is None else eb[n], None if KK is None else KK[n],

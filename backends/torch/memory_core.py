@@ -7,6 +7,9 @@ chunk every ``h_r`` is an affine function of ``h_0``, ``S_0`` and the rank-1 ter
 with coefficients from segment products of alpha and beta (README "Memories": decay matrices, the
 UT transform of the erase). :func:`_advance` gives the chunk's end state, :func:`_read` the reads
 ``x_r^T h_r`` (after token r's write) or ``x_r^T h_{r-1}`` (before it) for all rows at once.
+Chunks start at absolute multiples of the chunk size: :func:`_anchored` cuts a call that starts
+inside a chunk (a carried state with an offset) into the rest of that chunk, whole chunks and the
+new open chunk.
 """
 from __future__ import annotations
 
@@ -128,6 +131,48 @@ def _read(co, rows, X, XK, G, h0, S0=None, bZ=None):
     if bZ is not None:
         o = o - (XK * co.Da[..., rows, :]) @ bZ
     return o
+
+
+# ---------------------------------------------------------------------------------------------
+# chunks anchored at absolute positions
+
+
+def _check_offset(op, offset, C, anchor):
+    """A carried state's offset (tokens of its open chunk already consumed) and anchor."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < C:
+        raise ValueError(f"{op}: the state's offset must be an int in [0, chunk_size) = [0, {C}) (tokens "
+                         f"of the open chunk already consumed), got {offset!r}")
+    if offset and anchor is None:
+        raise ValueError(f"{op}: a state with offset {offset} > 0 (inside a chunk) must carry that "
+                         f"chunk's anchor")
+
+
+def _anchored(run, T, C, offset, anchor, state):
+    """Run a chunk core over T tokens so that chunks start at absolute multiples of ``C``, the call
+    starting ``offset`` tokens into an open chunk whose anchor is ``anchor``.
+
+    ``run(a, b, state, anchor)`` runs tokens ``[a, b)`` from ``state`` (a tuple, weights first) in
+    chunks of C counted from ``a``, the first chunk's gradients at ``anchor`` (None: at the state
+    itself), and returns ``(o, state)``. The pieces: the rest of the open chunk (gradients at the
+    carried anchor), the whole chunks, the new open chunk (anchored at the state before it).
+    Returns ``(outputs, state, anchor, offset)`` with the open chunk's anchor (None at offset 0)."""
+    head = min((C - offset) % C, T)
+    tail = (T - head) % C
+    outs = []
+    if head:
+        o, state = run(0, head, state, anchor)
+        outs.append(o)
+    if T - tail > head:
+        o, state = run(head, T - tail, state, None)
+        outs.append(o)
+    if tail:
+        anchor = state[0]
+        o, state = run(T - tail, T, state, None)
+        outs.append(o)
+    if not outs:                                        # T = 0: the core's empty output
+        outs.append(run(0, 0, state, None)[0])
+    end = (offset + T) % C
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state, (anchor if end else None), end
 
 
 # ---------------------------------------------------------------------------------------------
