@@ -165,43 +165,27 @@ def cms_of(model) -> list | None:
     return type(model).forward.__globals__.get("CMS") or None
 
 
-MLP_CALLS = "mlp_memory|update_generators"       # the generated calls that scan MLP memories in chunks
-MOMENTUM_CALLS = "momentum_memory"
-
-
-def _chunks(source: str, calls: str) -> list[int]:
-    """The chunk sizes that the generated calls named by `calls` (a regex alternation) are given."""
-    return [int(c) for ln in source.splitlines() if re.search(rf"\b({calls})\(", ln)
-            for c in re.findall(r"chunk_size=(\d+)", ln)]
-
-
 def approximations(source: str) -> list[str]:
     """Why feeding a sequence in pieces cut anywhere may not equal feeding it whole, from the
-    generated source; empty: it does (attention with its KV cache, matrix memories without
-    momentum: their chunked forms are exact for any chunk, and convolutions carry their past)."""
+    generated source; empty: it does. Attention carries its KV cache, convolutions their past,
+    matrix memories' chunked forms are exact for any chunk, and MLP and momentum memories anchor
+    their chunks at absolute positions (the state carries the open chunk's anchor and offset).
+    What remains is the CMS: its levels learn from the outer loss over windows of the sequence."""
     if not source:
         return ["its generated source is not available to check"]
-    why = []
-    for kind, what in ((MLP_CALLS, "MLP memories"), (MOMENTUM_CALLS, "momentum memories")):
-        sizes = sorted(set(_chunks(source, kind)))
-        if re.search(rf"\b({kind})\(", source):
-            chunks = f"chunks of {', '.join(map(str, sizes))} tokens" if sizes else "chunks"
-            why.append(f"{what} take their gradients at the anchor of {chunks} counted from the start of each call")
     m = re.search(r"^CMS = (\[.*?\])", source, re.M)
-    if m:
-        periods = [p for _, p, _ in ast.literal_eval(m.group(1))]
-        why.append(f"CMS levels (every {', '.join(map(str, periods))} tokens): their in-context gradient stops at "
-                   f"the state carried into a call")
-    return why
+    if not m:
+        return []
+    periods = [p for _, p, _ in ast.literal_eval(m.group(1))]
+    return [f"CMS levels (every {', '.join(map(str, periods))} tokens): their in-context gradient stops at "
+            f"the state carried into a call"]
 
 
 def alignment(source: str) -> int:
-    """A cut at a multiple of this many tokens keeps a piece-by-piece forward equal to the whole
-    (the least common multiple of the chunk sizes of MLP and momentum memories and the CMS window)."""
-    sizes = _chunks(source, f"{MLP_CALLS}|{MOMENTUM_CALLS}")
-    sizes += [int(c) for c in re.findall(r"for c0 in range\(0, T, (\d+)\)", source)]
-    sizes += [int(c) for c in re.findall(r"^WINDOW = (\d+)", source, re.M)]
-    return math.lcm(*sizes) if sizes else 1
+    """A cut at a multiple of this many tokens keeps a piece-by-piece forward equal to the whole:
+    the CMS window (1 without CMS levels: any cut)."""
+    m = re.search(r"^WINDOW = (\d+)", source, re.M)
+    return int(m.group(1)) if m else 1
 
 
 # ---------------------------------------------------------------- evaluation

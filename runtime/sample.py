@@ -9,10 +9,10 @@ prompt is token ids too (`--prompt "3 17 0"`; text is read as bytes).
 
 Feeding the text token by token with the state carried gives the logits of one forward pass over
 the whole text exactly (to rounding) when the generated model guarantees it at any cut: attention
-with its KV cache and the matrix memories without momentum, whose chunked forms are exact for any
-chunk. Models with MLP or momentum memories (their gradients taken at each chunk's anchor, chunks
-counted from the start of each call) or CMS levels (their in-context gradient stops at the state
-carried into a call) are exact only when every cut is a multiple of their chunks and CMS window
+with its KV cache, matrix memories (their chunked forms are exact for any chunk), and MLP and
+momentum memories (their chunks start at absolute positions and the state carries the open
+chunk's anchor and offset). Models with CMS levels (their in-context gradient stops at the state
+carried into a call) are exact only when every cut is a multiple of their CMS window
 (`nlc.runtime.evaluate.alignment`); token-by-token streaming cuts everywhere, so `nlc sample` says
 once on stderr that streaming such a model is approximate beyond the prefill
 (`nlc.runtime.evaluate.approximations`).

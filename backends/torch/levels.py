@@ -281,7 +281,7 @@ class _Gen(ScanMixin):
             m0 = "None"
             if lv.init == "meta":
                 m0 = "self." + self.module(f"{name}_M0", f"nn.Parameter(torch.zeros({H}, {K}, {K}))")
-            lines = [f"st = (L.initial(state, p + '{name}.M', {m0}, x, ({H}, {K}, {K})), state.get(p + '{name}.S'))"]
+            lines = [f"st = L.momentum_state(state, p + '{name}', {m0}, x, ({H}, {K}, {K}))"]
             return (f"momentum_memory({args}, objective={d.loss!r}, initial_state=st, mode=mode, chunk_size={chunk})",
                     lines)
         if lv.init != "meta":
@@ -331,7 +331,7 @@ class _Gen(ScanMixin):
 
     def save_state(self, name: str, lv: S.Level) -> list[str]:
         if isinstance(lv.memory, S.MatrixMemory):
-            return [f"new[p + '{name}.M'], new[p + '{name}.S'] = st"]
+            return [f"L.momentum_save(new, p + '{name}', st)"]
         return [f"L.mlp_save(new, p + '{name}', st)"]
 
     def generators(self, name: str) -> list[str]:

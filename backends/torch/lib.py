@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlc.backends.torch.generators import (
-    generators, read_generator, read_generators, save_generators, update_generators)
+    generators, read_generator, read_generators, save_generators, spans, update_generators)
 from nlc.backends.torch.cms import Pending, cms_fast, cms_forward, cms_forward_two_pass, cms_step
 from nlc.backends.torch.compile import compiled
 
 __all__ = [  # the vocabulary of generated code (`L.name`)
     "l2norm", "silu", "gelu", "relu", "tanh", "sigmoid", "softplus", "exp", "detach", "log", "norm", "sum_", "dot",
     "heads", "per_head_init", "per_head", "vec", "Proj", "HeadScalar", "CausalConv", "flow", "MLP", "rope", "attention",
-    "initial", "mlp_with", "mlp_params", "mlp_state", "mlp_save", "mlp_read",
-    "generators", "read_generator", "read_generators", "save_generators", "update_generators",
+    "initial", "mlp_with", "mlp_params", "mlp_state", "mlp_save", "mlp_read", "momentum_state", "momentum_save",
+    "generators", "read_generator", "read_generators", "save_generators", "spans", "update_generators",
     "Pending", "cms_fast", "cms_forward", "cms_forward_two_pass", "cms_step", "compiled"]
 
 ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "identity": lambda z: z}
@@ -234,23 +234,67 @@ def mlp_params(heads: int, d_in: int, hidden: int, d_out: int, depth: int, resid
     return nn.ParameterList(ws)
 
 
+def offset_of(state: dict, key: str) -> int:
+    """The carried offset `state[key + '.offset']` (tokens of the open chunk already consumed) as a
+    Python int; 0 where absent. It is stored as a 0-d int64 tensor on the CPU (`offset_save`), so
+    reading it never waits for a GPU; a plain int is accepted too."""
+    v = state.get(f"{key}.offset")
+    return 0 if v is None else int(v)
+
+
+def offset_save(new: dict, key: str, offset: int) -> None:
+    """Carry a memory's offset as `new[key + '.offset']`: a 0-d int64 CPU tensor (a tensor, since
+    the runtime and `cms.py` detach every state value; on the CPU, since it decides where the next
+    call is cut). Written at offset 0 too, so that a state dict updated in place (`state.update(new)`,
+    as `cms.py` does between windows) never keeps an earlier call's offset."""
+    new[f"{key}.offset"] = torch.tensor(int(offset), dtype=torch.long, device="cpu")
+
+
 def mlp_state(state: dict, key: str, params, momentum: bool):
-    """The carried MLP memory state, else its meta-learned initial weights (momenta zero)."""
+    """The carried MLP memory state, else its meta-learned initial weights (momenta zero). Keys:
+    `key.W{i}` the weights, `key.S{i}` the momenta, `key.offset` the open chunk's offset and, where
+    it is > 0, `key.A{i}` that chunk's anchor weights (see `mlp_save`)."""
     from nlc.backends.torch.memories import MLPState
     ws = tuple(state[f"{key}.W{i}"] if f"{key}.W{i}" in state else p for i, p in enumerate(params))
     ms = tuple(state[f"{key}.S{i}"] for i in range(len(ws))) if momentum and f"{key}.S0" in state else None
-    return MLPState(ws, ms)
+    offset = offset_of(state, key)
+    anchor = tuple(state[f"{key}.A{i}"] for i in range(len(ws))) if offset else None
+    return MLPState(ws, ms, anchor, offset)
 
 
 def mlp_save(new: dict, key: str, st) -> None:
+    """Carry an MLPState: weights `key.W{i}`, momenta `key.S{i}`, the offset `key.offset` and, inside
+    a chunk (offset > 0), its anchor weights `key.A{i}` (a later state at offset 0 ignores them)."""
     for i, w in enumerate(st.weights):
         new[f"{key}.W{i}"] = w
     for i, s in enumerate(st.momenta or ()):
         new[f"{key}.S{i}"] = s
+    offset_save(new, key, st.offset)
+    if st.offset:
+        for i, a in enumerate(st.anchor):
+            new[f"{key}.A{i}"] = a
+
+
+def momentum_state(state: dict, key: str, param: torch.Tensor | None, like: torch.Tensor, shape: tuple):
+    """The carried momentum memory state `MomentumState(M, S, anchor, offset)` from `key.M`, `key.S`,
+    `key.offset` and (offset > 0) `key.A`, else the meta-learned initial memory (or zeros) at offset 0."""
+    from nlc.backends.torch.memories import MomentumState
+    offset = offset_of(state, key)
+    return MomentumState(initial(state, f"{key}.M", param, like, shape), state.get(f"{key}.S"),
+                         state[f"{key}.A"] if offset else None, offset)
+
+
+def momentum_save(new: dict, key: str, st) -> None:
+    """Carry a MomentumState: `key.M`, `key.S`, `key.offset` and, inside a chunk, its anchor `key.A`."""
+    new[f"{key}.M"], new[f"{key}.S"] = st
+    offset_save(new, key, st.offset)
+    if st.offset:
+        new[f"{key}.A"] = st.anchor
 
 
 def mlp_read(st, x: torch.Tensor, activation: str, residual: bool) -> torch.Tensor:
-    """Apply an MLP memory at its current (anchor) weights: x [B, T, H, D] -> [B, T, H, D_out]."""
+    """Apply an MLP memory at its current weights `st.weights` (the next chunk's anchor where the
+    state is at a chunk boundary; inside a chunk its anchor is `st.anchor`): x [B, T, H, D] -> [B, T, H, D_out]."""
     from nlc.backends.torch.memories import mlp_forward
     y, _, _ = mlp_forward(x.transpose(1, 2), [w.to(x.dtype) for w in st.weights], activation, residual)
     return y.transpose(1, 2)

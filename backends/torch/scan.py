@@ -58,7 +58,9 @@ class ScanMixin:
 
     def scan(self, consumer: str, gens: list[str], done: set[str]) -> list[str]:
         """Generators learn in context and generate the consumer's flows: run chunk by chunk (their
-        chunk), every generator read at the chunk's anchor, then all of them updated over the chunk."""
+        chunk), every generator read at the chunk's anchor, then all of them updated over the chunk.
+        Chunks start at multiples of C from the sequence start: a call that starts inside one
+        (the generators' carried `offset`) first finishes it (`L.spans`)."""
         chunks = {self.spec.levels[g].chunk_size() for g in gens}
         if len(chunks) != 1:
             raise S_unsupported(f"generators {', '.join(gens)} with different chunk sizes")
@@ -104,8 +106,8 @@ class ScanMixin:
         loop += [f"parts.setdefault({s!r}, []).append(sig_{s})" for s in computed]
         lines += ["cstate = cnew = dict(state)  # convolutions carry their past from chunk to chunk",
                   "xfull, parts = x, {}",
-                  f"for c0 in range(0, T, {C}):",
-                  f"    x = xfull[:, c0:c0 + {C}]"]
+                  f"for c0, c1 in L.spans(T, {C}, {self.gen_var[gens[0]]}.offset):  # chunks from the sequence start",
+                  "    x = xfull[:, c0:c1]"]
         lines += [f"    {ln}" for ln in loop]
         lines += ["new.update({k: v for k, v in cnew.items() if k not in state or state[k] is not v})",
                   "x, cstate, cnew = xfull, state, new"]
