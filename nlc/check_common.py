@@ -3,6 +3,7 @@ optimizer hyperparameters, and resolving a referenced optimizer spec (nlc.check 
 from __future__ import annotations
 
 import math
+import struct
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -36,6 +37,10 @@ def hyper_problem(name: str, value, default=None) -> str | None:
     bad = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool) and not _finite(v)]
     if bad:
         return f"`{name}` must be finite, not {bad[0]}: a NaN or infinite hyperparameter makes the weights NaN"
+    big = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool) and not _finite32(v)]
+    if big:
+        return (f"`{name}` must be finite in float32, not {big[0]:g}, which is infinite there (the largest "
+                f"float32 is about 3.4e38): a NaN or infinite hyperparameter makes the weights NaN")
     if isinstance(default, (list, tuple)) and (not isinstance(value, (list, tuple)) or len(value) != len(default)):
         return (f"`{name}` is a list of {len(default)} number{'s' * (len(default) != 1)}, like its default "
                 f"`{list(default)}`; " + (f"{len(value)} given" if isinstance(value, (list, tuple)) else "not a list"))
@@ -55,6 +60,15 @@ def hyper_problem(name: str, value, default=None) -> str | None:
         if v < lo or (v == lo and not lo_ok) or (hi is not None and v >= hi):
             return why
     return None
+
+
+def _finite32(v: int | float) -> bool:
+    """Whether `v` stays finite as a float32 (the weights' type): 1e39 does not."""
+    try:
+        struct.pack("<f", float(v))   # rounds to the nearest float32; raises when that is infinite
+    except (OverflowError, struct.error):
+        return False
+    return True
 
 
 def _finite(v: int | float) -> bool:

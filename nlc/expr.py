@@ -6,6 +6,7 @@ attribute that equality ignores, so the YAML and `.nl` spellings of a spec compa
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -47,6 +48,8 @@ class Num(ExprNode):
 
     def __str__(self) -> str:
         v = self.value
+        if not math.isfinite(v):   # int(inf) raises; 1e999 reads back as inf (NaN has no literal: `nan`)
+            return "nan" if v != v else ("1e999" if v > 0 else "-1e999")
         return str(int(v)) if v == int(v) and abs(v) < 1e15 else repr(v)
 
 

@@ -127,81 +127,101 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
             typer.echo(f"level {name}: {where}")
 
 
-@app.command(epilog="\b\nExamples:\n  nlc train specs/transformer.yaml --steps 20 --set model.d_model=64\n"
-                    "  nlc train specs/hope.yaml --task recall --context 256 --set lr=1e-3\n"
-                    "  nlc train specs/titans.yaml --task mqar:pairs=32,queries=16 --context 256 --lr-schedule cosine --warmup 50\n"
-                    "  nlc train --task help   (the tasks and their options)\n"
-                    "  nlc train specs/titans.yaml --data input.txt --steps 2000 --out runs/titans-text\n"
-                    "  nlc train specs/titans.yaml --data input.txt --steps 4000 --out runs/titans-text --resume\n"
-                    "  torchrun --nproc_per_node 2 -m nlc.runtime.cli train specs/titans.yaml --batch 32   (data-parallel)")
-def train(spec: Path = typer.Argument(..., help="a model spec file"),
-          data: Optional[Path] = typer.Option(None, "--data", help="a text file, or a folder of them (concatenated in "
-                                              "sorted path order), read as bytes (vocab 256), split 90/10 into "
-                                              "train/val; without it a synthetic task (not both)"),
-          task: Optional[str] = typer.Option(None, "--task", metavar="NAME[:KEY=VALUE,...]", is_eager=True,
-                                             callback=lambda value: _task_help(value),
-                                             help="synthetic task: copy (default), recall, mqar, niah, parity, anbn, "
-                                                  "with options (mqar:pairs=32,queries=16); `--task help` lists them; "
-                                                  "an error with --data"),
-          steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps in all [200]"),
-          batch: Optional[int] = typer.Option(None, "--batch", help="sequences per step [16]; under torchrun the "
-                                              "global batch, a multiple of the processes, split among them"),
-          context: Optional[int] = typer.Option(None, "--context", help="tokens per sequence [64]"),
-          out: Optional[Path] = typer.Option(None, "--out", help="the run's directory, created and locked for the run "
-                                              "[runs/<spec file name>]"),
-          resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out; "
-                                      "settings not given again are the checkpoint's"),
-          sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override: `name=value` an optimizer hyperparameter "
-                                         "(lr=1e-3), `path.key=value` the spec (model.d_model=64); repeatable"),
-          seed: Optional[int] = typer.Option(None, "--seed", help="seeds the initialisation and the data [0]"),
-          device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto [auto]; under "
-                                               "torchrun cuda puts each process on cuda:LOCAL_RANK"),
-          lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", metavar="constant|cosine|wsd",
-                                                    help="the learning rate's schedule: constant [default]; cosine "
-                                                         "(to 0 at --steps); wsd (warmup, stable, then a linear decay "
-                                                         "to 0 over the last 20% of the steps)"),
-          warmup: Optional[int] = typer.Option(None, "--warmup", help="steps of linear warmup of the learning rate [0]"),
-          log_every: Optional[int] = typer.Option(None, "--log-every", help="steps between log lines [10]"),
-          eval_every: Optional[int] = typer.Option(None, "--eval-every", help="steps between evaluations (loss and "
-                                                   "accuracy on the validation split) [100]"),
-          save_every: Optional[int] = typer.Option(None, "--save-every", help="steps between checkpoints [100]"),
-          keep: Optional[int] = typer.Option(None, "--keep", help="checkpoints to keep, the newest [3]"),
-          clip: Optional[float] = typer.Option(None, "--clip", help="gradient norm clipping, 0 for none [1.0]"),
-          init: Optional[Path] = typer.Option(None, "--init", help="start from these weights: a safetensors file "
-                                              "named as the model's tensors, or another run or checkpoint (its "
-                                              "model); tensors it lacks keep the seed's initialisation"),
-          compile: bool = typer.Option(False, "--compile", help="run the model's hot loops (Hope's generator scan) "
-                                       "under torch.compile: compiled once, cached; eager, with a warning, "
-                                       "without a C++ compiler")):
+TRAIN_EPILOG = ("\b\nExamples:\n  nlc train specs/transformer.yaml --steps 20 --set model.d_model=64\n"
+                "  nlc train specs/hope.yaml --task recall --context 256 --set lr=1e-3\n"
+                "  nlc train specs/titans.yaml --task mqar:pairs=32,queries=16 --context 256 --lr-schedule cosine --warmup 50\n"
+                "  nlc train --task help   (the tasks and their options)\n"
+                "  nlc train specs/titans.yaml --data input.txt --steps 2000 --out runs/titans-text\n"
+                "  nlc train specs/titans.yaml --data input.txt --steps 4000 --out runs/titans-text --resume\n"
+                "  torchrun --nproc_per_node 2 -m nlc.runtime.cli train specs/titans.yaml --batch 32   (data-parallel)")
+EXIT_DIVERGED = 3
+
+
+def train(**given):
     """Train the compiled model of a spec with the optimizer the spec names. Logs a line every
     --log-every steps, evaluates every --eval-every steps, saves a checkpoint (DIR/ckpt-STEP.safetensors
     and .json, atomically; the newest --keep are kept) every --save-every steps and at the end;
     Ctrl-C saves before it exits. Under torchrun it trains data-parallel (DDP: gloo on CPU, NCCL on
     CUDA): each process takes its share of each batch, and process 0 logs, evaluates and saves."""
     from pydantic import ValidationError
-    from nlc.runtime.train import TrainError, resolve, train as _train
-    given = dict(data=data, task=task, steps=steps, batch=batch, context=context, out=out, seed=seed,
-                 device=device, lr_schedule=lr_schedule, warmup=warmup, log_every=log_every, eval_every=eval_every,
-                 save_every=save_every, keep=keep, clip=clip, sets=tuple(sets) or None, init=init)
-    explicit = {"spec": spec, "resume": resume, "compile": compile, **{k: v for k, v in given.items() if v is not None}}
+    from nlc.runtime.progress import Console
+    from nlc.runtime.train import Diverged, TrainError, resolve, train as _train
+    # the options given (a flag's False is given too: --resume, --compile are never a checkpoint's)
+    explicit = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()
+                if v is not None and v != []}
     try:
         cfg = resolve(explicit)
     except ValidationError as e:  # a setting out of its range, e.g. --steps 0
         err = e.errors()[0]
-        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg'][0].lower() + err['msg'][1:]}")
+        _fail(f"--{_flag(str(err['loc'][0]))}: {err['msg'][0].lower() + err['msg'][1:]}")
     except TrainError as e:
         _fail(str(e))
     _, oom = _run_errors()
+    console = Console()      # on a terminal, a progress bar under the log lines
     try:
-        summary = _train(cfg)
+        summary = _train(cfg, log=console.log, progress=console.step)
+    except Diverged as e:
+        console.close()
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_DIVERGED)
     except TrainError as e:
+        console.close()
         _fail(str(e))
     except oom:
+        console.close()
         _fail("out of memory: lower --batch or --context, or train a smaller model (--set model.d_model=...)")
     except OSError as e:
+        console.close()
         _fail(f"cannot write the run's files: {e.strerror or e}")
+    console.close()
     if summary["interrupted"]:
         raise typer.Exit(130)
+
+
+def _flag(field: str) -> str:
+    """The option of a TrainConfig field, without its dashes (`sets`: `set`)."""
+    from nlc.runtime.train import TrainConfig
+    how = (TrainConfig.model_fields[field].json_schema_extra or {}).get("cli", {}) if field in TrainConfig.model_fields else {}
+    return how.get("flag", "--" + field.replace("_", "-"))[2:]
+
+
+def _train_signature():
+    """`nlc train`'s parameters, one per TrainConfig field (its description the help, `{default}` its
+    default): the options are declared once, in runtime/train.py. Every option defaults to None (or
+    False, [] for a flag or --set), so that `resolve` can tell the given ones from the checkpoint's."""
+    import inspect
+    import typing
+
+    from nlc.runtime.train import TrainConfig
+    params, hints = [], {}
+    for name, field in TrainConfig.model_fields.items():
+        how = (field.json_schema_extra or {}).get("cli", {})
+        if not how.get("cli", True):
+            continue
+        text = field.description.format(default=field.default)
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is typing.Literal:
+            kind = str
+        if name == "spec":
+            info, hint = typer.Argument(..., help=text), kind
+        elif kind is bool:
+            info, hint = typer.Option(False, how.get("flag", f"--{name.replace('_', '-')}"), help=text), bool
+        elif typing.get_origin(kind) is tuple:
+            info, hint = typer.Option([], how["flag"], metavar=how.get("metavar"), help=text), List[str]
+        else:
+            extra = dict(is_eager=True, callback=lambda value: _task_help(value)) if how.get("eager") else {}
+            info = typer.Option(None, how.get("flag", f"--{name.replace('_', '-')}"), metavar=how.get("metavar"),
+                                help=text, **extra)
+            hint = Optional[kind]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint))
+        hints[name] = hint
+    return inspect.Signature(params), hints
+
+
+train.__signature__, train.__annotations__ = _train_signature()
+app.command(epilog=TRAIN_EPILOG)(train)
 
 
 @app.command(epilog="\b\nExamples:\n  nlc verify specs/gated_deltanet.yaml\n  nlc verify specs/titans.nl --backend torch --tokens 40")

@@ -4,7 +4,9 @@ The run reads top to bottom (`train`, its body `_train`): settings, the spec (wi
 and checked again: `nlc.runtime.overrides`), the data, the model and its optimizer, the run
 directory (written to and locked before anything is computed: `checkpoint.claim`), maybe the
 checkpoint to resume, then the loop: occasionally evaluate and save, then one step (forward,
-backward, optimizer), then log.
+backward, a check that the loss and the gradient are finite: `nlc.runtime.diverge`, optimizer),
+then log (and report the step to a progress bar: `nlc.runtime.progress`; to TensorBoard:
+`nlc.runtime.board`); at the end, curves.png (`nlc.runtime.curves`) and the summary.
 
 Each batch is a pure function of (seed, step) (`nlc.runtime.data`, `nlc.runtime.tasks`), the
 model is initialised from the seed, the learning rate is a function of the step
@@ -17,10 +19,8 @@ rank 0 logs, evaluates and saves.
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 # (benchmarks/studies import load_spec and parse_sets from here too)
 from nlc.runtime.overrides import check_hyper_sets, load_spec, parse_sets
+from nlc.runtime.stop import stop_requests
 
 DEFAULT_OPTIMIZER = "adamw"
 
@@ -36,34 +37,66 @@ class TrainError(Exception):
     """A mistake in how a run was asked for (not in a spec): the CLI prints it and exits 2."""
 
 
+class Diverged(TrainError):
+    """The loss, a gradient or a weight became NaN or infinite: the run stops, keeping its last (finite)
+    checkpoint; the message names the step and the first bad tensor. The CLI exits 3."""
+
+
+def _cli(**how) -> dict:
+    """How a setting appears in `nlc train` (runtime/cli.py builds the command from these fields):
+    `flag`, `metavar`, `cli=False` for none."""
+    return {"json_schema_extra": {"cli": how}}
+
+
 class TrainConfig(BaseModel):
-    """The settings of a run. On `--resume`, settings not given again come from the checkpoint."""
+    """The settings of a run. On `--resume`, settings not given again come from the checkpoint.
+
+    The one list of `nlc train`'s options: each field is an option named after it (`log_every`:
+    `--log-every`) whose help is the field's description, `{default}` standing for its default."""
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    spec: Path = Field(description="the model spec file")
-    data: Path | None = Field(None, description="a text file or a folder of them, read as bytes; None: a synthetic task")
-    task: str = Field("copy", description="the synthetic task without data: `name` or `name:key=value,...` "
-                                          "(`resolve` refuses one given with data)")
-    steps: PositiveInt = Field(200, description="optimizer steps in all (a resumed run continues up to this step)")
-    batch: PositiveInt = Field(16, description="sequences per step (under torchrun, split over the processes)")
-    context: PositiveInt = Field(64, description="tokens per sequence")
-    out: Path | None = Field(None, description="the run's directory; default runs/<spec file name>")
-    resume: bool = Field(False, description="continue from the checkpoint in `out`")
-    sets: tuple[str, ...] = Field((), description="`--set` overrides: `path.to.key=value` (spec) or `name=value` (optimizer)")
-    seed: int = Field(0, description="seeds the model's initialisation and the data")
-    device: str = Field("auto", description="`cpu`, `cuda`, `cuda:1`...; `auto`: cuda when available")
-    log_every: PositiveInt = Field(10, description="steps between log lines")
-    eval_every: PositiveInt = Field(100, description="steps between evaluations")
-    eval_batches: PositiveInt = Field(4, description="validation batches per evaluation")
-    save_every: PositiveInt = Field(100, description="steps between checkpoints (and at the end, and on Ctrl-C)")
-    keep: PositiveInt = Field(3, description="how many checkpoints to keep, the newest")
-    clip: float = Field(1.0, ge=0, allow_inf_nan=False, description="gradient norm clipping; 0: none")
-    lr_schedule: Literal["constant", "cosine", "wsd"] = Field("constant", description="the learning rate's schedule")
-    warmup: NonNegativeInt = Field(0, description="steps of linear warmup of the learning rate")
-    init: Path | None = Field(None, description="initial weights: a safetensors file named as the model's "
-                                               "tensors, or a run or checkpoint (its model); the rest from the seed")
-    compile: bool = Field(False, description="run the model's hot loops under torch.compile (eager, with a "
-                                             "warning, where no C++ compiler is found)")
+    spec: Path = Field(description="a model spec file")
+    data: Path | None = Field(None, description="a text file, or a folder of them (concatenated in sorted path "
+                                                "order), read as bytes (vocab 256), split 90/10 into train/val; "
+                                                "without it a synthetic task (not both)")
+    task: str = Field("copy", description="synthetic task: copy (default), recall, mqar, niah, parity, anbn, with "
+                                          "options (mqar:pairs=32,queries=16); `--task help` lists them; an error "
+                                          "with --data", **_cli(metavar="NAME[:KEY=VALUE,...]", eager=True))
+    steps: PositiveInt = Field(200, description="optimizer steps in all [{default}]")
+    batch: PositiveInt = Field(16, description="sequences per step [{default}]; under torchrun the global batch, a "
+                                               "multiple of the processes, split among them")
+    context: PositiveInt = Field(64, description="tokens per sequence [{default}]")
+    out: Path | None = Field(None, description="the run's directory, created and locked for the run "
+                                               "[runs/<spec file name>]")
+    resume: bool = Field(False, description="continue from the newest checkpoint in --out; settings not given "
+                                            "again are the checkpoint's")
+    sets: tuple[str, ...] = Field((), description="override: `name=value` an optimizer hyperparameter (lr=1e-3), "
+                                                  "`path.key=value` the spec (model.d_model=64); repeatable",
+                                  **_cli(flag="--set", metavar="KEY=VALUE"))
+    seed: int = Field(0, description="seeds the initialisation and the data [{default}]")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto [{default}]; under torchrun cuda puts each "
+                                            "process on cuda:LOCAL_RANK")
+    lr_schedule: Literal["constant", "cosine", "wsd"] = Field(
+        "constant", description="the learning rate's schedule: constant [default]; cosine (to 0 at --steps); wsd "
+                                "(warmup, stable, then a linear decay to 0 over the last 20% of the steps)",
+        **_cli(metavar="constant|cosine|wsd"))
+    warmup: NonNegativeInt = Field(0, description="steps of linear warmup of the learning rate [{default}]")
+    log_every: PositiveInt = Field(10, description="steps between log lines [{default}]")
+    eval_every: PositiveInt = Field(100, description="steps between evaluations (loss and accuracy on the "
+                                                     "validation split) [{default}]")
+    save_every: PositiveInt = Field(100, description="steps between checkpoints [{default}]")
+    keep: PositiveInt = Field(3, description="checkpoints to keep, the newest [{default}]")
+    clip: float = Field(1.0, ge=0, allow_inf_nan=False, description="gradient norm clipping, 0 for none [{default}]")
+    init: Path | None = Field(None, description="start from these weights: a safetensors file named as the model's "
+                                                "tensors, or another run or checkpoint (its model); tensors it lacks "
+                                                "keep the seed's initialisation")
+    compile: bool = Field(False, description="run the model's hot loops (Hope's generator scan) under "
+                                             "torch.compile: compiled once, cached; eager, with a warning, without "
+                                             "a C++ compiler")
+    tensorboard: bool = Field(False, description="also log the scalars (loss, lr, tokens/s, eval loss and "
+                                                 "accuracy) for TensorBoard, in OUT/tensorboard; needs `pip "
+                                                 "install tensorboard`")
+    eval_batches: PositiveInt = Field(4, description="validation batches per evaluation", **_cli(cli=False))
 
     # what a resumed run takes from its checkpoint unless given again
     RESUMED: ClassVar[tuple[str, ...]] = ("data", "task", "steps", "batch", "context", "sets", "seed", "log_every",
@@ -73,30 +106,6 @@ class TrainConfig(BaseModel):
     @property
     def run_dir(self) -> Path:
         return self.out if self.out is not None else Path("runs") / self.spec.stem
-
-
-# ---------------------------------------------------------------- Ctrl-C
-
-@contextmanager
-def stop_requests(log: Callable[[str], None]):
-    """The first Ctrl-C (or SIGTERM) asks the loop to stop after the current step and save; a
-    second Ctrl-C interrupts at once. `flag["stop"]` says whether a stop was asked for."""
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag["stop"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        log("interrupted: finishing this step and saving (Ctrl-C again to quit at once)")
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 # ---------------------------------------------------------------- the run
@@ -123,13 +132,15 @@ def resolve(explicit: dict) -> TrainConfig:
     return TrainConfig(**{**explicit, **merged})
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
-    """Train as `cfg` says; returns a summary (losses first and last, steps, time, checkpoint)."""
+def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flush=True),
+          progress: Callable[[int, int, float, int], None] | None = None) -> dict:
+    """Train as `cfg` says; returns a summary (this run's first and final losses, steps, tokens,
+    time, checkpoint). `progress(step, steps, loss, tokens)` hears of every step (a progress bar)."""
     with ExitStack() as held:       # the run directory's lock (`checkpoint.claim`), held until the run ends
-        return _train(cfg, log, held)
+        return _train(cfg, log, progress, held)
 
 
-def _train(cfg: TrainConfig, log: Callable[[str], None], held: ExitStack) -> dict:
+def _train(cfg: TrainConfig, log: Callable[[str], None], progress, held: ExitStack) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -137,11 +148,16 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], held: ExitStack) -> dic
     from nlc import spec as S
     from nlc.backends.torch.codegen import Unsupported
     from nlc.backends.torch.optim import _load as load_optimizer, compile_optimizer, optimizer_of
-    from nlc.runtime import checkpoint, distributed, schedule
+    from nlc.runtime import board, checkpoint, curves, distributed, diverge, schedule
     from nlc.runtime.data import IGNORE, DataError, correct, make_data
 
     world = distributed.world()                # torchrun's processes; one without it
     log = log if world.main else (lambda s: None)
+    progress = progress if world.main else None
+    try:                                       # --tensorboard without TensorBoard: refused before any work
+        tb_writer = board.writer_class() if cfg.tensorboard and world.main else None
+    except ImportError as e:
+        raise TrainError(str(e)) from None
 
     # -- the spec, with --set applied, checked like a file
     cmdline, sets = parse_sets(cfg.sets)
@@ -212,9 +228,9 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], held: ExitStack) -> dic
     start = step
     if start >= cfg.steps:
         log(f"nothing to do: the checkpoint in {out} is at step {start}, and --steps is {cfg.steps}")
-        return {"step": step, "steps": cfg.steps, "interrupted": False, "seconds": 0.0, "first_loss": None,
-                "last_loss": None, "first_val": None, "last_val": None, "checkpoint": checkpoint.latest(out),
-                "floor": data.floor}
+        return {"step": step, "steps": cfg.steps, "interrupted": False, "seconds": 0.0, "start": start,
+                "first_loss": None, "last_loss": None, "tokens": 0, "tokens_per_s": None, "first_val": None,
+                "last_val": None, "checkpoint": checkpoint.latest(out), "floor": data.floor}
 
     log(f"train `{spec.name}`: {n_params:,} parameters, {spec.model.layers} layers, d_model {spec.model.d_model}, "
         f"optimizer `{opt_spec.name}` ({', '.join(f'{k}={v}' for k, v in {**opt_spec.hyper, **hyper}.items())})")
@@ -246,7 +262,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], held: ExitStack) -> dic
         bad = checkpoint.non_finite(state, opt_state)
         if bad:   # never over the last good checkpoint
             kept = checkpoint.latest(out)
-            raise TrainError(f"step {step}: {bad}: training diverged (lower the learning rate, e.g. "
+            raise Diverged(f"step {step}: {bad}: training diverged (lower the learning rate, e.g. "
                              f"--set lr=...); nothing saved, "
                              + (f"the last checkpoint ({kept}) is kept" if kept else "and no checkpoint before"))
         ck = checkpoint.Checkpoint(step=step, model=state, optimizer=opt_state,
@@ -256,8 +272,17 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], held: ExitStack) -> dic
 
     # -- the loop: evaluate and save now and then, step, log
     evaluated = {r["step"] for r in history if "val_loss" in r}
+    tb = board.Board(out, tb_writer) if tb_writer else None
+    if tb:
+        held.callback(tb.close)
+
+    def record(r: dict) -> None:     # a line of the run's history (metrics.jsonl), and TensorBoard's
+        history.append(r)
+        if tb:
+            tb.record(r)
+
     t_start = t_log = time.perf_counter()
-    tokens, steps_since_log, path = 0, 0, None
+    tokens, steps_since_log, path, all_tokens, first_loss, loss = 0, 0, None, 0, None, None
     with stop_requests(log) as flag:
         while True:
             last, stop = step >= cfg.steps, distributed.anyone(flag["stop"], world, device)
@@ -266,7 +291,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], held: ExitStack) -> dic
                 evaluated.add(step)
                 if world.main:
                     val, acc = evaluate()
-                    history.append({"step": step, "val_loss": val, "val_acc": acc})
+                    record({"step": step, "val_loss": val, "val_acc": acc})
                     log(f"step {step:>6}/{cfg.steps} | val loss {val:.4f} | acc {acc:.4f}"
                         + (f" (loss without memory: {data.floor:.4f})" if data.floor else ""))
                 distributed.barrier(world)
@@ -281,47 +306,61 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], held: ExitStack) -> dic
             x, y = data.batch("train", step, cfg.batch)
             xs, ys, counted = distributed.shard(x, y, world)   # this rank's rows (all of them in one process)
             try:   # the global batch's mean loss (under torchrun, this rank's share of it)
-                loss = loss_of(net(xs.to(device))[0], ys, "sum") / counted
+                logits, states = net(xs.to(device))[:2]
+                loss = loss_of(logits, ys, "sum") / counted
             except ValueError as e:  # an op's precondition, such as a retention gate that reached 0
-                raise TrainError(f"step {step + 1}: {e}. The run has probably diverged (try a lower learning "
-                                 f"rate: --set lr=...); the last checkpoint is kept") from None
+                raise Diverged(f"step {step + 1}: {e}. The run has probably diverged (try a lower learning "
+                               f"rate: --set lr=...); {diverge.culprit(model) or 'every parameter is finite'}; "
+                               f"the last checkpoint is kept") from None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-            if not math.isfinite(norm.item()):  # before the step: a NaN gradient never reaches the parameters
-                raise TrainError(f"the gradient is {norm.item()} at step {step + 1} (loss {loss.item():.4g}): training "
-                                 f"diverged (lower the learning rate, e.g. --set lr=...); the last checkpoint is kept")
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf).item()
+            # before the optimizer step: a NaN loss or gradient never reaches the parameters (every rank agrees)
+            if distributed.anyone(not (math.isfinite(norm) and math.isfinite(loss.item())), world, device):
+                bad = diverge.culprit(model, states, rerun=lambda: model(xs.to(device)))
+                raise Diverged(diverge.message(step + 1, loss.item(), norm, bad,
+                                               checkpoint.latest(out) if world.main else None))
             schedule.apply(optimizer, base_lr, cfg.lr_schedule, step, cfg.steps, cfg.warmup)   # a function of the step
             optimizer.step()
             step += 1
             tokens += x.numel()
+            all_tokens += x.numel()
             steps_since_log += 1
+            if progress:
+                progress(step, cfg.steps, loss.item(), x.numel())   # (under torchrun rank 0's estimate)
 
             if step % cfg.log_every == 0 or step == start + 1:
                 lossf = distributed.mean(loss, world)
+                first_loss = lossf if step == start + 1 else first_loss
                 now = time.perf_counter()
                 lr_now = optimizer.param_groups[0].get("lr")      # the learning rate of this step
-                history.append({"step": step, "loss": lossf, "lr": lr_now, "tokens_per_s": tokens / (now - t_log)})
+                record({"step": step, "loss": lossf, "lr": lr_now, "tokens_per_s": tokens / (now - t_log)})
                 log(f"step {step:>6}/{cfg.steps} | loss {lossf:.4f} | " + (f"lr {lr_now:.3g} | " if lr_now else "")
                     + f"{tokens / (now - t_log):,.0f} tok/s | {1000 * (now - t_log) / steps_since_log:.1f} ms/step")
                 t_log, tokens, steps_since_log = now, 0, 0
-                if not math.isfinite(lossf):
-                    raise TrainError(f"the loss is {lossf} at step {step}: training diverged (lower the "
-                                     f"learning rate, e.g. --set lr=...); the last checkpoint is kept")
 
     stopped = stop and not last
     elapsed = time.perf_counter() - t_start
-    train_losses = [r["loss"] for r in history if r.get("loss") is not None]   # None: not finite, in a checkpoint
-    val_losses = [r["val_loss"] for r in history if r.get("val_loss") is not None]
-    summary = {"step": step, "steps": cfg.steps, "interrupted": stopped, "seconds": elapsed,
-               "first_loss": train_losses[0] if train_losses else None,
-               "last_loss": train_losses[-1] if train_losses else None,
-               "first_val": val_losses[0] if val_losses else None, "last_val": val_losses[-1] if val_losses else None,
+    final_loss = distributed.mean(loss, world) if loss is not None else None   # the last step's, logged or not
+    if world.main:
+        try:
+            curves.write(history, out)
+        except ImportError:       # matplotlib is a dependency; a broken install loses the plot, not the run
+            log(f"note: no {curves.CURVES}: matplotlib does not import")
+    # this run's numbers (a resumed run's from its first step on, not the checkpoint's history)
+    vals = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None and r["step"] >= start]
+    summary = {"step": step, "steps": cfg.steps, "interrupted": stopped, "seconds": elapsed, "start": start,
+               "first_loss": first_loss, "last_loss": final_loss, "tokens": all_tokens,
+               "tokens_per_s": all_tokens / elapsed if elapsed > 0 else None,
+               "first_val": vals[0][1] if vals else None, "last_val": vals[-1][1] if vals else None,
                "checkpoint": path, "floor": data.floor}
     what = "interrupted" if stopped else "done"
-    log(f"{what}: step {step}/{cfg.steps} ({step - start} steps in {elapsed:.1f} s); "
-        + (f"train loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; " if train_losses else "")
-        + (f"val loss {summary['first_val']:.4f} -> {summary['last_val']:.4f}; " if val_losses else "")
+    log(f"{what}: step {step}/{cfg.steps} ({step - start} steps, {all_tokens:,} tokens in {elapsed:.1f} s, "
+        f"{summary['tokens_per_s'] or 0:,.0f} tok/s); "
+        + (f"train loss {first_loss:.4f} (step {start + 1}) -> {final_loss:.4f} (step {step}); "
+           if first_loss is not None and final_loss is not None else "")
+        + (f"val loss {vals[0][1]:.4f} (step {vals[0][0]}) -> {vals[-1][1]:.4f} (step {vals[-1][0]}); "
+           if vals else "")
         + f"checkpoint {path}" + ("; continue with --resume" if stopped else ""))
     return summary
 

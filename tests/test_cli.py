@@ -112,7 +112,7 @@ def test_train_out_of_memory_exits_2(tmp_path, monkeypatch):
     from nlc.runtime import train as T
     from nlc.runtime.cli import app
 
-    def oom(cfg, log=None):
+    def oom(cfg, log=None, progress=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(T, "train", oom)
     r = CliRunner().invoke(app, ["train", str(ROOT / "specs/transformer.yaml"), "--out", str(tmp_path / "run")])
