@@ -4,7 +4,9 @@ A Transformer trains on the text corpus; its MLP of each layer initialises every
 that layer in Hope (and its embedding, final norm and head initialise Hope's: the shapes match
 at the same width), written as a safetensors file that `nlc train --init` loads. That Hope then
 trains; a Hope from scratch trains for the same total compute (the Transformer's wall time
-converted into Hope steps at Hope's measured speed). Both are scored on the validation split.
+converted into Hope steps at Hope's measured speed). A control, Hope from scratch for the same
+steps as the transplanted one, separates what the transplant gives from what the extra steps give.
+All are scored on the validation split.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def run(cfg: dict, log) -> dict:
         per_step = h.seconds / cfg["hope_steps"]
         extra = round(t.seconds / per_step)
         s = train(hv, steps=cfg["hope_steps"] + extra, seed=seed, **common)
+        same = train(hv, steps=cfg["hope_steps"], seed=seed, **common)
         row = dict(seed=seed, transformer_seconds=t.seconds, hope_seconds_per_step=per_step,
                    scratch_steps=cfg["hope_steps"] + extra,
                    transformer=score(t.model, data=path, context=cfg["context"], batches=cfg["batches"],
@@ -65,9 +68,12 @@ def run(cfg: dict, log) -> dict:
                                       batch=cfg["batch"], seed=seed)["loss"],
                    scratch=score(s.model, data=path, context=cfg["context"], batches=cfg["batches"],
                                  batch=cfg["batch"], seed=seed)["loss"],
+                   scratch_same_steps=score(same.model, data=path, context=cfg["context"], batches=cfg["batches"],
+                                            batch=cfg["batch"], seed=seed)["loss"],
                    transformer_params=t.params, hope_params=h.params)
         log(f"transplant seed {seed}: transformer {row['transformer']:.4f}, hope from it {row['transplanted']:.4f} "
-            f"({cfg['hope_steps']} steps), hope from scratch {row['scratch']:.4f} ({row['scratch_steps']} steps)")
+            f"({cfg['hope_steps']} steps), hope from scratch {row['scratch']:.4f} ({row['scratch_steps']} steps), "
+            f"{row['scratch_same_steps']:.4f} ({cfg['hope_steps']} steps)")
         rows.append(row)
     return {"rows": rows}
 
@@ -79,23 +85,33 @@ def report(result: dict) -> str:
              f"{cfg['layers']} layer(s), d_model 64 for both. The Transformer ({r0['transformer_params']:,} "
              f"parameters) trains {cfg['transformer_steps']} steps; its tensors initialise Hope "
              f"({r0['hope_params']:,} parameters), which trains {cfg['hope_steps']} steps. Hope from scratch "
-             f"trains the same steps plus the Transformer's wall time in Hope steps.", "",
-             "| seed | Transformer | Hope from the Transformer | Hope from scratch (steps) | difference |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
+             f"trains the same steps plus the Transformer's wall time in Hope steps (equal compute); the "
+             f"control trains from scratch for the transplanted Hope's {cfg['hope_steps']} steps.", "",
+             "| seed | Transformer | Hope from the Transformer | from scratch, equal compute (steps) | difference "
+             "| from scratch, equal steps | difference |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        same = r.get("scratch_same_steps")
+        control = ("| | |" if same is None else f"| {same:.4f} | {r['transplanted'] - same:+.4f} |")
         lines.append(f"| {r['seed']} | {r['transformer']:.4f} | {r['transplanted']:.4f} | "
-                     f"{r['scratch']:.4f} ({r['scratch_steps']}) | {r['transplanted'] - r['scratch']:+.4f} |")
+                     f"{r['scratch']:.4f} ({r['scratch_steps']}) | {r['transplanted'] - r['scratch']:+.4f} " + control)
     held = all(r["transplanted"] < r["scratch"] for r in rows)
     lines += ["", f"**Verdict** (criterion: the transplanted Hope has the lower validation loss at equal "
                   f"compute, every seed): {'holds' if held else 'does not hold'} at this scale."]
+    if all("scratch_same_steps" in r for r in rows):
+        helps = all(r["transplanted"] < r["scratch_same_steps"] for r in rows)
+        lines.append(f"At equal steps (the control) the transplant {'helps' if helps else 'does not help'}: "
+                     f"the initialisation itself is {'worth' if helps else 'not worth'} something here, "
+                     f"whatever its cost in Transformer training.")
     return "\n".join(lines)
 
 
 def plot(result: dict, plt):
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    labels = ["transformer", "transplanted", "scratch"]
-    ax.bar(labels, [sum(r[k] for r in rows) / len(rows) for k in labels], color=["gray", "tab:green", "tab:blue"])
+    labels = ["transformer", "transplanted", "scratch"] + (["scratch_same_steps"] if "scratch_same_steps" in rows[0] else [])
+    ax.bar([lb.replace("_same_steps", "\n(same steps)") for lb in labels],
+           [sum(r[k] for r in rows) / len(rows) for k in labels], color=["gray", "tab:green", "tab:blue", "tab:cyan"][:len(labels)])
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_ylim(min(sum(r[k] for r in rows) / len(rows) for k in labels) - 0.1, None)
     ax.set_title("Hope's CMS from a Transformer")
