@@ -155,6 +155,9 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
 # the shared core
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 def _run(q, k, w, a, log_a, b, scale, initial_state, output_final_state, mode, chunk_size,
          u=None, e=None, backend="torch"):
     """Run the family. ``a`` or ``log_a`` (or neither: a = 1) gives retention, ``a`` ``[B, T, H]``
@@ -165,12 +168,19 @@ def _run(q, k, w, a, log_a, b, scale, initial_state, output_final_state, mode, c
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     dtype = torch.promote_types(dtype, torch.float32)
-    q, k, w, a, log_a, b, u, e, h0 = (None if t is None else t.to(dtype)
-                                      for t in (q, k, w, a, log_a, b, u, e, initial_state))
+    dplr = u is not None or (a is not None and a.dim() == 4)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    # 16-bit q, k, w reach the Triton kernels as they are (16-bit operands, float32 accumulation);
+    # everything else, and every torch path, computes in float32 or wider
+    half = q.dtype if (backend == "triton" and mode == "chunk" and not dplr and q.dtype in HALF
+                       and k.dtype == q.dtype) else None
+    k16, w16 = k, w
+    q, k, w, a, log_a, b, u, e, h0 = (None if t is None else t.to(dtype)
+                                      for t in (q, k, w, a, log_a, b, u, e, initial_state))
     q = q * scale
-    dplr = u is not None or (a is not None and a.dim() == 4)
+    if half is not None:                  # q scaled (and a write such as beta v formed) in float32, rounded once
+        q, k, w = q.to(half), k16, w16.to(half)
     if mode == "recurrent":
         if a is None and log_a is not None:
             a = log_a.exp()

@@ -45,35 +45,47 @@ def chunk_generalized_delta(q, k, w, log_a, b, h0, chunk_size):
     return _DeltaChunk.apply(q, k, w, log_a, b, h0, int(chunk_size))
 
 
-def launch(K: int, V: int, chunk_size: int, dtype) -> dict:
-    """Per kernel, its tile constants and num_stages: {kernel name: (constexpr dict, stages)}.
+def launch(K: int, V: int, chunk_size: int, dtype, interpret: bool = False) -> dict:
+    """Per kernel, its tile constants, num_stages and num_warps: {kernel name: (constexpr dict,
+    stages, warps)}. Warps as measured on an H100 (T = 8192, K = V = 128): 8 for every kernel but
+    the sequential forward state pass, which was faster at 4.
 
     The value dimension is split into blocks of BVS columns (the state passes' and the output's
     grid, the per-chunk backward's loop): at K = V = 128 in float32 tiles the full tiles would
     need about 420 KB of shared memory, an H100 has 227 KB. The sizes here keep every kernel
-    under that at K, V <= 128 (tests/backends/test_triton_sm90.py compiles them for sm_90)."""
+    under that at K, V <= 128 (tests/backends/test_triton_sm90.py compiles them for sm_90).
+
+    DT is the operand type of the products of the inputs themselves (q k^T, k k^T, P^T do, ...):
+    the inputs' own type, 16-bit when they are, with float32 accumulation. Under Triton's
+    interpreter it is the accumulation type: the interpreter's tl.dot multiplies bfloat16 as the
+    raw bits (triton 3.7), so there the 16-bit path's products run in float32."""
     import triton.language as tl
     BK, BV = _pow2(K), _pow2(V)
-    base = dict(BC=min(64, _pow2(chunk_size)), BK=BK, BV=BV,
-                ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-                PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32")
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    base = dict(BC=min(64, _pow2(chunk_size)), BK=BK, BV=BV, ACC=acc,
+                PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+                DT=acc if interpret else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, acc))
     bvs = min(BV, 32 if BK >= 128 else 64)
     split = dict(base, BV=bvs)
-    return {"delta_prep": (base, 1), "delta_state_fwd": (split, 2), "delta_out": (split, 1),
-            "delta_state_bwd": (split, 2), "delta_chunk_bwd": (split, 1)}
+    state = dict(split, BKS=BK // 2 if BK >= 128 else BK)     # the state passes hold h in two halves
+    # the forward pass at 16 columns: half the spills of 32 (ptxas, sm_90), twice the programs
+    fwd = dict(state, BV=min(BV, 16 if BK >= 128 else 64))
+    return {"delta_prep": (split, 1, 8), "delta_state_fwd": (fwd, 2, 4), "delta_out": (split, 1, 8),
+            "delta_state_bwd": (state, 2, 8), "delta_chunk_bwd": (split, 1, 8)}
 
 
 def _config(q, w, chunk_size):
     B, T, H, K = q.shape
     V = w.shape[-1]
-    cfg = launch(K, V, chunk_size, q.dtype)
+    cfg = launch(K, V, chunk_size, q.dtype, interpret=not q.is_cuda)
     N = -(-T // cfg["delta_prep"][0]["BC"])
     return B, T, H, K, V, N, cfg
 
 
-def _go(mod, cfg, name, grid, *args, **flags):
-    meta, stages = cfg[name]
-    getattr(mod, name)[grid](*args, **flags, **meta, num_stages=stages)
+def _go(mod, cfg, name, grid, *args, num_warps=None, **flags):
+    """Launch kernel ``name`` with its configuration (``num_warps`` overrides its warps)."""
+    meta, stages, warps = cfg[name]
+    getattr(mod, name)[grid](*args, **flags, **meta, num_stages=stages, num_warps=num_warps or warps)
 
 
 class _DeltaChunk(torch.autograd.Function):
@@ -86,7 +98,6 @@ class _DeltaChunk(torch.autograd.Function):
         B, T, H, K, V, N, cfg = _config(q, w, chunk_size)
         BC = cfg["delta_prep"][0]["BC"]
         NT = N * BC
-        nv = -(-V // cfg["delta_out"][0]["BV"])
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         mod = kernels(log_a is not None, b is not None, not q.is_cuda)
         dummy = q.new_zeros(1)
@@ -102,9 +113,10 @@ class _DeltaChunk(torch.autograd.Function):
             _go(mod, cfg, "delta_prep", (N, B * H), k, w, la_, b_, u, wk, tm, T, H, K, V, NT)
         else:
             u = wk = tm = dummy
-        _go(mod, cfg, "delta_state_fwd", (B * H, nv), k, w, la_, u, wk, z, dummy if h0 is None else h0,
-            hs, hT, T, H, K, V, N, NT, HAS_H0=h0 is not None)
-        _go(mod, cfg, "delta_out", (N, B * H, nv), q, k, la_, z, hs, o, T, H, K, V, N, NT)
+        nv = {name: -(-V // cfg[name][0]["BV"]) for name in ("delta_state_fwd", "delta_out")}
+        _go(mod, cfg, "delta_state_fwd", (B * H, nv["delta_state_fwd"]), k, w, la_, u, wk, z,
+            dummy if h0 is None else h0, hs, hT, T, H, K, V, N, NT, HAS_H0=h0 is not None)
+        _go(mod, cfg, "delta_out", (N, B * H, nv["delta_out"]), q, k, la_, z, hs, o, T, H, K, V, N, NT)
         ctx.save_for_backward(q, k, log_a, b, u, wk, tm, z, hs)
         ctx.meta = (chunk_size, h0 is not None, w.dtype, None if h0 is None else h0.dtype,
                     None if log_a is None else log_a.dtype, None if b is None else b.dtype)
@@ -131,7 +143,8 @@ class _DeltaChunk(torch.autograd.Function):
         dw = q.new_empty(B, T, H, V, dtype=acc)
         dla = q.new_empty(B, T, H, dtype=acc) if log_a is not None else dummy
         db = q.new_empty(B, T, H, dtype=acc) if b is not None else dummy
-        _go(mod, cfg, "delta_chunk_bwd", (N, B * H), q, k, la_, b_, u, wk, tm, z, hs, dhs, do,
+        dz = q.new_empty(B * H, NT, V, dtype=acc) if b is not None else dummy
+        _go(mod, cfg, "delta_chunk_bwd", (N, B * H), q, k, la_, b_, u, wk, tm, z, hs, dhs, do, dz,
             dq, dk, dw, dla, db, T, H, K, V, N, NT)
         return (dq.to(q.dtype), dk.to(k.dtype), dw.to(w_dtype),
                 None if log_a is None else dla.to(la_dtype), None if b is None else db.to(b_dtype),

@@ -26,15 +26,16 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 def launch(K: int, V: int, dtype) -> dict:
     """Tile constants: the state passes split K and V (each key channel decays on its own), the
-    per-chunk kernels take the key channels BKS = 16 at a time (the 3-D intra-chunk product)."""
+    per-chunk kernels take the key channels BKS = 16 at a time (the 3-D intra-chunk product).
+    {kernel name: (constexpr dict, num_stages, num_warps)}, as ``delta.launch``."""
     import triton.language as tl
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     BK, BV = min(_pow2(K), 64), min(_pow2(V), 64)
     state = dict(BC=BC, BK=BK, BV=BV, ACC=acc, PREC=prec)
     chunk = dict(BC=BC, BKS=16, BV=BV, ACC=acc, PREC=prec)
-    return {"diag_state_fwd": (state, 2), "diag_state_bwd": (state, 2), "diag_out": (chunk, 1),
-            "diag_dw": (chunk, 1), "diag_dqk": (chunk, 1)}
+    return {"diag_state_fwd": (state, 2, 4), "diag_state_bwd": (state, 2, 4), "diag_out": (chunk, 1, 4),
+            "diag_dw": (chunk, 1, 4), "diag_dqk": (chunk, 1, 4)}
 
 
 def kernels(interpret: bool):
@@ -50,9 +51,9 @@ def chunk_diag_delta(q, k, w, log_a, h0):
     return _DiagChunk.apply(q, k, w, log_a, h0)
 
 
-def _go(mod, cfg, name, grid, *args, **flags):
-    meta, stages = cfg[name]
-    getattr(mod, name)[grid](*args, **flags, **meta, num_stages=stages)
+def _go(mod, cfg, name, grid, *args, num_warps=None, **flags):
+    meta, stages, warps = cfg[name]
+    getattr(mod, name)[grid](*args, **flags, **meta, num_stages=stages, num_warps=num_warps or warps)
 
 
 class _DiagChunk(torch.autograd.Function):

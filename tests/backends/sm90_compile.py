@@ -23,8 +23,15 @@ from nlc.backends.triton.plan import plan
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def compile_smem(fn, constexprs: dict, stages: int, warps: int = 4) -> int:
-    sig = {n: "constexpr" if n in constexprs else ("*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+INPUTS = {"q_ptr", "k_ptr", "w_ptr", "la_ptr", "b_ptr", "h0_ptr"}   # the caller's tensors, in its dtype
+
+
+def compile_smem(fn, constexprs: dict, stages: int, warps: int = 4, dtype=torch.float32) -> int:
+    """Shared memory of ``fn`` compiled for sm_90; the pointers named in INPUTS are of ``dtype``
+    (the generalized delta's inputs as its wrapper passes them), every other one float32."""
+    ty = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    sig = {n: "constexpr" if n in constexprs else ((ty if n in INPUTS else "*fp32") if n.endswith("_ptr") else "i32")
+           for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_stages": stages, "num_warps": warps}).metadata.shared
@@ -64,17 +71,19 @@ def main(everything: bool):
         variant = f"{spec}/{level}"
         if p.skeleton == "delta_chunk":   # at the benchmark's widest tiles, K = V = 128, both input dtypes
             for dtype in (torch.float32, torch.bfloat16)[:2 if everything else 1]:
-                for name, (meta, stages) in launch(128, 128, 64, dtype).items():
+                for name, (meta, stages, warps) in launch(128, 128, 64, dtype).items():
                     if hasattr(mod, name):
                         extra = {"delta_state_fwd": {"HAS_H0": True}, "delta_state_bwd": {"HAS_DHT": True}}.get(name, {})
                         print(json.dumps({"variant": f"{variant} {dtype}", "kernel": name,
-                                          "smem": compile_smem(getattr(mod, name), dict(meta, **extra), stages)}), flush=True)
+                                          "smem": compile_smem(getattr(mod, name), dict(meta, **extra), stages, warps,
+                                                               dtype)}), flush=True)
         elif p.skeleton == "diag_chunk":
             from nlc.backends.triton.diag import launch as diag_launch
-            for name, (meta, stages) in diag_launch(128, 128, torch.float32).items():
+            for name, (meta, stages, warps) in diag_launch(128, 128, torch.float32).items():
                 extra = {"diag_state_fwd": {"HAS_H0": True}, "diag_state_bwd": {"HAS_DHT": True}}.get(name, {})
                 print(json.dumps({"variant": variant, "kernel": name,
-                                  "smem": compile_smem(getattr(mod, name), dict(meta, **extra), stages)}), flush=True)
+                                  "smem": compile_smem(getattr(mod, name), dict(meta, **extra), stages, warps)}),
+                      flush=True)
         else:                              # at the spec's own sizes
             W = [torch.empty(1, 1, d_out, hidden), torch.empty(1, 1, hidden, D)]
             *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, chunk)

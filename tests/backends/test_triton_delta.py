@@ -48,6 +48,20 @@ def test_triton_equals_torch_float64(op):
         assert_rel(f"d{name}", g_t[name], g_r[name], 1e-10)
 
 
+@pytest.mark.parametrize("op", ["linear_attn", "delta_rule", "gated_delta_rule"])
+def test_wide_keys_and_values_at_chunk_64_float64(op):
+    """K = 72, V = 40 (with a 128-wide K the kernels take both in blocks of 32: three key blocks
+    and two value blocks, the last ones ragged) at chunk 64 (the blocked inverse merges 16 -> 32
+    -> 64), two chunks: every block loop and mask of the kernels against torch at 1e-10."""
+    x = dev(make_inputs(op, B=1, T=70, H=2, K=72, V=40, seed=11))
+    o_t, S_t, g_t = run_with_grads(op, x, chunk_size=64, backend="triton")
+    o_r, S_r, g_r = run_with_grads(op, x, chunk_size=64, backend="torch")
+    assert_rel("o", o_t, o_r, 1e-10)
+    assert_rel("final_state", S_t, S_r, 1e-10)
+    for name in x:
+        assert_rel(f"d{name}", g_t[name], g_r[name], 1e-10)
+
+
 def test_generalized_delta_without_erase_or_state():
     """a present, b absent (RetNet's form), no initial state; chunk 32 with T < one chunk."""
     gen = _generator("no-erase")
@@ -95,7 +109,7 @@ def test_triton_float32_against_float64_oracle(op):
 def test_unnormalised_keys_at_the_largest_chunk():
     """The triangular solve grows with the chunk when b ||k||^2 is large. Keys of norm up to 1.35
     and b up to 0.95 (b ||k||^2 < 1.75 < 2: the recurrence itself stays bounded) at chunk 64,
-    float32: the kernel's forward substitution keeps the issue's tolerances."""
+    float32: the kernel's blocked inverse keeps the issue's tolerances."""
     gen = _generator("unnormalised")
     B, T, H, K, V = 1, 70, 2, 16, 16
     q = torch.randn(B, T, H, K, generator=gen, dtype=torch.float64)
@@ -126,6 +140,70 @@ def test_bfloat16_inputs_stay_close_to_the_float32_reference():
     assert o_b.dtype == torch.bfloat16
     rmse = ((o_b.float() - o_r).square().mean().sqrt() / o_r.square().mean().sqrt()).item()
     assert rmse < 5e-3, f"bfloat16 relative RMSE {rmse:.2e}"
+
+
+@pytest.mark.parametrize("decay,erase", [(False, False), (True, True)])
+def test_bfloat16_core_stays_close_to_the_float32_core(decay, erase):
+    """The Triton core called with bfloat16 tensors (its 16-bit path: bfloat16 loads; on a GPU
+    the products of the inputs take bfloat16 operands and the rest TF32, under the interpreter
+    they run in float32, see delta.launch) against the torch core in float32 on the same values:
+    relative RMSE under 5e-3 for the output, the final state and every gradient."""
+    from nlc.backends.torch.chunk import chunk_generalized_delta as torch_core
+    from nlc.backends.triton.delta import chunk_generalized_delta as triton_core
+    gen = _generator("bf16-core", decay, erase)
+    B, T, H, K, V = 1, 50, 2, 40, 24
+    x = dict(q=torch.randn(B, T, H, K, generator=gen) * K ** -0.5,
+             k=F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1),
+             w=torch.randn(B, T, H, V, generator=gen),
+             h0=torch.randn(B, H, K, V, generator=gen))
+    if decay:
+        x["log_a"] = -0.2 * torch.rand(B, T, H, generator=gen)
+    if erase:
+        x["b"] = torch.rand(B, T, H, generator=gen)
+    xb = {n: t.bfloat16().float() for n, t in x.items()}          # the same values in both runs
+    do = torch.randn(B, T, H, V, generator=gen)
+    dS = torch.randn(B, H, K, V, generator=gen)
+    res = {}
+    for name, core, dtype in (("triton", triton_core, torch.bfloat16), ("torch", torch_core, torch.float32)):
+        leaves = {n: t.to(DEVICE, dtype).requires_grad_() for n, t in xb.items()}
+        o, S = core(leaves["q"], leaves["k"], leaves["w"], leaves.get("log_a"), leaves.get("b"), leaves["h0"], 32)
+        loss = (o.float() * do.to(DEVICE)).sum() + (S.float() * dS.to(DEVICE)).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        res[name] = [o, S, *grads]
+    names = ["o", "final_state", *(f"d{n}" for n in xb)]
+    for n, a, r in zip(names, res["triton"], res["torch"]):
+        a, r = a.float().cpu(), r.float().cpu()
+        rmse = ((a - r).square().mean().sqrt() / r.square().mean().sqrt()).item()
+        assert rmse < 5e-3, f"{n}: bfloat16 relative RMSE {rmse:.2e}"
+
+
+def test_ops_pass_16bit_inputs_to_the_kernels(monkeypatch):
+    """The ops hand bfloat16 q, k and the write (q scaled and beta v formed in float32, each rounded
+    once) to the Triton core in bfloat16, the rest in float32; the output and every gradient stay
+    within the bfloat16 bound of the float32 torch op on the same values (under the interpreter
+    the products run in float32; on a GPU in bfloat16 with float32 accumulation)."""
+    from nlc.backends.triton import delta
+    seen = []
+    core = delta.chunk_generalized_delta
+    monkeypatch.setattr(delta, "chunk_generalized_delta",
+                        lambda *a: seen.append([None if t is None else t.dtype for t in a[:6]]) or core(*a))
+    x = make_inputs("gated_delta_rule", B=1, T=37, H=2, K=32, V=16, seed=8)
+    names = ("q", "k", "v", "beta", "g", "initial_state")
+    x = {n: x[n].float().bfloat16().float() for n in names}        # values a bfloat16 holds exactly
+    do = torch.randn(1, 37, 2, 16, generator=torch.Generator().manual_seed(9))
+    res = {}
+    for label, dtype, backend in (("triton", torch.bfloat16, "triton"), ("torch", torch.float32, "torch")):
+        leaves = {n: x[n].to(DEVICE, dtype if n in ("q", "k", "v") else torch.float32).requires_grad_() for n in names}
+        o, S = ops.gated_delta_rule(*(leaves[n] for n in names[:5]), initial_state=leaves["initial_state"],
+                                    output_final_state=True, backend=backend)
+        loss = (o.float() * do.to(DEVICE)).sum() + S.float().sum()
+        res[label] = [o, S, *torch.autograd.grad(loss, list(leaves.values()))]
+    assert seen and seen[0][:3] == [torch.bfloat16] * 3 and torch.bfloat16 not in seen[0][3:], seen
+    assert res["triton"][0].dtype == torch.bfloat16
+    for n, a, r in zip(["o", "S", *names], res["triton"], res["torch"]):
+        a, r = a.float().cpu(), r.float().cpu()
+        rmse = ((a - r).square().mean().sqrt() / r.square().mean().sqrt()).item()
+        assert rmse < 5e-3, f"{n}: relative RMSE {rmse:.2e}"
 
 
 def test_only_the_final_state_or_only_the_output_carries_gradient():

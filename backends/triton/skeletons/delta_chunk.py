@@ -15,8 +15,9 @@
 # Holes, resolved per level by nlc.backends.triton.template: DECAY (a per-token scalar
 # retention, given as log a) and ERASE (b). Without ERASE nothing is solved and Z = w.
 # Accumulation is in ACC (float32, or float64 for the oracle tests); PREC is tl.dot's
-# input_precision. Tensors are contiguous: q, k [B, T, H, K]; w [B, T, H, V]; log a, b [B, T, H];
-# states [B, H, K, V]. Workspaces (ACC) are per head: rows [B*H, N*BC, D], states [B*H, N, K, V].
+# input_precision; DT the operand type of the products of the inputs themselves (_dot16: 16-bit
+# when the inputs are, else ACC). Tensors are contiguous: q, k [B, T, H, K]; w [B, T, H, V];
+# log a, b [B, T, H]; states [B, H, K, V]. Workspaces (ACC) are per head: rows [B*H, N*BC, D], states [B*H, N, K, V].
 # Offsets are int64; every load is masked (T need not be a multiple of BC; K, V of BK, BV).
 import triton
 import triton.language as tl
@@ -57,9 +58,10 @@ def _ws(ptr, hd, n, NT, D, c0, BC: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _st(ptr, hd, n, N, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
-    """Pointers and mask: columns v0 .. v0+BV of state n of a [B*H, N, K, V] stack."""
-    rk = tl.arange(0, BK)
+def _st(ptr, hd, n, N, K, V, v0, BK: tl.constexpr, BV: tl.constexpr, k0=0):
+    """Pointers and mask: rows k0 .. k0+BK, columns v0 .. v0+BV of state n of a [B*H, N, K, V]
+    stack."""
+    rk = k0 + tl.arange(0, BK)
     rv = v0 + tl.arange(0, BV)
     base = (hd.to(tl.int64) * N + n) * K * V
     return ptr + base + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
@@ -76,6 +78,13 @@ def _store(pm, x):
 
 
 @triton.jit
+def _dot16(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """a b for the products of the inputs themselves (q, k, do and the bounded P, dP, dS): the
+    operands in DT, the inputs' own 16-bit type when they are 16-bit, accumulated in float32."""
+    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+
+
+@triton.jit
 def _decay(la_ptr, t0, T, H, hd, BC: tl.constexpr, ACC: tl.constexpr):
     """log a, G (its inclusive cumsum in the chunk), Gp = G - log a, and G at the chunk end."""
     la = _scalars(la_ptr, t0, T, H, hd, BC).to(ACC)
@@ -89,16 +98,42 @@ def _decay(la_ptr, t0, T, H, hd, BC: tl.constexpr, ACC: tl.constexpr):
 
 if ERASE:  # the UT transform: only a level with an erase has something to solve
     @triton.jit
+    def _inv16(A, BC: tl.constexpr, ACC: tl.constexpr):
+        """The 16 x 16 diagonal blocks of (I + A)^-1 (A strictly lower [BC, BC]), as a
+        block-diagonal [BC, BC]: forward substitution, 15 row steps on all blocks at once."""
+        rb = tl.arange(0, BC // 16)
+        r = tl.arange(0, 16)
+        same = (rb[:, None, None, None] == rb[None, None, :, None])                  # [NB, 1, NB, 1]
+        A3 = tl.sum(tl.where(same, tl.reshape(A, [BC // 16, 16, BC // 16, 16]), 0.0), 2)         # [NB, 16, 16]
+        eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)[None, :, :]
+        X = eye + tl.zeros([BC // 16, 16, 16], dtype=ACC)
+        for i in range(1, 16):  # row i of each block = e_i - sum_{j<i} A[i, j] (row j)
+            a_i = tl.sum(tl.where(r[None, :, None] == i, A3, 0.0), 1)                 # [NB, 16]
+            row = -tl.sum(a_i[:, :, None] * X, 1)                                     # [NB, 16]
+            X = tl.where(r[None, :, None] == i, row[:, None, :] + eye, X)
+        return tl.reshape(tl.where(same, X[:, :, None, :], 0.0), [BC, BC])
+
+    @triton.jit
+    def _merge(M, A, s: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+        """M, the inverse of the s-block-diagonal part of I + A, to that of its 2s-block-diagonal
+        part: [[X1, 0], [L21, L22]]^-1 = [[X1, 0], [-X2 L21 X1, X2]], i.e. M - M L M with L the
+        (lower, left) s-blocks of A in each 2s-block (M L M is zero but there)."""
+        r = tl.arange(0, BC)
+        low = ((r[:, None] // s) % 2 == 1) & (r[None, :] // s == r[:, None] // s - 1)
+        L = tl.where(low, A, 0.0)
+        return M - tl.dot(tl.dot(M, L, input_precision=PREC), M, input_precision=PREC)
+
+    @triton.jit
     def delta_prep(k_ptr, w_ptr, la_ptr, b_ptr, u_ptr, wk_ptr, tm_ptr, T, H, K, V, NT,
                    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr,
-                   PREC: tl.constexpr):
-        """Grid (N, B*H); ERASE only. Tm = (I + A)^-1 by forward substitution, U = Tm w, W = Tm (d k)."""
+                   PREC: tl.constexpr, DT: tl.constexpr):
+        """Grid (N, B*H); ERASE only. Tm = (I + A)^-1 blockwise (the 16 x 16 diagonal blocks by
+        forward substitution, then merged to 32 and 64 by block products); U = Tm w, W = Tm (d k),
+        BV columns at a time."""
         n = tl.program_id(0)
         hd = tl.program_id(1)
         t0 = n * BC
         r = tl.arange(0, BC)
-        k = _load(_rows(k_ptr, t0, T, H, K, hd, 0, BC, BK), ACC)
-        w = _load(_rows(w_ptr, t0, T, H, V, hd, 0, BC, BV), ACC)
         b = _scalars(b_ptr, t0, T, H, hd, BC).to(ACC)
         strict = r[:, None] > r[None, :]
         if DECAY:
@@ -108,72 +143,100 @@ if ERASE:  # the UT transform: only a level with an erase has something to solve
         else:
             E = tl.where(strict, 1.0, 0.0).to(ACC)
             d = b
-        A = b[:, None] * E * tl.dot(k, tl.trans(k), input_precision=PREC)
-        eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
-        Tm = eye
-        for i in range(1, BC):  # row i of Tm = e_i - sum_{j<i} A[i, j] (row j of Tm)
-            a_i = tl.sum(tl.where(r[:, None] == i, A, 0.0), 0)
-            row = -tl.sum(a_i[:, None] * Tm, 0)
-            Tm = tl.where(r[:, None] == i, row[None, :] + eye, Tm)
-        _store(_ws(u_ptr, hd, n, NT, V, 0, BC, BV), tl.dot(Tm, w, input_precision=PREC))
-        _store(_ws(wk_ptr, hd, n, NT, K, 0, BC, BK), tl.dot(Tm, d[:, None] * k, input_precision=PREC))
+        S = tl.zeros([BC, BC], dtype=ACC)
+        for c0 in range(0, K, BV):
+            k = _load(_rows(k_ptr, t0, T, H, K, hd, c0, BC, BV), ACC)
+            S += _dot16(k, tl.trans(k), DT, PREC)
+        A = b[:, None] * E * S
+        Tm = _inv16(A, BC, ACC)
+        if BC >= 32:
+            Tm = _merge(Tm, A, 16, BC, PREC)
+        if BC >= 64:
+            Tm = _merge(Tm, A, 32, BC, PREC)
+        for c0 in range(0, V, BV):
+            w = _load(_rows(w_ptr, t0, T, H, V, hd, c0, BC, BV), ACC)
+            _store(_ws(u_ptr, hd, n, NT, V, c0, BC, BV), tl.dot(Tm, w, input_precision=PREC))
+        for c0 in range(0, K, BV):
+            k = _load(_rows(k_ptr, t0, T, H, K, hd, c0, BC, BV), ACC)
+            _store(_ws(wk_ptr, hd, n, NT, K, c0, BC, BV), tl.dot(Tm, d[:, None] * k, input_precision=PREC))
         _store(_ws(tm_ptr, hd, n, NT, BC, 0, BC, BC), Tm)
 
 
 @triton.jit
 def delta_state_fwd(k_ptr, w_ptr, la_ptr, u_ptr, wk_ptr, z_ptr, h0_ptr, hs_ptr, hT_ptr,
                     T, H, K, V, N, NT, HAS_H0: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Grid (B*H, V / BV): the sequential pass over chunks. Saves h_n and Z for each chunk."""
+                    BKS: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
+    """Grid (B*H, V / BV): the sequential pass over chunks. Saves h_n and Z for each chunk. The
+    state is held as two tiles of BKS key rows when BK > BKS (h1: rows 0 .. BKS, h2: the rest):
+    no [BC, BK] tile is live, only [BC, BKS] ones."""
     hd = tl.program_id(0)
     v0 = tl.program_id(1) * BV
     if HAS_H0:
-        h = _load(_st(h0_ptr, hd, 0, 1, K, V, v0, BK, BV), ACC)
+        h1 = _load(_st(h0_ptr, hd, 0, 1, K, V, v0, BKS, BV), ACC)
+        if BK > BKS:
+            h2 = _load(_st(h0_ptr, hd, 0, 1, K, V, v0, BKS, BV, BKS), ACC)
     else:
-        h = tl.zeros([BK, BV], dtype=ACC)
+        h1 = tl.zeros([BKS, BV], dtype=ACC)
+        if BK > BKS:
+            h2 = tl.zeros([BKS, BV], dtype=ACC)
     for n in range(N):
         t0 = n * BC
-        _store(_st(hs_ptr, hd, n, N, K, V, v0, BK, BV), h)
-        k = _load(_rows(k_ptr, t0, T, H, K, hd, 0, BC, BK), ACC)
+        _store(_st(hs_ptr, hd, n, N, K, V, v0, BKS, BV), h1)
+        if BK > BKS:
+            _store(_st(hs_ptr, hd, n, N, K, V, v0, BKS, BV, BKS), h2)
         if ERASE:
-            Wk = _load(_ws(wk_ptr, hd, n, NT, K, 0, BC, BK), ACC)
-            Z = _load(_ws(u_ptr, hd, n, NT, V, v0, BC, BV), ACC) - tl.dot(Wk, h, input_precision=PREC)
+            Z = _load(_ws(u_ptr, hd, n, NT, V, v0, BC, BV), ACC)
+            Z -= tl.dot(_load(_ws(wk_ptr, hd, n, NT, K, 0, BC, BKS), ACC), h1, input_precision=PREC)
+            if BK > BKS:
+                Z -= tl.dot(_load(_ws(wk_ptr, hd, n, NT, K, BKS, BC, BKS), ACC), h2, input_precision=PREC)
         else:
             Z = _load(_rows(w_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
         _store(_ws(z_ptr, hd, n, NT, V, v0, BC, BV), Z)
         if DECAY:
             la, G, Gp, g_end = _decay(la_ptr, t0, T, H, hd, BC, ACC)
-            kd = k * tl.exp(g_end - G)[:, None]
-            h = tl.exp(g_end) * h + tl.dot(tl.trans(kd), Z, input_precision=PREC)
+            kdecay = tl.exp(g_end - G)[:, None]
+            kd = _load(_rows(k_ptr, t0, T, H, K, hd, 0, BC, BKS), ACC) * kdecay
+            h1 = tl.exp(g_end) * h1 + tl.dot(tl.trans(kd), Z, input_precision=PREC)
+            if BK > BKS:
+                kd = _load(_rows(k_ptr, t0, T, H, K, hd, BKS, BC, BKS), ACC) * kdecay
+                h2 = tl.exp(g_end) * h2 + tl.dot(tl.trans(kd), Z, input_precision=PREC)
         else:
-            h = h + tl.dot(tl.trans(k), Z, input_precision=PREC)
-    _store(_st(hT_ptr, hd, 0, 1, K, V, v0, BK, BV), h)
+            h1 += tl.dot(tl.trans(_load(_rows(k_ptr, t0, T, H, K, hd, 0, BC, BKS), ACC)), Z, input_precision=PREC)
+            if BK > BKS:
+                h2 += tl.dot(tl.trans(_load(_rows(k_ptr, t0, T, H, K, hd, BKS, BC, BKS), ACC)), Z,
+                             input_precision=PREC)
+    _store(_st(hT_ptr, hd, 0, 1, K, V, v0, BKS, BV), h1)
+    if BK > BKS:
+        _store(_st(hT_ptr, hd, 0, 1, K, V, v0, BKS, BV, BKS), h2)
 
 
 @triton.jit
 def delta_out(q_ptr, k_ptr, la_ptr, z_ptr, hs_ptr, o_ptr, T, H, K, V, N, NT,
               BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr,
-              PREC: tl.constexpr):
-    """Grid (N, B*H, V / BV): o = (q k^T * Gamma) Z + (q exp(G)) h_n."""
+              PREC: tl.constexpr, DT: tl.constexpr):
+    """Grid (N, B*H, V / BV): o = (q k^T * Gamma) Z + (q exp(G)) h_n, over key blocks of BV."""
     n = tl.program_id(0)
     hd = tl.program_id(1)
     v0 = tl.program_id(2) * BV
     t0 = n * BC
     r = tl.arange(0, BC)
-    q = _load(_rows(q_ptr, t0, T, H, K, hd, 0, BC, BK), ACC)
-    k = _load(_rows(k_ptr, t0, T, H, K, hd, 0, BC, BK), ACC)
     incl = r[:, None] >= r[None, :]
     if DECAY:
         la, G, Gp, g_end = _decay(la_ptr, t0, T, H, hd, BC, ACC)
         Gamma = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-        q_state = q * tl.exp(G)[:, None]
+        eG = tl.exp(G)[:, None]
     else:
         Gamma = tl.where(incl, 1.0, 0.0).to(ACC)
-        q_state = q
-    P = tl.dot(q, tl.trans(k), input_precision=PREC) * Gamma
+    QK = tl.zeros([BC, BC], dtype=ACC)
+    o = tl.zeros([BC, BV], dtype=ACC)
+    for c0 in range(0, K, BV):
+        q = _load(_rows(q_ptr, t0, T, H, K, hd, c0, BC, BV), ACC)
+        QK += _dot16(q, tl.trans(_load(_rows(k_ptr, t0, T, H, K, hd, c0, BC, BV), ACC)), DT, PREC)
+        if DECAY:
+            q = q * eG
+        o += tl.dot(q, _load(_st(hs_ptr, hd, n, N, K, V, v0, BV, BV, c0), ACC), input_precision=PREC)
     Z = _load(_ws(z_ptr, hd, n, NT, V, v0, BC, BV), ACC)
-    h = _load(_st(hs_ptr, hd, n, N, K, V, v0, BK, BV), ACC)
-    o = tl.dot(P, Z, input_precision=PREC) + tl.dot(q_state, h, input_precision=PREC)
+    o += tl.dot(QK * Gamma, Z, input_precision=PREC)
     _store(_rows(o_ptr, t0, T, H, V, hd, v0, BC, BV), o)
 
 
@@ -184,58 +247,84 @@ def delta_out(q_ptr, k_ptr, la_ptr, z_ptr, hs_ptr, o_ptr, T, H, K, V, N, NT,
 @triton.jit
 def delta_state_bwd(q_ptr, k_ptr, la_ptr, wk_ptr, do_ptr, dhT_ptr, dhs_ptr, dh0_ptr,
                     T, H, K, V, N, NT, HAS_DHT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                    BKS: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
     """Grid (B*H, V / BV): the reverse pass. dhs[n] is the gradient of chunk n's end state;
-    dh_n = exp(G_end) dh + (q exp(G))^T do - W^T dZ with dZ = P^T do + kd dh."""
+    dh_n = exp(G_end) dh + (q exp(G))^T do - W^T dZ with dZ = P^T do + kd dh. dh is held as
+    two tiles of BKS key rows when BK > BKS (as delta_state_fwd's h)."""
     hd = tl.program_id(0)
     v0 = tl.program_id(1) * BV
     r = tl.arange(0, BC)
     if HAS_DHT:
-        dh = _load(_st(dhT_ptr, hd, 0, 1, K, V, v0, BK, BV), ACC)
+        dh1 = _load(_st(dhT_ptr, hd, 0, 1, K, V, v0, BKS, BV), ACC)
+        if BK > BKS:
+            dh2 = _load(_st(dhT_ptr, hd, 0, 1, K, V, v0, BKS, BV, BKS), ACC)
     else:
-        dh = tl.zeros([BK, BV], dtype=ACC)
+        dh1 = tl.zeros([BKS, BV], dtype=ACC)
+        if BK > BKS:
+            dh2 = tl.zeros([BKS, BV], dtype=ACC)
     incl = r[:, None] >= r[None, :]
     for m in range(N):
         n = N - 1 - m
         t0 = n * BC
-        _store(_st(dhs_ptr, hd, n, N, K, V, v0, BK, BV), dh)
-        q = _load(_rows(q_ptr, t0, T, H, K, hd, 0, BC, BK), ACC)
-        k = _load(_rows(k_ptr, t0, T, H, K, hd, 0, BC, BK), ACC)
+        _store(_st(dhs_ptr, hd, n, N, K, V, v0, BKS, BV), dh1)
+        if BK > BKS:
+            _store(_st(dhs_ptr, hd, n, N, K, V, v0, BKS, BV, BKS), dh2)
         do = _load(_rows(do_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
         if DECAY:
             la, G, Gp, g_end = _decay(la_ptr, t0, T, H, hd, BC, ACC)
             Gamma = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-            qd = q * tl.exp(G)[:, None]
-            kd = k * tl.exp(g_end - G)[:, None]
-            carry = tl.exp(g_end) * dh
+            eG = tl.exp(G)[:, None]
+            kdecay = tl.exp(g_end - G)[:, None]
+            carry = tl.exp(g_end)
         else:
             Gamma = tl.where(incl, 1.0, 0.0).to(ACC)
-            qd = q
-            kd = k
-            carry = dh
-        P = tl.dot(q, tl.trans(k), input_precision=PREC) * Gamma
-        dZ = tl.dot(tl.trans(P), do, input_precision=PREC) + tl.dot(kd, dh, input_precision=PREC)
-        dh = carry + tl.dot(tl.trans(qd), do, input_precision=PREC)
+        q1 = _load(_rows(q_ptr, t0, T, H, K, hd, 0, BC, BKS), ACC)
+        k1 = _load(_rows(k_ptr, t0, T, H, K, hd, 0, BC, BKS), ACC)
+        QK = _dot16(q1, tl.trans(k1), DT, PREC)
+        if BK > BKS:
+            q2 = _load(_rows(q_ptr, t0, T, H, K, hd, BKS, BC, BKS), ACC)
+            k2 = _load(_rows(k_ptr, t0, T, H, K, hd, BKS, BC, BKS), ACC)
+            QK += _dot16(q2, tl.trans(k2), DT, PREC)
+        if DECAY:
+            q1 = q1 * eG
+            k1 = k1 * kdecay
+            if BK > BKS:
+                q2 = q2 * eG
+                k2 = k2 * kdecay
+        dZ = _dot16(tl.trans(QK * Gamma), do, DT, PREC) + tl.dot(k1, dh1, input_precision=PREC)
+        if BK > BKS:
+            dZ += tl.dot(k2, dh2, input_precision=PREC)
+        if DECAY:
+            dh1 = carry * dh1
+            if BK > BKS:
+                dh2 = carry * dh2
+        dh1 += _dot16(tl.trans(q1), do, DT, PREC)
+        if BK > BKS:
+            dh2 += _dot16(tl.trans(q2), do, DT, PREC)
         if ERASE:
-            Wk = _load(_ws(wk_ptr, hd, n, NT, K, 0, BC, BK), ACC)
-            dh = dh - tl.dot(tl.trans(Wk), dZ, input_precision=PREC)
-    _store(_st(dh0_ptr, hd, 0, 1, K, V, v0, BK, BV), dh)
+            dh1 -= tl.dot(tl.trans(_load(_ws(wk_ptr, hd, n, NT, K, 0, BC, BKS), ACC)), dZ, input_precision=PREC)
+            if BK > BKS:
+                dh2 -= tl.dot(tl.trans(_load(_ws(wk_ptr, hd, n, NT, K, BKS, BC, BKS), ACC)), dZ,
+                              input_precision=PREC)
+    _store(_st(dh0_ptr, hd, 0, 1, K, V, v0, BKS, BV), dh1)
+    if BK > BKS:
+        _store(_st(dh0_ptr, hd, 0, 1, K, V, v0, BKS, BV, BKS), dh2)
 
 
 @triton.jit
 def delta_chunk_bwd(q_ptr, k_ptr, la_ptr, b_ptr, u_ptr, wk_ptr, tm_ptr, z_ptr, hs_ptr, dhs_ptr,
-                    do_ptr, dq_ptr, dk_ptr, dw_ptr, dla_ptr, db_ptr, T, H, K, V, N, NT,
+                    do_ptr, dz_ptr, dq_ptr, dk_ptr, dw_ptr, dla_ptr, db_ptr, T, H, K, V, N, NT,
                     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, DT: tl.constexpr):
     """Grid (N, B*H): one chunk's gradients from its start state h_n and end-state gradient dh,
-    the forward's adjoint line by line (backends/triton/README.md). The value columns are taken
-    BV at a time; what sums over them (dP, dqd, dkd, dW, dA, <h, dh>) accumulates."""
+    the forward's adjoint line by line (backends/triton/README.md). No tile wider than BV
+    columns is live: a pass over the value blocks (dZ, dw, and dP, dA, which sum over them; dZ
+    goes to the workspace dz), then one over the key blocks, each summing over the value blocks
+    what it needs (dqd, dkd, dW, <h, dh>), and with ERASE a last one adding (dS + dS^T) k to dk."""
     n = tl.program_id(0)
     hd = tl.program_id(1)
     t0 = n * BC
     r = tl.arange(0, BC)
-    q = _load(_rows(q_ptr, t0, T, H, K, hd, 0, BC, BK), ACC)
-    k = _load(_rows(k_ptr, t0, T, H, K, hd, 0, BC, BK), ACC)
     incl = r[:, None] >= r[None, :]
     strict = r[:, None] > r[None, :]
     if DECAY:
@@ -247,30 +336,31 @@ def delta_chunk_bwd(q_ptr, k_ptr, la_ptr, b_ptr, u_ptr, wk_ptr, tm_ptr, z_ptr, h
         Gamma = tl.where(incl, 1.0, 0.0).to(ACC)
         eG = tl.full([BC], 1.0, ACC)
         kdecay = eG
-    kd = k * kdecay[:, None]
-    QK = tl.dot(q, tl.trans(k), input_precision=PREC)
+    QK = tl.zeros([BC, BC], dtype=ACC)
+    if ERASE:
+        S = tl.zeros([BC, BC], dtype=ACC)
+    for c0 in range(0, K, BV):
+        kb = _load(_rows(k_ptr, t0, T, H, K, hd, c0, BC, BV), ACC)
+        QK += _dot16(_load(_rows(q_ptr, t0, T, H, K, hd, c0, BC, BV), ACC), tl.trans(kb), DT, PREC)
+        if ERASE:
+            S += _dot16(kb, tl.trans(kb), DT, PREC)
     P = QK * Gamma
     # o = P Z + qd h;  h_end = exp(g_end) h + kd^T Z;  Z = U - W h;  [U | W] = Tm [w | d k]
     dP = tl.zeros([BC, BC], dtype=ACC)
-    dqd = tl.zeros([BC, BK], dtype=ACC)
-    dkd = tl.zeros([BC, BK], dtype=ACC)
-    hdh = tl.zeros([BK], dtype=ACC)
     if ERASE:
         Tm = _load(_ws(tm_ptr, hd, n, NT, BC, 0, BC, BC), ACC)
-        dW = tl.zeros([BC, BK], dtype=ACC)
         dA = tl.zeros([BC, BC], dtype=ACC)
-    for v0 in range(0, V, BV):
+    for v0 in range(0, V, BV):                                           # value blocks
         do = _load(_rows(do_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
+        dZ = _dot16(tl.trans(P), do, DT, PREC)
+        for c0 in range(0, K, BV):
+            kd = _load(_rows(k_ptr, t0, T, H, K, hd, c0, BC, BV), ACC) * kdecay[:, None]
+            dh = _load(_st(dhs_ptr, hd, n, N, K, V, v0, BV, BV, c0), ACC)
+            dZ += tl.dot(kd, dh, input_precision=PREC)
         Z = _load(_ws(z_ptr, hd, n, NT, V, v0, BC, BV), ACC)
-        h = _load(_st(hs_ptr, hd, n, N, K, V, v0, BK, BV), ACC)
-        dh = _load(_st(dhs_ptr, hd, n, N, K, V, v0, BK, BV), ACC)
-        dZ = tl.dot(tl.trans(P), do, input_precision=PREC) + tl.dot(kd, dh, input_precision=PREC)
         dP += tl.dot(do, tl.trans(Z), input_precision=PREC)
-        dqd += tl.dot(do, tl.trans(h), input_precision=PREC)
-        dkd += tl.dot(Z, tl.trans(dh), input_precision=PREC)
-        hdh += tl.sum(h * dh, 1)
         if ERASE:
-            dW -= tl.dot(dZ, tl.trans(h), input_precision=PREC)
+            _store(_ws(dz_ptr, hd, n, NT, V, v0, BC, BV), dZ)
             dw = tl.dot(tl.trans(Tm), dZ, input_precision=PREC)          # dR for the w columns
             U = _load(_ws(u_ptr, hd, n, NT, V, v0, BC, BV), ACC)
             dA -= tl.dot(dw, tl.trans(U), input_precision=PREC)
@@ -278,39 +368,69 @@ def delta_chunk_bwd(q_ptr, k_ptr, la_ptr, b_ptr, u_ptr, wk_ptr, tm_ptr, z_ptr, h
             dw = dZ
         _store(_rows(dw_ptr, t0, T, H, V, hd, v0, BC, BV), dw)
     dP = dP * Gamma                                                      # d(q k^T)
-    dq = tl.dot(dP, k, input_precision=PREC) + dqd * eG[:, None]
-    dk = tl.dot(tl.trans(dP), q, input_precision=PREC) + dkd * kdecay[:, None]
     if DECAY:
         X = dP * QK                                                      # dGamma * Gamma
-        dG = tl.sum(X, 1) - tl.sum(X, 0) + tl.sum(dqd * q * eG[:, None], 1)
-        s = tl.sum(dkd * kd, 1)
-        dG = dG - s
-        dg_end = tl.sum(s, 0) + tl.sum(hdh, 0) * tl.exp(g_end)
+        dG = tl.sum(X, 1) - tl.sum(X, 0)
+        s = tl.zeros([BC], dtype=ACC)
+        hdh = tl.zeros([BV], dtype=ACC)
         dGp = tl.zeros([BC], dtype=ACC)
     if ERASE:
         b = _scalars(b_ptr, t0, T, H, hd, BC).to(ACC)
-        Wk = _load(_ws(wk_ptr, hd, n, NT, K, 0, BC, BK), ACC)
-        dRk = tl.dot(tl.trans(Tm), dW, input_precision=PREC)             # dR for the d k columns
-        dA -= tl.dot(dRk, tl.trans(Wk), input_precision=PREC)
+        if DECAY:
+            ed = tl.exp(Gp)
+        else:
+            ed = tl.full([BC], 1.0, ACC)
+        dd = tl.zeros([BC], dtype=ACC)
+    for c0 in range(0, K, BV):                                           # key blocks
+        qb = _load(_rows(q_ptr, t0, T, H, K, hd, c0, BC, BV), ACC)
+        kb = _load(_rows(k_ptr, t0, T, H, K, hd, c0, BC, BV), ACC)
+        dqd = tl.zeros([BC, BV], dtype=ACC)
+        dkd = tl.zeros([BC, BV], dtype=ACC)
+        if ERASE:
+            dW = tl.zeros([BC, BV], dtype=ACC)
+        for v0 in range(0, V, BV):
+            h = _load(_st(hs_ptr, hd, n, N, K, V, v0, BV, BV, c0), ACC)
+            dh = _load(_st(dhs_ptr, hd, n, N, K, V, v0, BV, BV, c0), ACC)
+            dqd += tl.dot(_load(_rows(do_ptr, t0, T, H, V, hd, v0, BC, BV), ACC), tl.trans(h), input_precision=PREC)
+            dkd += tl.dot(_load(_ws(z_ptr, hd, n, NT, V, v0, BC, BV), ACC), tl.trans(dh), input_precision=PREC)
+            if DECAY:
+                hdh += tl.sum(h * dh, 0)
+            if ERASE:
+                dW -= tl.dot(_load(_ws(dz_ptr, hd, n, NT, V, v0, BC, BV), ACC), tl.trans(h), input_precision=PREC)
+        _store(_rows(dq_ptr, t0, T, H, K, hd, c0, BC, BV), _dot16(dP, kb, DT, PREC) + dqd * eG[:, None])
+        dk = _dot16(tl.trans(dP), qb, DT, PREC) + dkd * kdecay[:, None]
+        if DECAY:
+            dG += tl.sum(dqd * qb * eG[:, None], 1)
+            s += tl.sum(dkd * kb * kdecay[:, None], 1)
+        if ERASE:
+            dRk = tl.dot(tl.trans(Tm), dW, input_precision=PREC)         # dR for the d k columns
+            Wk = _load(_ws(wk_ptr, hd, n, NT, K, c0, BC, BV), ACC)
+            dA -= tl.dot(dRk, tl.trans(Wk), input_precision=PREC)
+            dd += tl.sum(dRk * kb, 1)
+            dk += (b * ed)[:, None] * dRk
+        _store(_rows(dk_ptr, t0, T, H, K, hd, c0, BC, BV), dk)
+    if DECAY:
+        dG = dG - s
+        dg_end = tl.sum(s, 0) + tl.sum(hdh, 0) * tl.exp(g_end)
+    if ERASE:
         dA = tl.where(strict, dA, 0.0)
         if DECAY:
             E = tl.exp(tl.where(strict, Gp[:, None] - G[None, :], float("-inf")))
-            ed = tl.exp(Gp)
         else:
             E = tl.where(strict, 1.0, 0.0).to(ACC)
-            ed = tl.full([BC], 1.0, ACC)
-        S = tl.dot(k, tl.trans(k), input_precision=PREC)
         dS = dA * b[:, None] * E
-        dk += tl.dot(dS + tl.trans(dS), k, input_precision=PREC) + (b * ed)[:, None] * dRk
-        dd = tl.sum(dRk * k, 1)
         db = tl.sum(dA * E * S, 1) + dd * ed
         _store((db_ptr + ((hd // H).to(tl.int64) * T + (t0 + r).to(tl.int64)) * H + (hd % H), t0 + r < T), db)
         if DECAY:
             X2 = dS * S                                                  # dA * A
             dGp = tl.sum(X2, 1) + dd * b * ed
             dG = dG - tl.sum(X2, 0)
-    _store(_rows(dq_ptr, t0, T, H, K, hd, 0, BC, BK), dq)
-    _store(_rows(dk_ptr, t0, T, H, K, hd, 0, BC, BK), dk)
+        dSS = dS + tl.trans(dS)
+        tl.debug_barrier()                                               # dk's rows, stored above by other threads
+        for c0 in range(0, K, BV):
+            kb = _load(_rows(k_ptr, t0, T, H, K, hd, c0, BC, BV), ACC)
+            pm = _rows(dk_ptr, t0, T, H, K, hd, c0, BC, BV)
+            _store(pm, _load(pm, ACC) + _dot16(dSS, kb, DT, PREC))
     if DECAY:
         dG = dG + tl.where(r == BC - 1, dg_end, 0.0)
         # G = cumsum(la), Gp = G - la: dla_i = sum_{r >= i} (dG + dGp)_r - dGp_i

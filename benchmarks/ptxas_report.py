@@ -1,0 +1,137 @@
+"""What ptxas makes of nlc's Triton kernels for an H100 (sm_90), on a CPU: registers per thread,
+spill stores and loads (bytes) and shared memory (bytes, Triton's dynamic allocation) of every
+kernel of every skeleton variant, as a markdown table. Triton's bundled ptxas needs no GPU.
+
+    python benchmarks/ptxas_report.py [--only delta] > report.md
+
+Kernels: the generalized delta (skeleton 1, every DECAY x ERASE variant) and the per-channel one
+(skeleton 1b) at K = V = 128, chunk 64, with float32 and with bfloat16 inputs (the pointers the
+wrapper passes: the inputs in their dtype, workspaces and outputs in float32), each kernel with
+the launch configuration (tile constants, num_warps, num_stages) that ``delta.launch`` /
+``diag.launch`` give; the deep memory (skeleton 2) at Titans' memory level (D 64, hidden 128,
+chunk 64, momentum, retention, current read), whose wrapper casts every input to float32.
+Run it without ``TRITON_INTERPRET``; a kernel that fails to compile is a row saying so.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from nlc.backends.triton import template  # noqa: E402
+
+TY = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+# pointer arguments that carry the caller's inputs (their dtype); every other pointer is float32
+INPUTS = {"q_ptr", "k_ptr", "w_ptr", "la_ptr", "b_ptr", "h0_ptr"}
+
+
+def ptxas_stats(log: str) -> dict:
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"regs": int(regs.group(1)) if regs else None,
+            "spill_st": int(spill.group(1)) if spill else None,
+            "spill_ld": int(spill.group(2)) if spill else None}
+
+
+def compile_stats(fn, constexprs: dict, stages: int, warps: int, dtype) -> dict:
+    sig = {n: "constexpr" if n in constexprs else
+           ((TY[dtype] if n in INPUTS else "*fp32") if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    out = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    t0 = time.time()
+    with contextlib.redirect_stdout(out):
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_stages": stages, "num_warps": warps})
+    log = out.getvalue()
+    if "registers" not in log:      # a Triton cache hit: ptxas did not run, run it on the PTX
+        from triton.backends.nvidia.compiler import get_ptxas
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ck.asm["ptx"])
+        try:
+            r = subprocess.run([get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", f.name,
+                                "-o", os.devnull], capture_output=True, text=True)
+            log = r.stderr + r.stdout
+        finally:
+            os.unlink(f.name)
+    return dict(ptxas_stats(log), smem=ck.metadata.shared, secs=time.time() - t0)
+
+
+def delta_rows(dtypes):
+    from nlc.backends.triton.delta import launch, variant
+    extra = {"delta_state_fwd": {"HAS_H0": True}, "delta_state_bwd": {"HAS_DHT": True}}
+    for decay, erase in itertools.product((False, True), repeat=2):
+        mod = template.load("delta_chunk", variant(decay, erase), interpret=False)
+        name = "delta " + ("+".join(f for f, on in (("DECAY", decay), ("ERASE", erase)) if on) or "plain")
+        for dtype in dtypes:
+            for kern, cfg in launch(128, 128, 64, dtype).items():
+                if hasattr(mod, kern):
+                    meta, stages, warps = _unpack(cfg)
+                    yield name, dtype, kern, getattr(mod, kern), dict(meta, **extra.get(kern, {})), stages, warps
+
+
+def diag_rows(dtypes):
+    from nlc.backends.triton.diag import launch
+    mod = template.load("diag_chunk", {}, interpret=False)
+    extra = {"diag_state_fwd": {"HAS_H0": True}, "diag_state_bwd": {"HAS_DHT": True}}
+    for dtype in dtypes:
+        for kern, cfg in launch(128, 128, dtype).items():
+            meta, stages, warps = _unpack(cfg)
+            yield "diag", dtype, kern, getattr(mod, kern), dict(meta, **extra.get(kern, {})), stages, warps
+
+
+def mlp_rows():
+    from nlc.backends.triton.deep import _config, _pow2
+    flags = dict(MOMENTUM=True, RETAIN=True, ERASE=False, SELF_TARGET=False, RESIDUAL=True, CURRENT=True,
+                 L2=True, GELU=False)                # titans.yaml's memory level
+    D, hidden, chunk = 64, 128, 64
+    mod = template.load("mlp_chunk", flags, interpret=False)
+    W = [torch.empty(1, 1, D, hidden), torch.empty(1, 1, hidden, D)]
+    *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, chunk)
+    yield "mlp titans", torch.float32, "mlp_chunk_fwd", mod.mlp_chunk_fwd, dict(cfg, BV=_pow2(D)), 1, warps
+
+
+def _unpack(cfg):
+    """(meta, stages) or (meta, stages, warps): the launch tables before and after num_warps."""
+    return (*cfg, 4) if len(cfg) == 2 else cfg
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", choices=["delta", "diag", "mlp"], action="append")
+    args = p.parse_args()
+    only = set(args.only or ["delta", "diag", "mlp"])
+    dtypes = (torch.float32, torch.bfloat16)
+    rows = itertools.chain(delta_rows(dtypes) if "delta" in only else (), diag_rows(dtypes) if "diag" in only else (),
+                           mlp_rows() if "mlp" in only else ())
+    print(f"ptxas for sm_90 (triton {triton.__version__}), K = V = 128, chunk 64; smem: Triton's dynamic shared memory\n")
+    print("| variant | inputs | kernel | warps | stages | regs/thread | spill stores (B) | spill loads (B) | smem (B) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, dtype, kern, fn, meta, stages, warps in rows:
+        dt = str(dtype).replace("torch.", "")
+        try:
+            s = compile_stats(fn, meta, stages, warps, dtype)
+            cells = [s["regs"], s["spill_st"], s["spill_ld"], s["smem"]]
+        except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row
+            cells = [f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}", "", "", ""]
+            s = {"secs": 0}
+        print(f"| {name} | {dt} | {kern} | {warps} | {stages} | " + " | ".join(map(str, cells)) + " |", flush=True)
+        print(f"{name} {dt} {kern}: {s['secs']:.0f} s", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
