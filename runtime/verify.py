@@ -71,7 +71,8 @@ def verify(spec, backend: str = "triton", dtype=torch.float64, tokens: int | Non
     placement = plan(spec)
     inst = instanced(spec).levels
     levels = list(inst)
-    chunks = [lv.chunk_size() for lv in inst.values() if lv.memory.kind != "attention"]
+    chunks = [lv.chunk_size() for lv in inst.values()      # attention and static levels have no chunk
+              if lv.memory.kind != "attention" and not (lv.every is not None and lv.every.period is None)]
     T = tokens or 2 * max(chunks or [16]) + 3       # two whole chunks and a part
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)

@@ -72,3 +72,13 @@ def test_every_shipped_spec_passes_verify(name, tmp_path):
     the note of the issue records the full-size runs)."""
     rows, facts = verify(nlc.load(small(name, tmp_path)), tokens=21)
     assert rows and all(r.ok for r in rows), render(rows, facts, name)
+
+
+def test_verify_length_covers_two_chunks_of_the_levels_that_have_them(tmp_path):
+    """Two whole chunks and a part of the longest chunk of a memory level; a static MLP (frequency
+    0) and attention have no chunk and do not lengthen the run."""
+    spec = nlc.load(small("titans", tmp_path))
+    memory = spec.levels["memory"].chunk_size()
+    assert spec.levels["mlp"].every.period is None and spec.levels["mlp"].chunk_size() > memory
+    _, facts = verify(spec, backend="torch")
+    assert facts["T"] == 2 * memory + 3
