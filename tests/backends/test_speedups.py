@@ -126,10 +126,12 @@ GENERATOR_SPECS = ["hope", "hope_heads"]
 CMS_SPECS = ["hope", "hope_heads", "hope_attention"]
 
 
-def model_of(name, tmp_path, seed=0):
+def model_of(name, tmp_path, seed=0, path=small):
+    """The spec `path(name, tmp_path)` compiled in float64, its learned initial states drawn at
+    random (they start at zero, which would hide a state that is dropped)."""
     torch.manual_seed(seed)
-    model = nlc.compile(small(name, tmp_path)).double()
-    for p in model.parameters():   # learned initial states start at zero: make them count
+    model = nlc.compile(path(name, tmp_path)).double()
+    for p in model.parameters():
         if p.dim() == 3:
             torch.nn.init.normal_(p, std=0.1)
     return model

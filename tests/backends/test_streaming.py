@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nlc
+from tests.backends import test_speedups as speedups
 from tests.backends.test_compile import small
 
 T = 23                                   # odd, no multiple of the chunks (8 for titans, 4 for ttt_mlp)
@@ -38,12 +38,7 @@ def spec_path(name, tmp_path):
 
 
 def model_of(name, tmp_path, seed=0):
-    torch.manual_seed(seed)
-    model = nlc.compile(spec_path(name, tmp_path)).double()
-    for p in model.parameters():  # learned initial states start at zero: make them count
-        if p.dim() == 3:
-            torch.nn.init.normal_(p, std=0.1)
-    return model
+    return speedups.model_of(name, tmp_path, seed, path=spec_path)
 
 
 def fed(model, ids, cuts, carry=lambda st: st):

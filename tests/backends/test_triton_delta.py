@@ -39,13 +39,17 @@ VARIANTS = {"linear_attn": (False, False), "delta_rule": (False, True),
 
 @pytest.mark.parametrize("op", list(ARGS))
 def test_triton_equals_torch_float64(op):
-    x = dev(make_inputs(op, B=2, T=37, H=3, K=16, V=20, seed=1))
-    o_t, S_t, g_t = run_with_grads(op, x, chunk_size=16, backend="triton")
-    o_r, S_r, g_r = run_with_grads(op, x, chunk_size=16, backend="torch")
-    assert_rel("o", o_t, o_r, 1e-10)
-    assert_rel("final_state", S_t, S_r, 1e-10)
+    assert_triton_equals_torch(op, dev(make_inputs(op, B=2, T=37, H=3, K=16, V=20, seed=1)), 16)
+
+
+def assert_triton_equals_torch(op, x, chunk_size, tol=1e-10):
+    """Output, final state and every input's gradient of `op` on Triton and on torch."""
+    o_t, S_t, g_t = run_with_grads(op, x, chunk_size=chunk_size, backend="triton")
+    o_r, S_r, g_r = run_with_grads(op, x, chunk_size=chunk_size, backend="torch")
+    assert_rel("o", o_t, o_r, tol)
+    assert_rel("final_state", S_t, S_r, tol)
     for name in x:
-        assert_rel(f"d{name}", g_t[name], g_r[name], 1e-10)
+        assert_rel(f"d{name}", g_t[name], g_r[name], tol)
 
 
 @pytest.mark.parametrize("op", ["linear_attn", "delta_rule", "gated_delta_rule"])
@@ -53,13 +57,7 @@ def test_wide_keys_and_values_at_chunk_64_float64(op):
     """K = 72, V = 40 (with a 128-wide K the kernels take both in blocks of 32: three key blocks
     and two value blocks, the last ones ragged) at chunk 64 (the blocked inverse merges 16 -> 32
     -> 64), two chunks: every block loop and mask of the kernels against torch at 1e-10."""
-    x = dev(make_inputs(op, B=1, T=70, H=2, K=72, V=40, seed=11))
-    o_t, S_t, g_t = run_with_grads(op, x, chunk_size=64, backend="triton")
-    o_r, S_r, g_r = run_with_grads(op, x, chunk_size=64, backend="torch")
-    assert_rel("o", o_t, o_r, 1e-10)
-    assert_rel("final_state", S_t, S_r, 1e-10)
-    for name in x:
-        assert_rel(f"d{name}", g_t[name], g_r[name], 1e-10)
+    assert_triton_equals_torch(op, dev(make_inputs(op, B=1, T=70, H=2, K=72, V=40, seed=11)), 64)
 
 
 def test_generalized_delta_without_erase_or_state():
