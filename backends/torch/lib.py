@@ -104,7 +104,9 @@ class CausalConv(nn.Module):
             self.weight.uniform_(-0.5 / width, 0.5 / width)
             self.weight[:, -1] += 1.0
 
-    def forward(self, x, state: dict, new: dict, key: str):
+    def window(self, x, state: dict, new: dict, key: str):
+        """`x` [B, T, ...] flattened to [B, T, C] behind its carried past (zeros at the start):
+        [B, W - 1 + T, C]; its last W - 1 rows are carried on in `new[key]`."""
         B, T = x.shape[:2]
         flat = x.reshape(B, T, -1)
         past = state.get(key)
@@ -112,7 +114,12 @@ class CausalConv(nn.Module):
             past = flat.new_zeros(B, self.width - 1, flat.shape[-1])
         full = torch.cat([past.to(flat.dtype), flat], dim=1)
         new[key] = full[:, full.shape[1] - (self.width - 1):]
-        w = self.weight.to(flat.dtype)
+        return full
+
+    def forward(self, x, state: dict, new: dict, key: str):
+        T = x.shape[1]
+        full = self.window(x, state, new, key)
+        w = self.weight.to(full.dtype)
         # a sum of shifted copies: exact, and far faster on CPU than a grouped conv1d
         y = sum(full[:, j:j + T] * w[:, j] for j in range(self.width))
         return y.reshape(x.shape)
@@ -128,13 +135,8 @@ def flow(p, ops: tuple, conv, state: dict, new: dict, key: str, backend: str):
         from nlc.backends.triton.prologue import flow as fused
         if conv is None:
             return fused(p, ops)
-        B, T = p.shape[:2]
-        flat = p.reshape(B, T, -1)
-        past = state.get(key)
-        if past is None:
-            past = flat.new_zeros(B, conv.width - 1, flat.shape[-1])
-        new[key] = torch.cat([past.to(flat.dtype), flat], dim=1)[:, -(conv.width - 1):] if conv.width > 1 else past
-        return fused(p, ops, conv.weight, past.to(flat.dtype))
+        past = conv.window(p, state, new, key)[:, :conv.width - 1]     # the carried inputs, as on torch
+        return fused(p, ops, conv.weight, past)
     z = p if conv is None else conv(p, state, new, key)
     for op in ops:
         z = globals()[op](z)
