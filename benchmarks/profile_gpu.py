@@ -1,9 +1,10 @@
 """Where the time of nlc's Triton kernels goes on a GPU: per-kernel CUDA time (torch.profiler) of
-gated DeltaNet's chunked kernels (forward + backward) at num_warps 4 and 8, and of Titans' MLP
+gated DeltaNet's chunked kernels (forward + backward) as shipped (each kernel's own num_warps) or
+forced to the counts in --warps, and of Titans' MLP
 memory (Triton forward, torch chunk-recompute backward). A diagnostic for benchmarks/kernels.py's
 table, run by benchmarks/gpu_check.sh (STEPS=profile).
 
-    python benchmarks/profile_gpu.py [--T 8192] [--dtype bf16]
+    python benchmarks/profile_gpu.py [--T 8192] [--dtype bf16] [--warps 4 8] [--mlp-T 0]
 """
 from __future__ import annotations
 
@@ -42,19 +43,25 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--mlp-T", type=int, default=2048)
+    p.add_argument("--mlp-T", type=int, default=2048, help="0 skips the MLP memory")
+    p.add_argument("--warps", type=int, nargs="*", default=[], help="also force these num_warps on every kernel")
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     x = bench.inputs(1, args.T, 16, 128, 128, dtype, "cuda")
     qkv = [x[n] for n in ("q", "k", "v")]
+    breakdown(lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="triton")[0].sum().backward(),
+              f"gated delta triton T={args.T} {args.dtype} as shipped fwd+bwd")
     go = delta._go
-    for warps in (4, 8):
+    for warps in args.warps:
         delta._go = lambda mod, cfg, name, grid, *a, **f: go(mod, cfg, name, grid, *a, num_warps=warps, **f)
         breakdown(lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="triton")[0].sum().backward(),
                   f"gated delta triton T={args.T} {args.dtype} num_warps={warps} fwd+bwd")
     delta._go = go
     breakdown(lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="torch")[0].sum().backward(),
               f"gated delta torch chunk T={args.T} {args.dtype} fwd+bwd")
+
+    if not args.mlp_T:
+        return
 
     class A:
         H, K = 16, 128
