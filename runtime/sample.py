@@ -8,14 +8,13 @@ come, with U+FFFD for what is not); a model trained on a synthetic task prints t
 prompt is token ids too (`--prompt "3 17 0"`; text is read as bytes).
 
 Feeding the text token by token with the state carried gives the logits of one forward pass over
-the whole text exactly (to rounding) when the generated model guarantees it at any cut: attention
-with its KV cache, matrix memories (their chunked forms are exact for any chunk), and MLP and
-momentum memories (their chunks start at absolute positions and the state carries the open
-chunk's anchor and offset). Models with CMS levels (their in-context gradient stops at the state
-carried into a call) are exact only when every cut is a multiple of their CMS window
-(`nlc.runtime.evaluate.alignment`); token-by-token streaming cuts everywhere, so `nlc sample` says
-once on stderr that streaming such a model is approximate beyond the prefill
-(`nlc.runtime.evaluate.approximations`).
+the whole text exactly (to rounding), for every model nlc generates: attention carries its KV
+cache, matrix memories need nothing more (their chunked forms are exact for any chunk), MLP and
+momentum memories carry the open chunk's anchor and offset (their chunks start at absolute
+positions), and CMS models carry the open window, its tokens and the state at its start, and run
+it again from there at the next token (so a streamed token of a CMS model costs up to a window of
+tokens). A model whose generated source cannot be checked gets a note on stderr that streaming it
+may be approximate (`nlc.runtime.evaluate.approximations`).
 """
 from __future__ import annotations
 

@@ -8,6 +8,13 @@ The windows are then joined for the outer gradient by one autograd node each (``
 whose backward backpropagates the window's kept graph to its carried state and the parameters.
 ``cms_forward_two_pass`` is the reference (a constants-only pass for the in-context gradient,
 then a second pass with the full graph); tests hold the two equal in float64.
+
+A call that ends inside a window leaves that window open: the state keeps its tokens and the state
+at its start (``state['cms.open']``), and the next call runs the window again from its start with
+the new tokens appended, returning the new tokens' logits only. So a sequence fed in pieces cut
+anywhere, token by token included, equals the whole: the window's in-context gradient walks the
+whole window, as it does in one pass. The price is recomputing the open window's tokens at each
+call (up to a window per token when streaming).
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Pending", "cms_fast", "cms_step", "cms_forward", "cms_forward_two_pass"]
+__all__ = ["Pending", "cms_fast", "cms_step", "cms_forward", "cms_forward_two_pass", "reopen"]
 
 
 class Pending(NamedTuple):
@@ -90,6 +97,31 @@ def cms_step(ids, logits, fast: dict, pending: Pending | None, state: dict, new:
     return Pending(logits[:, -1], fast)
 
 
+def reopen(input_ids, state: dict | None):
+    """The tokens to run and the state to start from: a window left open by the previous call
+    (``state['cms.open']``: its tokens so far and the state at its start) runs again from its
+    start with `input_ids` appended. Returns (tokens, state, how many leading positions are the
+    open window's, to drop from the logits)."""
+    state = dict(state or {})
+    opened = state.pop("cms.open", None)
+    if opened is None:
+        return input_ids, state, 0
+    prefix, start = opened
+    return torch.cat([prefix.to(input_ids.device), input_ids], 1), dict(start), prefix.shape[1]
+
+
+def _snapshot(state: dict, pos: int, pending) -> dict:
+    """The state at a window's start, as a call starting there would receive it."""
+    return {**state, "t": torch.tensor(pos), "cms.pending": pending}
+
+
+def _close(state: dict, input_ids, s: int, start: dict, end: int, window: int) -> None:
+    """After the last window (tokens from `s`, ending at absolute position `end`): a window left
+    open is kept with its tokens and its start state (:func:`reopen`)."""
+    if end % window:
+        state["cms.open"] = (input_ids[:, s:], start)
+
+
 def cms_forward(model, input_ids, state, levels, window: int):
     """The forward pass of a model with CMS levels, window by window (the fastest period).
 
@@ -99,20 +131,22 @@ def cms_forward(model, input_ids, state, levels, window: int):
     window sees the carried state as leaves, so that gradient walks this window's graph only (and
     the pending pair's); when the outer gradient is wanted, the window's outputs are joined to the
     carried state and the parameters by one autograd node. Windows are anchored at absolute
-    positions (`state['t']`). Inside ``generators.reference()``: :func:`cms_forward_two_pass`.
+    positions (`state['t']`), and a window left open by the previous call runs again from its
+    start (:func:`reopen`). Inside ``generators.reference()``: :func:`cms_forward_two_pass`.
     """
     from nlc.backends.torch.generators import _REFERENCE
     if _REFERENCE[0]:
         return cms_forward_two_pass(model, input_ids, state, levels, window)
-    state = dict(state or {})
+    input_ids, state, drop = reopen(input_ids, state)
     keep_graph = torch.is_grad_enabled()
     params = tuple(p for p in model.parameters() if p.requires_grad) if keep_graph else ()
     pos = int(state.pop("t", torch.zeros((), dtype=torch.long)))
     pending = state.pop("cms.pending", None)  # the last token's logits: its target comes next
     outs, s, (B, T) = [], 0, input_ids.shape
+    start, last = _snapshot(state, pos, pending), 0
     while s < T:
         e = min(T, s + window - (pos + s) % window)
-        ids = input_ids[:, s:e]
+        ids, start, last = input_ids[:, s:e], _snapshot(state, pos + s, pending), s
         with torch.enable_grad():
             fast = cms_fast(model, state, levels, B)
             local = {k: v.detach().requires_grad_() if _graph(v) else v for k, v in state.items()}
@@ -127,7 +161,8 @@ def cms_forward(model, input_ids, state, levels, window: int):
         s = e
     state["t"] = torch.tensor(pos + T)
     state["cms.pending"] = pending
-    return torch.cat(outs, 1), state
+    _close(state, input_ids, last, start, pos + T, window)
+    return torch.cat(outs, 1)[:, drop:], state
 
 
 def _graph(v) -> bool:
@@ -189,16 +224,18 @@ def cms_forward_two_pass(model, input_ids, state, levels, window: int):
     weights that made the prediction (first order), and updates the levels whose chunk ends. The
     inner gradient is taken on a pass that sees the carried state as constants (it needs nothing
     else, and so never walks the graph of earlier windows); when the outer gradient is wanted, a
-    second pass keeps the full graph. Windows are anchored at absolute positions (`state['t']`).
+    second pass keeps the full graph. Windows are anchored at absolute positions (`state['t']`),
+    and a window left open by the previous call runs again from its start (:func:`reopen`).
     """
-    state = dict(state or {})
+    input_ids, state, drop = reopen(input_ids, state)
     keep_graph = torch.is_grad_enabled()
     pos = int(state.pop("t", torch.zeros((), dtype=torch.long)))
     pending = state.pop("cms.pending", None)  # the last token's logits: its target comes next
     outs, s, (B, T) = [], 0, input_ids.shape
+    start, last = _snapshot(state, pos, pending), 0
     while s < T:
         e = min(T, s + window - (pos + s) % window)
-        ids = input_ids[:, s:e]
+        ids, start, last = input_ids[:, s:e], _snapshot(state, pos + s, pending), s
         with torch.enable_grad():
             fast = cms_fast(model, state, levels, B)
             logits, new = model.run(ids, {k: v.detach() for k, v in state.items()}, fast)
@@ -213,4 +250,5 @@ def cms_forward_two_pass(model, input_ids, state, levels, window: int):
         s = e
     state["t"] = torch.tensor(pos + T)
     state["cms.pending"] = pending
-    return torch.cat(outs, 1), state
+    _close(state, input_ids, last, start, pos + T, window)
+    return torch.cat(outs, 1)[:, drop:], state

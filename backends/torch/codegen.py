@@ -66,9 +66,11 @@ def generate(spec: S.ModelSpec, source: str = "", backend: str = "auto") -> str:
     lines += ["class Model(nn.Module):",
               f'    """{spec.name}: embedding, {shape.layers} blocks, norm, output head. forward(input_ids, state) returns',
               '    (logits, state); feeding a sequence in pieces with the state carried equals feeding it whole' +
-              (' (pieces cut at multiples of WINDOW tokens);\n'
+              (';\n'
                "    state['cms.pending'] holds the last token's logits and the CMS fast weights that made them,\n"
-               '    so that their pair with the next call\'s first token is counted."""' if g.cms_levels else '."""'),
+               "    so that their pair with the next call's first token is counted, and state['cms.open'] a\n"
+               "    window the call ended inside (its tokens and the state at its start), which the next call\n"
+               '    runs again from its start."""' if g.cms_levels else '."""'),
               "",
               "    def __init__(self):",
               "        super().__init__()",
