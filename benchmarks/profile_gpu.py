@@ -5,6 +5,11 @@ memory (Triton forward, torch chunk-recompute backward). A diagnostic for benchm
 table, run by benchmarks/gpu_check.sh (STEPS=profile).
 
     python benchmarks/profile_gpu.py [--T 8192] [--dtype bf16] [--warps 4 8] [--mlp-T 0]
+    python benchmarks/profile_gpu.py --models gated_deltanet,transformer [--model-T 4096]
+
+--models profiles one forward + backward of each shipped model spec instead (float32, B=1, on
+`backend="auto"` and `"torch"`): where a model's step goes once the recurrence is a kernel. A wall
+time far above the CUDA kernels' total is time spent launching (Python, small ops).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from nlc.backends.triton import delta
 import kernels as bench   # benchmarks/kernels.py: the same inputs as the table
 
 
-def breakdown(fn, label, steps=3):
+def breakdown(fn, label, steps=3, top=10):
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -35,7 +40,7 @@ def breakdown(fn, label, steps=3):
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
     print(f"\n{label}: wall {wall:.3f} ms per call, CUDA kernels {total:.3f} ms")
-    for key, ms, n in rows[:10]:
+    for key, ms, n in rows[:top]:
         print(f"  {ms:9.3f} ms  x{n:<4} {key[:90]}")
 
 
@@ -45,7 +50,11 @@ def main():
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--mlp-T", type=int, default=2048, help="0 skips the MLP memory")
     p.add_argument("--warps", type=int, nargs="*", default=[], help="also force these num_warps on every kernel")
+    p.add_argument("--models", default="", help="comma-separated model specs: profile their training step instead")
+    p.add_argument("--model-T", type=int, default=4096)
     args = p.parse_args()
+    if args.models:
+        return models(args.models.split(","), args.model_T)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     x = bench.inputs(1, args.T, 16, 128, 128, dtype, "cuda")
     qkv = [x[n] for n in ("q", "k", "v")]
@@ -70,6 +79,22 @@ def main():
         breakdown(lambda: fn().sum().backward(), f"{name} T={args.mlp_T} fwd+bwd", steps=1)
         with torch.no_grad():
             breakdown(fn, f"{name} T={args.mlp_T} fwd", steps=1)
+
+
+def models(names, T):
+    """One forward + backward of each compiled model spec, per backend: CUDA kernels by time."""
+    import nlc
+    ids = torch.randint(0, 256, (1, T), device="cuda")
+    for name in names:
+        for backend in ("auto", "torch"):
+            model = nlc.compile(f"specs/{name}.yaml", backend=backend).cuda()
+
+            def step(model=model):
+                logits, _ = model(ids)
+                logits.float().logsumexp(-1).mean().backward()
+            breakdown(step, f"model {name} backend={backend} T={T} float32 fwd+bwd", steps=2, top=15)
+            del model
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
