@@ -218,21 +218,21 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
         o, W, S, A = _mlp_recurrent(q, k, v, eta, beta, alpha, erase, cfg, W, S, chunk_size, current, A, offset)
         offset = (offset + T) % chunk_size
     else:
-        run = _mlp_chunk
+        kernel = None
         if backend != "torch":
-            if offset and backend == "triton":
-                raise ValueError(f"{op}: backend='triton' takes states at a chunk boundary only; this one "
-                                 f"is {offset} tokens into a chunk (offset={offset}): use backend='torch'")
-            if not (offset and backend == "auto"):  # mid-chunk: torch
-                from nlc.backends.triton import deep
-                if pick(op, backend, q, why_not=deep.supports(cfg, W, chunk_size)) == "triton":
-                    run, alpha = deep.chunk_mlp_memory, (alpha if retain else None)  # None: no retention
+            from nlc.backends.triton import deep
+            if pick(op, backend, q, why_not=deep.supports(cfg, W, chunk_size)) == "triton":
+                kernel = deep.chunk_mlp_memory
         toks = (q, k, v, eta, beta, alpha, erase)
 
         def piece(a, b, st, anchor):
-            xs = (None if x is None else x[:, a:b] for x in toks)
-            extra = {} if anchor is None else {"anchor": anchor}   # only the torch core takes one
-            o, W_, S_ = run(*xs, cfg, st[0], st[1], chunk_size, current, **extra)
+            xs = [None if x is None else x[:, a:b] for x in toks]
+            if anchor is not None:   # the rest of an open chunk, at its carried anchor: the torch core
+                o, W_, S_ = _mlp_chunk(*xs, cfg, st[0], st[1], chunk_size, current, anchor=anchor)
+            elif kernel is not None:  # whole chunks, and a new open chunk: the kernel (alpha None: no retention)
+                o, W_, S_ = kernel(*xs[:5], xs[5] if retain else None, xs[6], cfg, st[0], st[1], chunk_size, current)
+            else:
+                o, W_, S_ = _mlp_chunk(*xs, cfg, st[0], st[1], chunk_size, current)
             return o, (W_, S_)
 
         o, (W, S), A, offset = _anchored(piece, T, chunk_size, offset, A, (W, S))

@@ -191,19 +191,27 @@ def test_momentum_state_is_still_a_pair():
     assert st2.offset == (T - 5) % 4
 
 
-def test_triton_dispatch_of_a_mid_chunk_state():
-    """backend='triton' refuses a state inside a chunk (naming backend='torch'); 'auto' sends it to
-    torch without asking for Triton; at a chunk boundary 'auto' asks as before."""
-    x, st0, kw = mlp_setup("titans")
-    kw.update(chunk_size=4, read="current")
+def test_triton_from_a_mid_chunk_state():
+    """A state inside a chunk on backend='triton' (and 'auto'): the rest of the open chunk runs on
+    the torch core at its carried anchor, the chunks after it on the kernel; outputs, final state
+    and gradients equal backend='torch' (float64, the kernel under Triton's interpreter on a CPU)."""
+    from nlc.backends.triton import deep
+    n = 45                                          # chunk 16 (the kernel's smallest tile), cut at 5
+    x, depth, kw = mlp_leaves("titans", n, 2, seed=7)
+    st0 = mem.MLPState(tuple(x[f"W{i + 1}"] for i in range(depth)), tuple(x[f"S{i + 1}"] for i in range(depth)))
+    kw.update(chunk_size=16, read="current")
     with torch.no_grad():
-        _, st = mlp_call(x, st0, 0, 3, **kw)
-        with pytest.raises(ValueError, match="backend='torch'"):
-            mlp_call(x, st, 3, T, backend="triton", **kw)
-        with mock.patch.object(dm, "pick", side_effect=AssertionError("pick called")):
-            o_auto, st_auto = mlp_call(x, st, 3, T, backend="auto", **kw)
-        o_torch, st_torch = mlp_call(x, st, 3, T, backend="torch", **kw)
-        assert torch.equal(o_auto, o_torch)
-        with mock.patch.object(dm, "pick", return_value="torch") as pick:
-            mlp_call(x, st0, 0, T, backend="auto", **kw)
-        assert pick.called
+        _, st = mlp_call(x, st0, 0, 5, **kw)
+    assert st.offset == 5 and st.anchor is not None
+    leaves = {n: t for n, t in x.items() if t is not None}
+    want = mlp_call(x, st, 5, n, backend="torch", **kw)
+    with mock.patch.object(deep, "chunk_mlp_memory", wraps=deep.chunk_mlp_memory) as kernel:
+        got = mlp_call(x, st, 5, n, backend="triton", **kw)
+    assert [c.args[0].shape[1] for c in kernel.call_args_list] == [16, 13]   # [16, 32), then the open [32, 45)
+    assert_same_run("triton from offset 5", got, want, 1e-10)
+    key = ("triton-offset",)
+    assert_all("d", grads_of((got[0], *flat(got[1])), leaves, key), grads_of((want[0], *flat(want[1])), leaves, key),
+               1e-9)
+    with mock.patch.object(dm, "pick", return_value="torch") as pick:
+        mlp_call(x, st, 5, n, backend="auto", **kw)
+    assert pick.called
