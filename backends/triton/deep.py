@@ -4,8 +4,9 @@
 ``nlc.backends.torch.deep_memory._mlp_chunk`` (after ``mlp_memory``'s validation and casting), so
 ``mlp_memory`` can pick either with one line where it picks ``_mlp_recurrent`` or ``_mlp_chunk``.
 
-Forward: one Triton kernel, one program per (batch, head), weights and momenta on chip across the
-sequence; it also writes every chunk's anchor weights (and momenta). Backward: exact, chunk by
+Forward: one Triton kernel, one program per (batch, head) walking the chunks; it writes every
+chunk's anchor weights (and momenta), which are also its working state (chunk n reads stack n and
+writes stack n + 1), and takes the hidden layer 16 units at a time. Backward: exact, chunk by
 chunk in reverse, each chunk recomputed from its saved anchor state by the torch chunk code
 (``_mlp_chunk`` on that chunk's tokens) under autograd, carrying the gradient of the chunk-end
 state; memory is one chunk's graph at a time. Not a Triton kernel (yet).
@@ -80,9 +81,12 @@ def _config(q, W, C):
     import triton.language as tl
     d_out, hid, D = W[0].shape[-2], W[0].shape[-1], W[1].shape[-1]
     f64 = q.dtype == torch.float64
-    cfg = dict(BC=C, BD=_pow2(D), BH=_pow2(hid), BO=_pow2(d_out), ACC=tl.float64 if f64 else tl.float32,
-               PREC="ieee")
-    return D, hid, d_out, cfg, (8 if max(D, hid, d_out) > 64 or C > 32 else 4)
+    # BJ: the hidden block the kernel walks h in. Warps: ptxas's spills (benchmarks/ptxas_report.py)
+    # at the shipped sizes (D 64, h 64-128, chunk 64) are least with 16 warps (float32 dots are
+    # FMA loops whose operands are held per thread: more threads, fewer each); 8 for chunk 16-32
+    cfg = dict(BC=C, BD=_pow2(D), BH=_pow2(hid), BO=_pow2(d_out), BJ=16,
+               ACC=tl.float64 if f64 else tl.float32, PREC="ieee")
+    return D, hid, d_out, cfg, (16 if C == 64 else 8)
 
 
 class _MLPChunk(torch.autograd.Function):
@@ -104,11 +108,13 @@ class _MLPChunk(torch.autograd.Function):
         o = q_.new_empty(B, T, H, d_out)
         finals = [torch.empty_like(m) for m in mats]
         anchors = [q_.new_empty(B * H, N, *m.shape[-2:]) for m in mats]
+        e_ws = q_.new_empty(B * H, C, kc["BO"])             # the kernel's per-program workspaces
+        m_ws = q_.new_empty(B * H, 4, C, C)
         pad = lambda xs: xs + [dummy] * (4 - len(xs))  # noqa: E731
         or_d = lambda x: dummy if x is None else x  # noqa: E731
         mod.mlp_chunk_fwd[(B * H,)](
             q_, k_, v_, eta_, or_d(beta_), or_d(alpha_), or_d(erase_), *pad(mats), o, *pad(finals),
-            *pad(anchors), T, H, D, hid, d_out, v.shape[-1], N,
+            *pad(anchors), e_ws, m_ws, T, H, D, hid, d_out, v.shape[-1], N,
             BV=_pow2(v.shape[-1]), num_warps=warps, num_stages=1, **kc)
         ctx.save_for_backward(q, k, v, eta, beta, alpha, erase, *anchors)
         ctx.meta = (cfg, C, current, B, H)

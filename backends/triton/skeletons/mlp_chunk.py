@@ -2,27 +2,39 @@
 #
 #     M(z) = [z +] W1 act(W2 z)        W1 [d_out, h] (output side), W2 [h, D] (input side)
 #
-# One program per (batch, head) keeps the fast weights on chip, in fla orientation
-# H1 = W1^T [h, d_out], H2 = W2^T [D, h] (and the momenta S1, S2), and walks the chunks. Per chunk
-# of BC tokens (the chunk IS the tile: the gradients are taken at the chunk's anchor weights):
+# One program per (batch, head) walks the chunks. The fast weights, in fla orientation
+# H1 = W1^T [h, d_out], H2 = W2^T [D, h] (and the momenta S1, S2), live in global memory, in the
+# anchor stacks the backward needs anyway: chunk n reads its anchor from stack n and writes its
+# chunk-end state to stack n + 1 (the last chunk: to the final outputs); the initial state is
+# copied to stack 0 first, and a barrier orders each chunk's writes before the next chunk's reads.
+# Per chunk of BC tokens (the chunk IS the tile: the gradients are taken at the chunk's anchor):
 #     pk = k H2, ak = act(pk), y = ak H1 [+ k]      tau = v, or M(v) at the anchor (SELF_TARGET)
 #     err = y - tau (L2) or -tau (dot)              G1 = eta err,  G2 = eta (err H1^T * act'(pk))
 # Each matrix is the momentum memory's core (backends/torch/README.md, "Memories") with keys ak
 # (H1) or k (H2): segment products Pa[t, i] = prod_{i<m<=t} alpha_m (Pb for beta) by cumprod down
 # the columns, Phi = Pa Pb, c = Pa cumprod(beta); the "before" forms (row t-1, token t's read) are
-# the same products one row down. The DGD erase on H2 is a UT transform: Z = (I + L)^-1 rhs by
-# forward substitution, L[t, m] = Pa_before[t, m] erase_m k_t.k_m. The read is at the anchor, or
-# (CURRENT) layer by layer at the weights before each token (masked C x C terms). The chunk-end
-# state is row t_end (the last real token) of the same expressions; the anchors (and momenta) of
-# every chunk are saved, in paper orientation, for the backward (backends/triton/deep.py).
+# the same products one row down. The DGD erase on H2 is a UT transform: Z = (I + L)^-1 rhs,
+# L[t, m] = Pa_before[t, m] erase_m k_t.k_m, the inverse blockwise (as skeleton 1's delta_prep).
+# The read is at the anchor, or (CURRENT) layer by layer at the weights before each token (masked
+# C x C terms). The chunk-end state is row t_end (the last real token) of the same expressions.
+#
+# Every h-sized tile is taken BJ hidden units at a time, so no [h, .] tile is ever whole on chip:
+# pass 1 over the hidden blocks accumulates y (and tau, and the anchor read), which err needs;
+# pass 2 recomputes pk per block and takes G2, the erase, the current read (accumulating the
+# [BC, .] sums over h) and the block's chunk-end weights and momenta, written as it goes. The
+# chunk's operands that every block multiplies by (err, and the [BC, BC] masks q k^T * Phi_b, ...)
+# go to per-program workspaces and, like q, k and the weights, are loaded where they are used;
+# barriers split pass 2's stages. Float32 dots here are FMA loops whose operands each thread
+# holds: what is kept live across a loop, or loaded early, is what ptxas spills.
 #
 # Holes, resolved per level by nlc.backends.triton.template: MOMENTUM (beta), RETAIN (alpha),
 # ERASE (on the input-side matrix), SELF_TARGET, RESIDUAL, CURRENT (read), L2 (else the dot
 # objective), GELU (exact erf GELU, else SiLU). Accumulation in ACC (float32, or float64 for the
 # oracle tests); PREC is tl.dot's input_precision. Tensors are contiguous: q, k [B, T, H, D];
 # v [B, T, H, DV]; per-token scalars [B, T, H]; weights [B*H, d_out, d_in] and the anchor stacks
-# [B*H, N, d_out, d_in]. Offsets are int64; every load is masked (T need not be a multiple of BC;
-# D, HID, DO of their blocks; padded rows and columns load 0, padded alpha and beta 1).
+# [B*H, N, d_out, d_in], in ACC (they carry the state). Offsets are int64; every load is masked
+# (T need not be a multiple of BC; D, HID, DO of their blocks; padded rows and columns load 0,
+# padded alpha and beta 1).
 import triton
 import triton.language as tl
 
@@ -60,13 +72,13 @@ def _scalars(ptr, t0, T, H, hd, BC: tl.constexpr, PAD: tl.constexpr, SHIFT: tl.c
 
 
 @triton.jit
-def _mat(ptr, hd, n, N, R, C, BR: tl.constexpr, BC: tl.constexpr):
-    """Pointers and mask: matrix n of a [B*H, N, R, C] stack (paper orientation, d_out x d_in),
-    addressed as its transpose [BC, BR] (fla orientation, d_in x d_out)."""
-    rr = tl.arange(0, BR)
-    cc = tl.arange(0, BC)
+def _mat(ptr, hd, n, N, R, C, i0, j0, BI: tl.constexpr, BJ: tl.constexpr):
+    """Pointers and mask: the [BI, BJ] tile at (i0, j0) of the transpose (fla orientation,
+    d_in x d_out) of matrix n of a [B*H, N, R, C] stack (paper orientation, d_out x d_in)."""
+    ii = i0 + tl.arange(0, BI)
+    jj = j0 + tl.arange(0, BJ)
     base = (hd.to(tl.int64) * N + n) * R * C
-    return ptr + base + rr[None, :] * C + cc[:, None], (cc[:, None] < C) & (rr[None, :] < R)
+    return ptr + base + jj[None, :] * C + ii[:, None], (ii[:, None] < C) & (jj[None, :] < R)
 
 
 @triton.jit
@@ -75,8 +87,18 @@ def _load(pm, ACC: tl.constexpr):
 
 
 @triton.jit
-def _store(pm, x):
-    tl.store(pm[0], x.to(pm[0].dtype.element_ty), mask=pm[1])
+def _ws(ptr, hd, s, S, BR: tl.constexpr, BW: tl.constexpr):
+    """Pointers and mask: slot s of a [B*H, S, BR, BW] workspace (the program's own tiles)."""
+    rr = tl.arange(0, BR)
+    cc = tl.arange(0, BW)
+    base = (hd.to(tl.int64) * S + s) * BR * BW
+    return ptr + base + rr[:, None] * BW + cc[None, :], (rr[:, None] < BR) & (cc[None, :] < BW)
+
+
+@triton.jit
+def _store(pm, x, ok):
+    """Store x where the mask and the scalar condition ``ok`` hold."""
+    tl.store(pm[0], x.to(pm[0].dtype.element_ty), mask=pm[1] & ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,17 +139,32 @@ def _row(M, sel):
     return tl.sum(tl.where(sel[:, None], M, 0.0), 0)
 
 
-@triton.jit
-def _unit_lower_inv(Lm, BC: tl.constexpr, ACC: tl.constexpr):
-    """(I + Lm)^-1 for a strictly lower Lm, by forward substitution (as skeleton 1's delta_prep)."""
-    r = tl.arange(0, BC)
-    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)
-    Tm = eye
-    for i in range(1, BC):  # row i of Tm = e_i - sum_{j<i} Lm[i, j] (row j of Tm)
-        a_i = tl.sum(tl.where(r[:, None] == i, Lm, 0.0), 0)
-        row = -tl.sum(a_i[:, None] * Tm, 0)
-        Tm = tl.where(r[:, None] == i, row[None, :] + eye, Tm)
-    return Tm
+if ERASE:  # the UT transform's inverse, blockwise (as skeleton 1's delta_prep)
+    @triton.jit
+    def _inv16(A, BC: tl.constexpr, ACC: tl.constexpr):
+        """The 16 x 16 diagonal blocks of (I + A)^-1 (A strictly lower [BC, BC]), as a
+        block-diagonal [BC, BC]: forward substitution, 15 row steps on all blocks at once."""
+        rb = tl.arange(0, BC // 16)
+        r = tl.arange(0, 16)
+        same = (rb[:, None, None, None] == rb[None, None, :, None])                  # [NB, 1, NB, 1]
+        A3 = tl.sum(tl.where(same, tl.reshape(A, [BC // 16, 16, BC // 16, 16]), 0.0), 2)         # [NB, 16, 16]
+        eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(ACC)[None, :, :]
+        X = eye + tl.zeros([BC // 16, 16, 16], dtype=ACC)
+        for i in range(1, 16):  # row i of each block = e_i - sum_{j<i} A[i, j] (row j)
+            a_i = tl.sum(tl.where(r[None, :, None] == i, A3, 0.0), 1)                 # [NB, 16]
+            row = -tl.sum(a_i[:, :, None] * X, 1)                                     # [NB, 16]
+            X = tl.where(r[None, :, None] == i, row[:, None, :] + eye, X)
+        return tl.reshape(tl.where(same, X[:, :, None, :], 0.0), [BC, BC])
+
+    @triton.jit
+    def _merge(M, A, s: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+        """M, the inverse of the s-block-diagonal part of I + A, to that of its 2s-block-diagonal
+        part: [[X1, 0], [L21, L22]]^-1 = [[X1, 0], [-X2 L21 X1, X2]], i.e. M - M L M with L the
+        (lower, left) s-blocks of A in each 2s-block (M L M is zero but there)."""
+        r = tl.arange(0, BC)
+        low = ((r[:, None] // s) % 2 == 1) & (r[None, :] // s == r[:, None] // s - 1)
+        L = tl.where(low, A, 0.0)
+        return M - tl.dot(tl.dot(M, L, input_precision=PREC), M, input_precision=PREC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,49 +174,61 @@ def _unit_lower_inv(Lm, BC: tl.constexpr, ACC: tl.constexpr):
 @triton.jit
 def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
                   w1_ptr, w2_ptr, s1_ptr, s2_ptr, o_ptr, w1o_ptr, w2o_ptr, s1o_ptr, s2o_ptr,
-                  w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, T, H, D, HID, DO, DV, N,
+                  w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, e_ws_ptr, m_ws_ptr, T, H, D, HID, DO, DV, N,
                   BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr,
-                  BV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Grid (B*H,): the sequential pass over chunks; writes o, the final weights (and momenta)
-    and every chunk's anchor weights (and momenta)."""
+                  BV: tl.constexpr, BJ: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B*H,): the sequential pass over chunks; writes o, every chunk's anchor weights (and
+    momenta) to the stacks, and the final weights (and momenta). BJ: the hidden block. The
+    workspaces hold the chunk's operands that every hidden block multiplies by: err [BC, BO]
+    (e_ws) and the [BC, BC] matrices (m_ws); loaded where used, like q and k, not kept live
+    across the hidden loops (as dot operands they would take most of the registers)."""
     hd = tl.program_id(0)
     r = tl.arange(0, BC)
-    H1 = _load(_mat(w1_ptr, hd, 0, 1, DO, HID, BO, BH), ACC)          # W1^T [BH, BO]
-    H2 = _load(_mat(w2_ptr, hd, 0, 1, HID, D, BH, BD), ACC)           # W2^T [BD, BH]
-    if MOMENTUM:
-        S1 = _load(_mat(s1_ptr, hd, 0, 1, DO, HID, BO, BH), ACC)
-        S2 = _load(_mat(s2_ptr, hd, 0, 1, HID, D, BH, BD), ACC)
+    for j0 in range(0, HID, BJ):  # the initial state is chunk 0's anchor
+        _store(_mat(w1s_ptr, hd, 0, N, DO, HID, j0, 0, BJ, BO), _load(_mat(w1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC), True)
+        _store(_mat(w2s_ptr, hd, 0, N, HID, D, 0, j0, BD, BJ), _load(_mat(w2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC), True)
+        if MOMENTUM:
+            _store(_mat(s1s_ptr, hd, 0, N, DO, HID, j0, 0, BJ, BO), _load(_mat(s1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC), True)
+            _store(_mat(s2s_ptr, hd, 0, N, HID, D, 0, j0, BD, BJ), _load(_mat(s2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC), True)
+    tl.debug_barrier()  # the stores above are seen by every thread's loads below
     for n in range(N):
         t0 = n * BC
-        _store(_mat(w1s_ptr, hd, n, N, DO, HID, BO, BH), H1)
-        _store(_mat(w2s_ptr, hd, n, N, HID, D, BH, BD), H2)
-        if MOMENTUM:
-            _store(_mat(s1s_ptr, hd, n, N, DO, HID, BO, BH), S1)
-            _store(_mat(s2s_ptr, hd, n, N, HID, D, BH, BD), S2)
-        q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
-        k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
-        v = _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BV), ACC)
+        more = n + 1 < N                      # the chunk-end state goes to stack n + 1, else out
+        fin = n + 1 == N
         eta = _scalars(eta_ptr, t0, T, H, hd, BC, 0.0, 0).to(ACC)
         last = r == tl.minimum(T - t0, BC) - 1                       # the chunk's last real token
-        # forward at the anchor, per-token errors and backprop signals (README "Memories")
-        pk = tl.dot(k, H2, input_precision=PREC)                        # [BC, BH]
-        ak, dak = _act(pk)
-        y = tl.dot(ak, H1, input_precision=PREC)                        # [BC, BO]
-        if RESIDUAL:
-            y = y + k
+        # pass 1, forward at the anchor: y = act(k H2) H1 [, tau = act(v H2) H1, o = act(q H2) H1]
+        y = tl.zeros([BC, BO], dtype=ACC)
         if SELF_TARGET:
-            tau = tl.dot(_act(tl.dot(v, H2, input_precision=PREC))[0], H1, input_precision=PREC)
+            tau = tl.zeros([BC, BO], dtype=ACC)
+        if not CURRENT:
+            o = tl.zeros([BC, BO], dtype=ACC)
+        for j0 in range(0, HID, BJ):
+            H1 = _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)     # rows j0.. of W1^T
+            H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)      # cols j0.. of W2^T
+            k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
+            y += tl.dot(_act(tl.dot(k, H2, input_precision=PREC))[0], H1, input_precision=PREC)
+            if SELF_TARGET:
+                v = _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BV), ACC)
+                tau += tl.dot(_act(tl.dot(v, H2, input_precision=PREC))[0], H1, input_precision=PREC)
+            if not CURRENT:
+                q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
+                o += tl.dot(_act(tl.dot(q, H2, input_precision=PREC))[0], H1, input_precision=PREC)
+        v = _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BV), ACC)
+        if RESIDUAL:
+            y = y + _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
+        if SELF_TARGET:
             if RESIDUAL:
                 tau = tau + v
         else:
             tau = v
         if L2:
-            err = y - tau
+            err = y - tau                                               # G1 = eta err
         else:
             err = -tau
-        G1 = eta[:, None] * err                                         # [BC, BO], keys ak
-        G2 = eta[:, None] * (tl.dot(err, tl.trans(H1), input_precision=PREC) * dak)  # [BC, BH], keys k
-        # decay coefficients: after token t's write (rows t) and before it (rows t - 1)
+        _store(_ws(e_ws_ptr, hd, 0, 1, BC, BO), err, True)
+        # decay coefficients: after token t's write (rows t) and before it (rows t - 1); of the
+        # "after" forms only row t_end (the chunk end) is needed
         if RETAIN:
             Pa, Pab, A, Ab = _segprod(alpha_ptr, t0, T, H, hd, BC, ACC)
         else:
@@ -187,61 +236,115 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             Pab = tl.where(r[:, None] > r[None, :], 1.0, 0.0).to(ACC)
             A = tl.full([BC], 1.0, ACC)
             Ab = A
+        a_e = tl.sum(tl.where(last, A, 0.0), 0)
+        pa_e = _row(Pa, last)                                           # Pa[t_end, :]
         if MOMENTUM:
             Pb, _Pbb, Bc, _Bcb = _segprod(beta_ptr, t0, T, H, hd, BC, ACC)
-            Phi = tl.dot(Pa, Pb, input_precision=PREC)
             Phib = tl.dot(Pab, Pb, input_precision=PREC)
+            phi_e = tl.sum(pa_e[:, None] * Pb, 0)                       # (Pa Pb)[t_end, :]
             cb = tl.sum(Pab * Bc[None, :], 1)
+            c_e = tl.sum(pa_e * Bc, 0)
+            bc_e = tl.sum(tl.where(last, Bc, 0.0), 0)
+            db_e = eta * _row(Pb, last)                                 # S's write coefficients
         else:
-            Phi = Pa
             Phib = Pab
+            phi_e = pa_e
+        phi_e = eta * phi_e                                             # H's, on err (G1 = eta err)
+        k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
         # the erase's UT transform on the input-side matrix: Z_t = k_t^T H2_{t-1}
         if ERASE:
             eps = _scalars(erase_ptr, t0, T, H, hd, BC, 0.0, 0).to(ACC)
             KK = tl.dot(k, tl.trans(k), input_precision=PREC)
-            rhs = Ab[:, None] * pk - tl.dot(KK * Phib, G2, input_precision=PREC)
-            if MOMENTUM:
-                rhs = rhs - cb[:, None] * tl.dot(k, S2, input_precision=PREC)
-            Tinv = _unit_lower_inv(Pab * eps[None, :] * KK, BC, ACC)
-            bZ = eps[:, None] * tl.dot(Tinv, rhs, input_precision=PREC)
-        # the read
+            Lm = Pab * eps[None, :] * KK
+            Tinv = _inv16(Lm, BC, ACC)
+            if BC >= 32:
+                Tinv = _merge(Tinv, Lm, 16, BC, PREC)
+            if BC >= 64:
+                Tinv = _merge(Tinv, Lm, 32, BC, PREC)
+            _store(_ws(m_ws_ptr, hd, 2, 4, BC, BC), KK * Phib, True)
+            _store(_ws(m_ws_ptr, hd, 3, 4, BC, BC), Tinv, True)
         if CURRENT:
-            QK = tl.dot(q, tl.trans(k), input_precision=PREC)
-            p = Ab[:, None] * tl.dot(q, H2, input_precision=PREC) - tl.dot(QK * Phib, G2, input_precision=PREC)
-            if MOMENTUM:
-                p = p - cb[:, None] * tl.dot(q, S2, input_precision=PREC)
+            QK = tl.dot(_load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC), tl.trans(k), input_precision=PREC)
+            _store(_ws(m_ws_ptr, hd, 0, 4, BC, BC), QK * Phib, True)
             if ERASE:
-                p = p - tl.dot(QK * Pab, bZ, input_precision=PREC)
-            x = _act(p)[0]
-            XK = tl.dot(x, tl.trans(ak), input_precision=PREC)
-            o = Ab[:, None] * tl.dot(x, H1, input_precision=PREC) - tl.dot(XK * Phib, G1, input_precision=PREC)
+                _store(_ws(m_ws_ptr, hd, 1, 4, BC, BC), QK * Pab, True)
+            XK = tl.zeros([BC, BC], dtype=ACC)                          # sum over h of x ak^T
+            o = tl.zeros([BC, BO], dtype=ACC)
+        tl.debug_barrier()  # the workspaces are written
+        # pass 2, per hidden block: G2, the erase, the current read, the chunk-end state. Each
+        # tile is loaded where it is used (again where it is used again) and the stages are
+        # split by barriers, so that no stage's operands are live during another's.
+        for j0 in range(0, HID, BJ):
+            k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
+            pk = tl.dot(k, _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC), input_precision=PREC)
+            ak, dak = _act(pk)                                          # [BC, BJ]
+            H1T = tl.trans(_load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC))
+            g2 = tl.dot(_load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC), H1T, input_precision=PREC) * dak
+            tl.debug_barrier()                                          # G2 = eta g2 (keys k)
+            if ERASE:
+                rhs = Ab[:, None] * pk - tl.dot(_load(_ws(m_ws_ptr, hd, 2, 4, BC, BC), ACC), eta[:, None] * g2, input_precision=PREC)
+                if MOMENTUM:
+                    rhs -= cb[:, None] * tl.dot(k, _load(_mat(s2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC), input_precision=PREC)
+                tl.debug_barrier()
+                bZ = eps[:, None] * tl.dot(_load(_ws(m_ws_ptr, hd, 3, 4, BC, BC), ACC), rhs, input_precision=PREC)
+                tl.debug_barrier()
+            # the read at the weights before each token, this block of the hidden layer:
+            # p = A_b (q H2) - (q k^T * Phi_b) G2 - c_b (q S2) [- (q k^T * Pa_b) eps Z]
+            if CURRENT:
+                q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
+                p = Ab[:, None] * tl.dot(q, _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC), input_precision=PREC)
+                tl.debug_barrier()
+                p -= tl.dot(_load(_ws(m_ws_ptr, hd, 0, 4, BC, BC), ACC), eta[:, None] * g2, input_precision=PREC)
+                tl.debug_barrier()
+                if MOMENTUM:
+                    p -= cb[:, None] * tl.dot(q, _load(_mat(s2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC), input_precision=PREC)
+                    tl.debug_barrier()
+                if ERASE:
+                    p -= tl.dot(_load(_ws(m_ws_ptr, hd, 1, 4, BC, BC), ACC), bZ, input_precision=PREC)
+                    tl.debug_barrier()
+                x = _act(p)[0]
+                XK += tl.dot(x, tl.trans(ak), input_precision=PREC)
+                tl.debug_barrier()
+                o += tl.dot(Ab[:, None] * x, _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC), input_precision=PREC)
+                tl.debug_barrier()
+                if MOMENTUM:
+                    o -= tl.dot(cb[:, None] * x, _load(_mat(s1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC), input_precision=PREC)
+                    tl.debug_barrier()
+            # the block's chunk-end weights (and momenta), one matrix at a time, stored at once:
+            # H <- A H - K^T (Phi_e G [+ Pa_e eps Z]) - c S,   S <- Bc S + K^T (Pb_e G)
+            H1 = a_e * _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
+            H1 -= tl.dot(tl.trans(ak), phi_e[:, None] * _load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC), input_precision=PREC)
             if MOMENTUM:
-                o = o - cb[:, None] * tl.dot(x, S1, input_precision=PREC)
-        else:
-            o = tl.dot(_act(tl.dot(q, H2, input_precision=PREC))[0], H1, input_precision=PREC)
+                H1 -= c_e * _load(_mat(s1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
+            _store(_mat(w1s_ptr, hd, n + 1, N, DO, HID, j0, 0, BJ, BO), H1, more)
+            _store(_mat(w1o_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), H1, fin)
+            tl.debug_barrier()
+            if MOMENTUM:
+                S1 = bc_e * _load(_mat(s1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
+                S1 += tl.dot(tl.trans(ak), db_e[:, None] * _load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC), input_precision=PREC)
+                _store(_mat(s1s_ptr, hd, n + 1, N, DO, HID, j0, 0, BJ, BO), S1, more)
+                _store(_mat(s1o_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), S1, fin)
+                tl.debug_barrier()
+            coef2 = phi_e[:, None] * g2
+            if ERASE:
+                coef2 += pa_e[:, None] * bZ
+            H2 = a_e * _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
+            H2 -= tl.dot(tl.trans(k), coef2, input_precision=PREC)
+            if MOMENTUM:
+                H2 -= c_e * _load(_mat(s2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
+            _store(_mat(w2s_ptr, hd, n + 1, N, HID, D, 0, j0, BD, BJ), H2, more)
+            _store(_mat(w2o_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), H2, fin)
+            tl.debug_barrier()
+            if MOMENTUM:
+                S2 = bc_e * _load(_mat(s2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
+                S2 += tl.dot(tl.trans(k), db_e[:, None] * g2, input_precision=PREC)
+                _store(_mat(s2s_ptr, hd, n + 1, N, HID, D, 0, j0, BD, BJ), S2, more)
+                _store(_mat(s2o_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), S2, fin)
+                tl.debug_barrier()
+        # the read's output layer: o = A_b (x H1) - c_b (x S1) - (x ak^T * Phi_b) G1
+        if CURRENT:
+            o -= tl.dot(XK * Phib * eta[None, :], _load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC), input_precision=PREC)
         if RESIDUAL:
-            o = o + q
-        _store(_rows(o_ptr, t0, T, H, DO, hd, BC, BO), o)
-        # the chunk-end state: row t_end of the expressions above
-        a_e = tl.sum(tl.where(last, A, 0.0), 0)
-        phi_e = _row(Phi, last)
-        coef2 = phi_e[:, None] * G2
-        if ERASE:
-            coef2 = coef2 + _row(Pa, last)[:, None] * bZ
-        H1n = a_e * H1 - tl.dot(tl.trans(ak), phi_e[:, None] * G1, input_precision=PREC)
-        H2n = a_e * H2 - tl.dot(tl.trans(k), coef2, input_precision=PREC)
-        if MOMENTUM:
-            c_e = tl.sum(tl.where(last, tl.sum(Pa * Bc[None, :], 1), 0.0), 0)
-            bc_e = tl.sum(tl.where(last, Bc, 0.0), 0)
-            db_e = _row(Pb, last)
-            H1n = H1n - c_e * S1
-            H2n = H2n - c_e * S2
-            S1 = bc_e * S1 + tl.dot(tl.trans(ak), db_e[:, None] * G1, input_precision=PREC)
-            S2 = bc_e * S2 + tl.dot(tl.trans(k), db_e[:, None] * G2, input_precision=PREC)
-        H1 = H1n
-        H2 = H2n
-    _store(_mat(w1o_ptr, hd, 0, 1, DO, HID, BO, BH), H1)
-    _store(_mat(w2o_ptr, hd, 0, 1, HID, D, BH, BD), H2)
-    if MOMENTUM:
-        _store(_mat(s1o_ptr, hd, 0, 1, DO, HID, BO, BH), S1)
-        _store(_mat(s2o_ptr, hd, 0, 1, HID, D, BH, BD), S2)
+            o += _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
+        _store(_rows(o_ptr, t0, T, H, DO, hd, BC, BO), o, True)
+        tl.debug_barrier()  # chunk n's end state (stack n + 1) is written before chunk n + 1 reads it
