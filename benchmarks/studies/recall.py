@@ -3,16 +3,21 @@
 Every model is trained once on MQAR at the training context with a mix of loads, then scored
 on a grid of (pairs, context) it was not all trained on: capacity (more pairs than trained) and
 length (longer sequences filled with more episodes). Models are matched in parameter count.
+`hope` is the shipped spec (CMS periods 64, 512, 4096 tokens, `M_mem` chunk 64); `hope_small` is
+Hope at the studies' scale (benchmarks/studies/specs/hope_small.yaml: CMS periods 16, 32, 64 and
+chunk 16, so that every CMS level updates inside a 128-token sequence), matched in size like the
+others.
 """
 from __future__ import annotations
 
-from benchmarks.studies.common import fmt, matched, mean_sd, score, shipped, train
+from benchmarks.studies.common import VARIANTS, Variant, fmt, matched, mean_sd, score, shipped, train
 
 TITLE = "Recall: MQAR accuracy against pairs and sequence length"
 CLAIM = ("Nested Learning §8 / Titans: memories that learn in context (Titans, Hope) recall more "
          "key-value pairs than linear attention and the delta rule, at a fraction of a Transformer's "
          "cost, and hold up better as sequences grow (paper: Hope and Titans ≥ DeltaNet-family on recall).")
-MODELS = ["transformer", "linear_attention", "deltanet", "gated_deltanet", "titans", "hope", "hope_attention"]
+MODELS = ["transformer", "linear_attention", "deltanet", "gated_deltanet", "titans", "hope", "hope_small",
+          "hope_attention"]
 
 SIZES = {
     "toy": dict(models=["transformer", "deltanet", "titans"], target=60_000, layers=1, steps=4, batch=4,
@@ -29,7 +34,9 @@ def task(pairs: int) -> str:
 def run(cfg: dict, log) -> dict:
     rows = []
     for name in cfg["models"]:
-        base = shipped(name, name, f"model.layers={cfg['layers']}", f"lr={cfg['lr']}")
+        sets = (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}")
+        study_scale = VARIANTS / f"{name}.yaml"
+        base = Variant(name, study_scale, sets) if study_scale.exists() else shipped(name, name, *sets)
         v = matched(base, cfg["target"])
         for seed in range(cfg["seeds"]):
             t = train(v, task=task(cfg["train_pairs"]), steps=cfg["steps"], batch=cfg["batch"],
@@ -74,7 +81,7 @@ def report(result: dict) -> str:
         lines.append(f"| {name} | {m['params']:,} | " + " | ".join(cells) + f" | {avg[name]:.3f} | "
                      f"{mean_sd(m['seconds'])[0]:.0f} |")
     lines.append("")
-    nl = [n for n in ("titans", "hope") if n in avg]
+    nl = [n for n in ("titans", "hope", "hope_small") if n in avg]
     linear = [n for n in ("linear_attention", "deltanet", "gated_deltanet") if n in avg]
     if nl and linear:
         best_nl, best_lin = max(nl, key=avg.get), max(linear, key=avg.get)
