@@ -67,7 +67,6 @@ def test_pieces_equal_the_whole(name, cut, tmp_path):
     model = model_of(name, tmp_path)
     ids = torch.randint(0, 50, (2, T))
     probe = torch.randn(2, T, 50, dtype=torch.float64)
-    params = [p for p in model.parameters()]
     whole, state = model(ids)
     pieces, carried = fed(model, ids, CUTS[cut])
     close(pieces, whole, "logits")
@@ -79,14 +78,20 @@ def test_pieces_equal_the_whole(name, cut, tmp_path):
     assert len(offsets) >= 2 and all(v.device.type == "cpu" and v.dtype == torch.long and v.dim() == 0
                                      for v in offsets.values())
     assert all(int(v) == T % chunk_of(k) for k, v in offsets.items())
+    same_grads(model, pieces, whole, probe, lambda n: "_W." in n or n.endswith("_M0"))
+
+
+def same_grads(model, pieces, whole, probe, memory):
+    """The parameters' gradients of (logits * probe).sum() fed in pieces equal the whole's, and
+    some parameter that `memory(name)` picks gets a nonzero one."""
+    names, params = zip(*model.named_parameters())
     g_whole = torch.autograd.grad((whole * probe).sum(), params, allow_unused=True)
     g_pieces = torch.autograd.grad((pieces * probe).sum(), params, allow_unused=True)
-    for (n, _), a, b in zip(model.named_parameters(), g_whole, g_pieces):
+    for n, a, b in zip(names, g_whole, g_pieces):
         assert (a is None) == (b is None), n
         if a is not None:
             close(b, a, f"grad {n}")
-    assert any(a is not None and a.abs().max() > 0 for (n, _), a in zip(model.named_parameters(), g_whole)
-               if "_W." in n or n.endswith("_M0"))
+    assert any(a is not None and a.abs().max() > 0 for n, a in zip(names, g_whole) if memory(n))
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nlc.backends.torch import generators
-from tests.backends.test_streaming import close, fed, model_of
+from tests.backends.test_streaming import close, fed, model_of, same_grads
 
 T = 23                                   # the small specs' CMS window is 8: 23 ends inside one
 CUTS = {"pieces": [3, 7, 16], "tokens": list(range(1, T))}
@@ -42,21 +42,13 @@ def test_cms_pieces_equal_the_whole(name, cut, reference, tmp_path):
     model = model_of(name, tmp_path)
     ids = torch.randint(0, 50, (2, T), generator=torch.Generator().manual_seed(2))
     probe = torch.randn(2, T, 50, dtype=torch.float64)
-    params = list(model.parameters())
     with generators.reference(reference):
         whole, state = model(ids)
         pieces, carried = fed(model, ids, CUTS[cut])
     assert state["cms.open"][0].shape == (2, T % 8)
     close(pieces, whole, "logits")
     same_state(carried, state)
-    g_whole = torch.autograd.grad((whole * probe).sum(), params, allow_unused=True)
-    g_pieces = torch.autograd.grad((pieces * probe).sum(), params, allow_unused=True)
-    for (n, _), a, b in zip(model.named_parameters(), g_whole, g_pieces):
-        assert (a is None) == (b is None), n
-        if a is not None:
-            close(b, a, f"grad {n}")
-    assert any(a is not None and a.abs().max() > 0 for (n, _), a in zip(model.named_parameters(), g_whole)
-               if "cms" in n)
+    same_grads(model, pieces, whole, probe, lambda n: "cms" in n)
 
 
 def test_dropping_the_open_window_changes_the_logits(tmp_path):
