@@ -1,9 +1,12 @@
 """Kernel templates: a skeleton with holes, filled for one level, cached and loaded.
 
-A skeleton (``skeletons/*.py``) is a real Triton module: it runs as is, with every hole turned on.
+A skeleton (``skeletons/*.py``) is a real Triton module once its includes are in: it runs with
+every hole turned on.
 Its holes are boolean flags (``DECAY``, ``ERASE``): module-level ``tl.constexpr`` constants, and
 ``if FLAG:`` / ``else:`` blocks on expressions of them; and code holes, a comment line ``# {NAME}``
-replaced by generated statements (the flow prologue's chain of functions). ``render`` resolves those blocks for one
+replaced by generated statements (the flow prologue's chain of functions); and includes, a line
+``# {include NAME}`` replaced by the functions of ``skeletons/parts/NAME.py`` (shared by several
+skeletons). ``render`` resolves those blocks for one
 level's flags, drops the flag constants and puts a header on top, so the generated source holds
 only the terms the level has: what you read is what runs. Triton would fold the same constants
 itself; resolving them in the source is for the reader, and it makes each variant its own file.
@@ -28,6 +31,7 @@ SKELETONS = Path(__file__).parent / "skeletons"
 _IF = re.compile(r"^(\s*)if (.+):\s*(#.*)?$")
 _ELSE = re.compile(r"^(\s*)else:\s*(#.*)?$")
 _FLAG = re.compile(r"^([A-Z][A-Z0-9_]*): tl\.constexpr = (True|False)\s*$")
+_INCLUDE = re.compile(r"^(\s*)# \{include (\w+)\}\s*$")
 _loaded: dict = {}
 
 
@@ -43,7 +47,7 @@ def body(skeleton: str, flags: dict, code: dict | None = None) -> str:
     names = flags_of(skeleton)
     if set(flags) != set(names):
         raise ValueError(f"skeleton {skeleton!r} takes flags {sorted(names)}, got {sorted(flags)}")
-    lines = (SKELETONS / f"{skeleton}.py").read_text().splitlines()
+    lines = _included((SKELETONS / f"{skeleton}.py").read_text().splitlines())
     lines = [ln for ln in lines if not _FLAG.match(ln)]
     for name, fill in (code or {}).items():
         at = [i for i, ln in enumerate(lines) if ln.strip() == f"# {{{name}}}"]
@@ -55,6 +59,24 @@ def body(skeleton: str, flags: dict, code: dict | None = None) -> str:
     text = "\n".join(out).rstrip() + "\n"
     ast.parse(text)  # a skeleton edit that breaks a variant fails here, not in Triton
     return text
+
+
+def _included(lines: list[str]) -> list[str]:
+    """Each line ``# {include NAME}`` replaced by the part ``skeletons/parts/NAME.py`` after its
+    imports, at the line's indentation: what several skeletons share is written once, and every
+    generated file is still one module."""
+    out = []
+    for ln in lines:
+        m = _INCLUDE.match(ln)
+        if not m:
+            out.append(ln)
+            continue
+        part = (SKELETONS / "parts" / f"{m.group(2)}.py").read_text().splitlines()
+        start = max(i for i, p in enumerate(part) if p.startswith(("import ", "from "))) + 1
+        while start < len(part) and not part[start].strip():
+            start += 1
+        out += [m.group(1) + p if p.strip() else "" for p in part[start:]]
+    return out
 
 
 def render(skeleton: str, flags: dict, header: str) -> str:
