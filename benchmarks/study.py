@@ -111,11 +111,14 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="default", choices=["toy", "default"],
                    help="toy: seconds, for the smoke test; default: the size RESULTS.md reports")
     p.add_argument("--seeds", type=int, default=None, help="override the study's number of seeds")
-    p.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and results/ go [benchmarks/]")
+    p.add_argument("--out", type=Path, default=None, help="where RESULTS.md and results/ go [benchmarks/; "
+                   "a toy run: runs/studies/toy/, so that it never replaces the reported results]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--rewrite", action="store_true", help="rewrite the RESULTS.md section from the saved "
                    "results/NAME.json (after a change to the report's wording), without running anything")
     a = p.parse_args(argv)
+    if a.out is None:
+        a.out = HERE.parent / "runs" / "studies" / "toy" if a.size == "toy" and not a.rewrite else HERE
     if a.name == "list":
         for n in STUDIES:
             print(f"{n:<12} {load(n).TITLE}")
