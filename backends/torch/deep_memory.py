@@ -153,8 +153,9 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
             masked matmuls over each chunk (README "Memories"), no loop over tokens.
         backend: who runs ``mode="chunk"``: ``"torch"``, ``"triton"`` (skeleton 2,
             ``nlc.backends.triton.deep``: depth 2, silu or gelu, chunk 16, 32 or 64, sizes up to
-            128) or ``"auto"`` (Triton for CUDA tensors that it takes, torch otherwise). A state
-            with an offset > 0 runs on torch (``"auto"``) or is a ValueError (``"triton"``).
+            256) or ``"auto"`` (Triton for CUDA tensors that it takes, torch otherwise). A state
+            with an offset > 0 runs the rest of its open chunk on torch, the chunks after it on
+            the kernel.
 
     Returns:
         ``(o, MLPState)``: o ``[B, T, H, D_out]`` in q's dtype; weights ``[B, H, d_out, d_in]``;

@@ -19,7 +19,7 @@ __all__ = ["Placement", "plan", "delta_terms", "mlp_flags", "header"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
 MLP_ACTIVATIONS = ("silu", "gelu")
-MLP_MAX_DIM = 128
+MLP_MAX_DIM = 256
 
 
 @dataclass(frozen=True)

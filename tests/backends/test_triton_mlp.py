@@ -170,6 +170,12 @@ def test_triton_mlp_short_and_wide():
     compare(got, want, TOL64, TOL64)
 
 
+def test_triton_mlp_wider_than_128():
+    """D, hidden and d_out over 128 (blocks of 256, as Hope's and TTT-MLP's one 256-wide head)."""
+    got, want = both("hope_memory", T=7, D=136, hid=144, B=1, H=1)
+    compare(got, want, TOL64, TOL64)
+
+
 def test_triton_mlp_no_retention_at_the_seam():
     """alpha=None at the core (the kernel drops the retention terms) == alpha of ones."""
     x = leaves("ttt_mlp")
@@ -206,6 +212,9 @@ def test_triton_mlp_rejects_what_it_cannot_run():
         deep.chunk_mlp_memory(*args, cfg, W + [W[1][..., :16]], None, 16, False)
     with pytest.raises(ValueError, match="activation"):
         deep.chunk_mlp_memory(*args, ("l2", False, False, "relu", True), W, None, 16, False)
+    wide = [W[0].new_zeros(*W[0].shape[:-1], 257), W[1].new_zeros(*W[1].shape[:-2], 257, W[1].shape[-1])]
+    with pytest.raises(ValueError, match="at most 256"):
+        deep.chunk_mlp_memory(*args, cfg, wide, None, 16, False)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="full-size tiles (D 64, hidden 128, chunk 64): too slow "

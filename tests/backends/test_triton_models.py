@@ -22,10 +22,10 @@ SERVED = [n for n in COMPILED
 
 
 def test_the_served_specs():
-    """Hope and TTT-MLP have 256-wide memories (one head): skeleton 2 holds weights up to 128 on
-    chip, so they run on torch and say so (test below)."""
+    """Every spec with a level that a skeleton serves; Hope's and TTT-MLP's 256-wide memories (one
+    head) included since skeleton 2 keeps its weights in global memory."""
     assert set(SERVED) == {"linear_attention", "deltanet", "gated_deltanet", "retnet", "gdn_swa",
-                           "gla", "titans", "hope_heads"}
+                           "gla", "titans", "hope", "hope_heads", "ttt_mlp"}
 
 
 def small_triton(name, tmp_path):
@@ -82,10 +82,17 @@ def test_every_level_is_placed_and_served_levels_get_kernels(tmp_path):
 
 
 def test_levels_no_skeleton_serves_say_why(tmp_path):
-    build(ROOT / "specs" / "hope.yaml", tmp_path / "hope", backend="triton")
-    placement = json.loads((tmp_path / "hope" / "manifest.json").read_text())["placement"]
-    assert placement["M_mem"]["runs_on"] == "torch" and "up to 128" in placement["M_mem"]["why"]
-    assert "backend='torch'" in (tmp_path / "hope" / "model.py").read_text()
+    """Titans with a depth-3 memory: skeleton 2 takes depth 2, so the level runs on torch and the
+    manifest and the generated model say why."""
+    text = (ROOT / "specs" / "titans.yaml").read_text()
+    old = "memory: {kind: mlp, depth: 2, expansion: 2"
+    assert old in text
+    spec = tmp_path / "titans_deep.yaml"
+    spec.write_text(text.replace(old, "memory: {kind: mlp, depth: 3, expansion: 2"))
+    build(spec, tmp_path / "deep", backend="triton")
+    placement = json.loads((tmp_path / "deep" / "manifest.json").read_text())["placement"]
+    assert placement["memory"]["runs_on"] == "torch" and "depth 3" in placement["memory"]["why"]
+    assert "backend='torch'" in (tmp_path / "deep" / "model.py").read_text()
 
 
 def test_dplr_levels_say_why_they_run_on_torch(tmp_path):
