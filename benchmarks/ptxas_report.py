@@ -9,7 +9,8 @@ Kernels: the generalized delta (skeleton 1, every DECAY x ERASE variant) and the
 wrapper passes: the inputs in their dtype, workspaces and outputs in float32), each kernel with
 the launch configuration (tile constants, num_warps, num_stages) that ``delta.launch`` /
 ``diag.launch`` give; the deep memory (skeleton 2) at Titans' memory level (D 64, hidden 128,
-chunk 64, momentum, retention, current read), whose wrapper casts every input to float32.
+chunk 64, momentum, retention, current read) and at Hope's M_mem (256 wide, erase, self target),
+whose wrapper casts every input to float32.
 Run it without ``TRITON_INTERPRET``; a kernel that fails to compile is a row saying so.
 """
 from __future__ import annotations
@@ -96,13 +97,15 @@ def diag_rows(dtypes):
 
 def mlp_rows():
     from nlc.backends.triton.deep import _config, _pow2
-    flags = dict(MOMENTUM=True, RETAIN=True, ERASE=False, SELF_TARGET=False, RESIDUAL=True, CURRENT=True,
-                 L2=True, GELU=False)                # titans.yaml's memory level
-    D, hidden, chunk = 64, 128, 64
-    mod = template.load("mlp_chunk", flags, interpret=False)
-    W = [torch.empty(1, 1, D, hidden), torch.empty(1, 1, hidden, D)]
-    *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, chunk)
-    yield "mlp titans", torch.float32, "mlp_chunk_fwd", mod.mlp_chunk_fwd, dict(cfg, BV=_pow2(D)), 1, warps
+    titans = dict(MOMENTUM=True, RETAIN=True, ERASE=False, SELF_TARGET=False, RESIDUAL=True, CURRENT=True,
+                  L2=True, GELU=False)               # titans.yaml's memory level: D 64, hidden 128
+    hope = dict(MOMENTUM=False, RETAIN=True, ERASE=True, SELF_TARGET=True, RESIDUAL=True, CURRENT=True,
+                L2=True, GELU=False)                 # hope.yaml's M_mem: one 256-wide head, hidden 256
+    for name, flags, D, hidden in (("mlp titans", titans, 64, 128), ("mlp hope M_mem", hope, 256, 256)):
+        mod = template.load("mlp_chunk", flags, interpret=False)
+        W = [torch.empty(1, 1, D, hidden), torch.empty(1, 1, hidden, D)]
+        *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, 64)
+        yield name, torch.float32, "mlp_chunk_fwd", mod.mlp_chunk_fwd, dict(cfg, BV=_pow2(D)), 1, warps
 
 
 def _unpack(cfg):
