@@ -71,8 +71,8 @@ nlc("eval", str(RUN), "--batches", "1" if toy else "8", "--progress-every", "0")
 
 # ---------------------------------------------------------------- 4. sample
 # `nlc sample` feeds the prompt in one forward pass, then generates token by token with the state
-# carried, printing each byte as it comes. Hope's memories stream exactly, but its CMS is exact only
-# at multiples of its window, so streaming one token at a time is an approximation, and it says so.
+# carried, printing each byte as it comes. Hope streams exactly: its memories carry their open chunk,
+# its CMS its open window (run again from the window's start at each token).
 print("\n== 4. sample")
 prompt = "def "
 nlc("sample", str(RUN), "--prompt", prompt, "--tokens", "40" if toy else "300", "--temperature", "0.8",

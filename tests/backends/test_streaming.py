@@ -17,8 +17,8 @@ SPECS = ["titans", "ttt_mlp", "titans_matrix", "hope_nocms", "hope_heads_nocms"]
 def spec_path(name, tmp_path):
     """A shipped spec at test size; `titans_matrix` is Titans with a matrix memory (momentum_memory:
     no shipped spec has a matrix memory with momentum); `*_nocms` is Hope without its CMS level
-    (its stacked generators M_k, M_v, M_eta, M_alpha, chunk 4, and M_mem, chunk 8: a CMS model
-    is cut at multiples of its window only)."""
+    (its stacked generators M_k, M_v, M_eta, M_alpha, chunk 4, and M_mem, chunk 8; the CMS's own
+    streaming is tested in test_streaming_cms.py)."""
     if name.endswith("_nocms"):
         p = small(name[:-len("_nocms")], tmp_path)
         text = p.read_text()
