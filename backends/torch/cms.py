@@ -110,16 +110,10 @@ def reopen(input_ids, state: dict | None):
     return torch.cat([prefix.to(input_ids.device), input_ids], 1), dict(start), prefix.shape[1]
 
 
-def _snapshot(state: dict, pos: int, pending) -> dict:
-    """The state at a window's start, as a call starting there would receive it."""
-    return {**state, "t": torch.tensor(pos), "cms.pending": pending}
-
-
-def _close(state: dict, input_ids, s: int, start: dict, end: int, window: int) -> None:
-    """After the last window (tokens from `s`, ending at absolute position `end`): a window left
-    open is kept with its tokens and its start state (:func:`reopen`)."""
-    if end % window:
-        state["cms.open"] = (input_ids[:, s:], start)
+def _opened(ids, state: dict, pos: int, pending):
+    """A window this call ends inside (its tokens `ids`, from absolute position `pos`): its tokens
+    and the state at its start, as a call starting there would receive it (:func:`reopen`)."""
+    return ids, {**state, "t": torch.tensor(pos), "cms.pending": pending}
 
 
 def cms_forward(model, input_ids, state, levels, window: int):
@@ -142,11 +136,12 @@ def cms_forward(model, input_ids, state, levels, window: int):
     params = tuple(p for p in model.parameters() if p.requires_grad) if keep_graph else ()
     pos = int(state.pop("t", torch.zeros((), dtype=torch.long)))
     pending = state.pop("cms.pending", None)  # the last token's logits: its target comes next
-    outs, s, (B, T) = [], 0, input_ids.shape
-    start, last = _snapshot(state, pos, pending), 0
+    outs, s, (B, T), opened = [], 0, input_ids.shape, None
     while s < T:
         e = min(T, s + window - (pos + s) % window)
-        ids, start, last = input_ids[:, s:e], _snapshot(state, pos + s, pending), s
+        ids = input_ids[:, s:e]
+        if (pos + e) % window:              # the last window, left open
+            opened = _opened(ids, state, pos + s, pending)
         with torch.enable_grad():
             fast = cms_fast(model, state, levels, B)
             local = {k: v.detach().requires_grad_() if _graph(v) else v for k, v in state.items()}
@@ -161,7 +156,8 @@ def cms_forward(model, input_ids, state, levels, window: int):
         s = e
     state["t"] = torch.tensor(pos + T)
     state["cms.pending"] = pending
-    _close(state, input_ids, last, start, pos + T, window)
+    if opened is not None:
+        state["cms.open"] = opened
     return torch.cat(outs, 1)[:, drop:], state
 
 
@@ -231,11 +227,12 @@ def cms_forward_two_pass(model, input_ids, state, levels, window: int):
     keep_graph = torch.is_grad_enabled()
     pos = int(state.pop("t", torch.zeros((), dtype=torch.long)))
     pending = state.pop("cms.pending", None)  # the last token's logits: its target comes next
-    outs, s, (B, T) = [], 0, input_ids.shape
-    start, last = _snapshot(state, pos, pending), 0
+    outs, s, (B, T), opened = [], 0, input_ids.shape, None
     while s < T:
         e = min(T, s + window - (pos + s) % window)
-        ids, start, last = input_ids[:, s:e], _snapshot(state, pos + s, pending), s
+        ids = input_ids[:, s:e]
+        if (pos + e) % window:              # the last window, left open
+            opened = _opened(ids, state, pos + s, pending)
         with torch.enable_grad():
             fast = cms_fast(model, state, levels, B)
             logits, new = model.run(ids, {k: v.detach() for k, v in state.items()}, fast)
@@ -250,5 +247,6 @@ def cms_forward_two_pass(model, input_ids, state, levels, window: int):
         s = e
     state["t"] = torch.tensor(pos + T)
     state["cms.pending"] = pending
-    _close(state, input_ids, last, start, pos + T, window)
+    if opened is not None:
+        state["cms.open"] = opened
     return torch.cat(outs, 1)[:, drop:], state
