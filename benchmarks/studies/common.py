@@ -39,9 +39,13 @@ def shipped(name: str, label: str | None = None, *sets: str) -> Variant:
     return Variant(label or name, SPECS / f"{name}.yaml", tuple(sets))
 
 
+def spec_of(name: str) -> Path:
+    """A study-scale spec (benchmarks/studies/specs/NAME.yaml, e.g. hope_small) or a shipped one."""
+    return VARIANTS / f"{name}.yaml" if (VARIANTS / f"{name}.yaml").exists() else SPECS / f"{name}.yaml"
+
+
 def ablation(name: str, label: str, parent: str = "hope_small") -> Variant:
-    parent_path = VARIANTS / f"{parent}.yaml" if (VARIANTS / f"{parent}.yaml").exists() else SPECS / f"{parent}.yaml"
-    return Variant(label, VARIANTS / f"{name}.yaml", (), parent_path)
+    return Variant(label, VARIANTS / f"{name}.yaml", (), spec_of(parent))
 
 
 def spec_diff(child: Path, parent: Path) -> str:

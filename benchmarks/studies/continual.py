@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 import tempfile
 
-from benchmarks.studies.common import fmt, matched, mean_sd, score, shipped
+from benchmarks.studies.common import fmt, matched, mean_sd, score
 
 TITLE = "Continual learning: forgetting on a stream of tasks"
 CLAIM = ("Nested Learning §7–8: the CMS's slow levels keep what earlier context taught, so Hope "
@@ -35,11 +35,9 @@ SIZES = {
 
 
 def variant(name: str, cfg: dict):
-    from benchmarks.studies.common import VARIANTS, Variant
-    sets = (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}")
-    if (VARIANTS / f"{name}.yaml").exists():          # the Hope pair at the studies' scale: same width
-        return Variant(name, VARIANTS / f"{name}.yaml", sets)
-    return matched(shipped(name, name, *sets), cfg["target"])
+    from benchmarks.studies.common import VARIANTS, Variant, spec_of
+    v = Variant(name, spec_of(name), (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}"))
+    return v if v.spec.parent == VARIANTS else matched(v, cfg["target"])   # the Hope pair keeps its width
 
 
 def run(cfg: dict, log) -> dict:

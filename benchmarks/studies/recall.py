@@ -10,7 +10,7 @@ others.
 """
 from __future__ import annotations
 
-from benchmarks.studies.common import VARIANTS, Variant, fmt, matched, mean_sd, score, shipped, train
+from benchmarks.studies.common import Variant, fmt, matched, mean_sd, score, spec_of, train
 
 TITLE = "Recall: MQAR accuracy against pairs and sequence length"
 CLAIM = ("Nested Learning §8 / Titans: memories that learn in context (Titans, Hope) recall more "
@@ -34,10 +34,7 @@ def task(pairs: int) -> str:
 def run(cfg: dict, log) -> dict:
     rows = []
     for name in cfg["models"]:
-        sets = (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}")
-        study_scale = VARIANTS / f"{name}.yaml"
-        base = Variant(name, study_scale, sets) if study_scale.exists() else shipped(name, name, *sets)
-        v = matched(base, cfg["target"])
+        v = matched(Variant(name, spec_of(name), (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}")), cfg["target"])
         for seed in range(cfg["seeds"]):
             t = train(v, task=task(cfg["train_pairs"]), steps=cfg["steps"], batch=cfg["batch"],
                       context=cfg["context"], seed=seed)
