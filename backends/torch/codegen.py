@@ -177,6 +177,11 @@ def build(path, out_dir, backend: str = "torch") -> list:
             tuple(f for f in files if f not in ("model.py", "manifest.json"))]
 
 
+AUTO_MLP = ("with backend auto, only where no gradient is wanted (evaluation, sampling); training runs "
+            "the torch form, since this kernel's backward recomputes each chunk with torch and ran 2.6x "
+            "slower than the torch form on an H100")
+
+
 def _kernel_files(spec, source_name):
     """({"kernels/LEVEL.py": text}, placement for the manifest) of a spec's Triton-served levels."""
     import hashlib
@@ -204,4 +209,6 @@ def _kernel_files(spec, source_name):
                                                       header(spec.name, source_name, name, rule, p, sha))
         placement[name] = {"runs_on": "triton", "skeleton": p.skeleton, "flags": p.flags, "sha256_16": sha,
                            "file": f"kernels/{name}.py"}
+        if p.skeleton == "mlp_chunk":
+            placement[name]["auto"] = AUTO_MLP
     return files, placement

@@ -153,7 +153,9 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
             masked matmuls over each chunk (README "Memories"), no loop over tokens.
         backend: who runs ``mode="chunk"``: ``"torch"``, ``"triton"`` (skeleton 2,
             ``nlc.backends.triton.deep``: depth 2, silu or gelu, chunk 16, 32 or 64, sizes up to
-            256) or ``"auto"`` (Triton for CUDA tensors that it takes, torch otherwise). A state
+            256) or ``"auto"`` (Triton for CUDA tensors that it takes when no gradient is wanted,
+            torch otherwise: the kernel's backward recomputes each chunk with torch, and on an
+            H100 training through it ran 2.6x slower than the torch form). A state
             with an offset > 0 runs the rest of its open chunk on torch, the chunks after it on
             the kernel.
 
@@ -220,6 +222,8 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
         offset = (offset + T) % chunk_size
     else:
         kernel = None
+        if backend == "auto" and _needs_grad(q, k, v, eta, beta, alpha, erase, *W, *(S or ()), *(A or ())):
+            backend = "torch"   # the kernel's backward is a torch recompute: slower than the torch form
         if backend != "torch":
             from nlc.backends.triton import deep
             if pick(op, backend, q, why_not=deep.supports(cfg, W, chunk_size)) == "triton":
@@ -239,6 +243,11 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
         o, (W, S), A, offset = _anchored(piece, T, chunk_size, offset, A, (W, S))
     state = MLPState(tuple(W), None if S is None else tuple(S), None if A is None else tuple(A), offset)
     return o.to(out_dtype), (state if output_final_state else None)
+
+
+def _needs_grad(*xs) -> bool:
+    """Whether autograd will want a gradient through any of ``xs`` (Nones skipped)."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
 
 
 def _mlp_errors(k, v, anchor, cfg):

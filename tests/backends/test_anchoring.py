@@ -212,6 +212,10 @@ def test_triton_from_a_mid_chunk_state():
     key = ("triton-offset",)
     assert_all("d", grads_of((got[0], *flat(got[1])), leaves, key), grads_of((want[0], *flat(want[1])), leaves, key),
                1e-9)
-    with mock.patch.object(dm, "pick", return_value="torch") as pick:
+    with mock.patch.object(dm, "pick", return_value="torch") as pick, torch.no_grad():
         mlp_call(x, st, 5, n, backend="auto", **kw)
-    assert pick.called
+    assert pick.called                              # auto asks the dispatcher where no gradient is wanted,
+    with mock.patch.object(dm, "pick", return_value="triton") as pick:
+        auto = mlp_call(x, st, 5, n, backend="auto", **kw)
+    assert not pick.called                          # and runs the torch form under autograd (the kernel's
+    assert_same_run("auto under autograd", auto, want, 0)   # backward is slower than torch's)

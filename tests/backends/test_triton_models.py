@@ -134,3 +134,9 @@ def test_cli_build_triton_reports_placement(tmp_path):
                                  "--backend", "cuda"])
     assert r.exit_code == 2 and "--backend must be one of" in r.output
     assert not Path(tmp_path / "x").exists()
+    # auto says where the deep-memory kernel runs: not under training (its backward is torch's)
+    r = CliRunner().invoke(app, ["build", str(ROOT / "specs" / "titans.yaml"), "-o", str(tmp_path / "t"),
+                                 "--backend", "auto"])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("level memory:"))
+    assert "skeleton mlp_chunk" in line and "only where no gradient is wanted" in line, line
