@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nlc.backends.torch.compile import hot
-from nlc.backends.torch.deep_memory import MLPState, mlp_forward, mlp_memory, mlp_token_grads
+from nlc.backends.torch.deep_memory import MLPState, _needs_grad, mlp_forward, mlp_memory, mlp_token_grads
 from nlc.backends.torch.memory_core import _anchored, _check_offset, _coefficients, _erase_solve
 
 __all__ = ["Generators", "generators", "read_generators", "read_generator", "update_generators", "save_generators",
@@ -187,6 +187,9 @@ def update_generators(gens: Generators, k, v, eta, beta=None, alpha=None, erase=
     or a tuple with one per generator. T may exceed ``chunk_size``; chunks start at absolute
     multiples of it (a state with an offset first finishes its open chunk at its anchor,
     ``memory_core._anchored``), as in ``mlp_memory``."""
+    if backend == "auto" and _needs_grad(*_leaves(k, v, eta, beta, alpha, erase, gens.weights, gens.momenta,
+                                                  gens.anchor)):
+        backend = "torch"    # as mlp_memory: the deep-memory kernel only where no gradient is wanted
     if _REFERENCE[0] or mode != "chunk" or _triton_serves(gens, k, chunk_size, backend, objective, self_target):
         return _one_by_one(gens, k, v, eta, beta, alpha, erase, objective=objective, self_target=self_target,
                            detach_target=detach_target, chunk_size=chunk_size, mode=mode, backend=backend)
@@ -277,6 +280,11 @@ def _chunk(W, S, k, v, eta, beta, alpha, erase, cfg, anchor=None):
             new_S.append(co.Bc[..., C, None, None] * S[l] + (co.Db[..., C, :, None] * G).mT @ keys)
         new_W.append(w)
     return new_W, (new_S if S is not None else None)
+
+
+def _leaves(*xs) -> list:
+    """The tensors in ``xs``, tuples (one per generator, or the state's matrices) opened."""
+    return [t for x in xs for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, torch.Tensor)]
 
 
 def _triton_serves(gens, k, chunk_size, backend, objective, self_target) -> bool:

@@ -84,6 +84,27 @@ def test_stacked_update_equals_one_call_each(case, T):
         close(a, b, f"gradient {i}")
 
 
+def test_auto_keeps_training_generators_on_the_stacked_torch_scan():
+    """backend='auto' asks the dispatcher about the deep-memory kernel only where no gradient is
+    wanted; under autograd it runs the stacked torch scan (the kernel's backward is slower)."""
+    from unittest import mock
+    B, T, H, K = 2, 9, 2, 6
+    forms = [(1, False), (K, True)]
+    params, state = make_gens(B, H, K, forms, False)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, H, K, dtype=torch.float64)
+
+    def update():
+        gens = G.generators(state, "x.", params, residual=(False, True), activation="silu", momentum=False, like=k)
+        return G.update_generators(gens, k, v, 0.05, chunk_size=8, backend="auto")
+    with mock.patch.object(G, "_triton_serves", return_value=False) as serves:
+        update()                                 # params require grad: the torch scan
+        assert serves.call_args.args[3] == "torch"
+        with torch.no_grad():
+            update()
+        assert serves.call_args.args[3] == "auto"
+
+
 def test_stacked_read_equals_one_read_each():
     B, T, H, K = 2, 5, 2, 6
     forms = [(1, False), (K, True), (K, False)]
