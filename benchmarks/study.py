@@ -10,6 +10,7 @@ verdict of each study is computed from its numbers by the criterion its report s
     python -m benchmarks.study recall            # one study at its default size
     python -m benchmarks.study all               # every study (see RESULTS.md for the times)
     python -m benchmarks.study recall --size toy --out /tmp/s   # the smoke size CI runs
+    python -m benchmarks.study ablations --jobs 1   # one model at a time (default: one per core)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))      # `python benchmarks/study.py` works too
 
+from benchmarks.studies import common  # noqa: E402
 from benchmarks.studies.common import commit, machine  # noqa: E402
 
 STUDIES = ["recall", "language", "formal", "ablations", "continual", "transplant", "optimizers", "throughput"]
@@ -45,6 +47,7 @@ def section(name: str, study, result: dict, size: str, seconds: float, command: 
     lines = [f"<!-- study:{name} -->", f"## {study.TITLE}", "",
              f"**Claim tested.** {study.CLAIM}", "",
              f"`{command}` · size `{size}` · {seconds / 60:.1f} min · {result['machine']}"
+             + (f", {result['jobs']} worker processes of 1 thread" if result.get("jobs", 1) > 1 else "")
              + (f", load average {result['load']} at the end" if "load" in result else "")
              + f" · {result['date']} · commit {result['commit']}", "",
              study.report(result).rstrip(), ""]
@@ -71,16 +74,18 @@ def update_results(md: Path, name: str, text: str) -> None:
     write_atomic(md, new.rstrip() + "\n")
 
 
-def run_one(name: str, size: str, out: Path, seeds: int | None, log) -> float:
+def run_one(name: str, size: str, out: Path, seeds: int | None, jobs: int, log) -> float:
     study = load(name)
     cfg = dict(study.SIZES[size])
     if seeds is not None:
         cfg["seeds"] = seeds
-    log(f"== study {name} ({size}): {study.TITLE}")
+    jobs = jobs if getattr(study, "PARALLEL", True) else 1
+    log(f"== study {name} ({size}{f', {jobs} jobs' if jobs > 1 else ''}): {study.TITLE}")
+    common.JOBS[0] = jobs
     t0 = time.perf_counter()
     result = study.run(cfg, log)
     seconds = time.perf_counter() - t0
-    result.update(size=size, config=cfg, seconds=seconds, machine=machine(), commit=commit(),
+    result.update(size=size, config=cfg, seconds=seconds, machine=machine(), commit=commit(), jobs=jobs,
                   date=datetime.date.today().isoformat(), load=round(os.getloadavg()[0], 1))
     (out / "results").mkdir(parents=True, exist_ok=True)
     try:
@@ -114,6 +119,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="where RESULTS.md and results/ go [benchmarks/; "
                    "a toy run: runs/studies/toy/, so that it never replaces the reported results]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="worker processes of one torch thread each that train a study's models side by side "
+                        "[the CPU count]; 1: one by one in this process (with --threads). The throughput "
+                        "study always runs alone")
     p.add_argument("--rewrite", action="store_true", help="rewrite the RESULTS.md section from the saved "
                    "results/NAME.json (after a change to the report's wording), without running anything")
     a = p.parse_args(argv)
@@ -140,7 +149,7 @@ def main(argv=None) -> int:
             update_results(a.out / "RESULTS.md", n, section(n, load(n), result, result["size"], result["seconds"], command))
             log(f"rewrote the {n} section of {a.out / 'RESULTS.md'} from its JSON")
         return 0
-    total = sum(run_one(n, a.size, a.out, a.seeds, log) for n in names)
+    total = sum(run_one(n, a.size, a.out, a.seeds, max(1, a.jobs), log) for n in names)
     log(f"done: {len(names)} stud{'y' if len(names) == 1 else 'ies'} in {total / 60:.1f} min")
     return 0
 

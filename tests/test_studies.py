@@ -17,9 +17,13 @@ from benchmarks.studies import ablations  # noqa: E402
 from benchmarks.studies.common import VARIANTS, spec_diff  # noqa: E402
 
 
+PARALLEL = ("transplant", "optimizers")    # run with worker processes here (their jobs come in rounds)
+
+
 @pytest.mark.parametrize("name", study.STUDIES)
 def test_each_study_runs_at_toy_size_and_writes_its_section(name, tmp_path):
-    assert study.main([name, "--size", "toy", "--out", str(tmp_path)]) == 0
+    jobs = "2" if name in PARALLEL else "1"
+    assert study.main([name, "--size", "toy", "--out", str(tmp_path), "--jobs", jobs]) == 0
     result = json.loads((tmp_path / "results" / f"{name}.json").read_text())
     assert result["rows"] and result["size"] == "toy" and result["seconds"] > 0
     md = (tmp_path / "RESULTS.md").read_text()
@@ -30,6 +34,20 @@ def test_each_study_runs_at_toy_size_and_writes_its_section(name, tmp_path):
     assert (tmp_path / "RESULTS.md").read_text() == md
     pytest.importorskip("matplotlib", reason="the plots need matplotlib (in the `test` extra)")
     assert (tmp_path / "results" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_worker_processes_give_the_rows_of_one_process(tmp_path):
+    """--jobs 2 trains in spawned workers of one thread each: the same models, the same numbers (up
+    to float32 sums in another thread count), in the order of the calls."""
+    rows = {}
+    for jobs in ("1", "2"):
+        assert study.main(["ablations", "--size", "toy", "--out", str(tmp_path / jobs), "--jobs", jobs]) == 0
+        rows[jobs] = json.loads((tmp_path / jobs / "results" / "ablations.json").read_text())["rows"]
+    assert [(r["variant"], r["seed"], r["params"]) for r in rows["1"]] == \
+           [(r["variant"], r["seed"], r["params"]) for r in rows["2"]]
+    for a, b in zip(rows["1"], rows["2"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+    assert "2 worker processes of 1 thread" in (tmp_path / "2" / "RESULTS.md").read_text()
 
 
 def test_a_study_replaces_only_its_own_section(tmp_path):

@@ -7,7 +7,7 @@ table can say which differences stand out of the seed-to-seed spread.
 """
 from __future__ import annotations
 
-from benchmarks.studies.common import VARIANTS, Variant, fmt, mean_sd, score, spec_diff, train
+from benchmarks.studies.common import VARIANTS, Variant, fmt, mean_sd, parallel, score, spec_diff, train
 from benchmarks.studies.language import corpus
 
 TITLE = "Hope ablations (Table 6): one spec change each"
@@ -42,18 +42,21 @@ PARENT = "hope_small"
 
 def run(cfg: dict, log) -> dict:
     path, sha, _ = corpus()
-    rows = []
     names = [(PARENT, cfg["parent_seeds"])] + [(a, cfg["seeds"]) for a in cfg["ablations"]]
-    for name, seeds in names:
-        v = Variant(name, VARIANTS / f"{name}.yaml", (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}"))
-        for seed in range(seeds):
-            t = train(v, data=path, steps=cfg["steps"], batch=cfg["batch"], context=cfg["context"], seed=seed,
-                      lr_schedule="cosine", warmup=max(1, cfg["steps"] // 20))
-            s = score(t.model, data=path, context=cfg["context"], batches=cfg["batches"], batch=cfg["batch"], seed=seed)
-            log(f"ablation {name} seed {seed}: val loss {s['loss']:.4f} ({t.seconds:.0f} s)")
-            rows.append(dict(variant=name, seed=seed, params=t.params, loss=s["loss"], seconds=t.seconds))
+    rows = parallel([(cell, dict(name=name, seed=seed, cfg=cfg, path=path))
+                     for name, seeds in names for seed in range(seeds)], log)
     diffs = {a: spec_diff(VARIANTS / f"{a}.yaml", VARIANTS / f"{PARENT}.yaml") for a in cfg["ablations"]}
     return {"rows": rows, "diffs": diffs, "corpus_sha256": sha}
+
+
+def cell(name: str, seed: int, cfg: dict, path) -> dict:
+    """One variant and seed: trained on the corpus, its validation loss."""
+    v = Variant(name, VARIANTS / f"{name}.yaml", (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}"))
+    t = train(v, data=path, steps=cfg["steps"], batch=cfg["batch"], context=cfg["context"], seed=seed,
+              lr_schedule="cosine", warmup=max(1, cfg["steps"] // 20))
+    s = score(t.model, data=path, context=cfg["context"], batches=cfg["batches"], batch=cfg["batch"], seed=seed)
+    return dict(variant=name, seed=seed, params=t.params, loss=s["loss"], seconds=t.seconds,
+                log=f"ablation {name} seed {seed}: val loss {s['loss']:.4f} ({t.seconds:.0f} s)")
 
 
 def _by(result: dict) -> dict:

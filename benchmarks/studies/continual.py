@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 import tempfile
 
-from benchmarks.studies.common import fmt, matched, mean_sd, score
+from benchmarks.studies.common import fmt, matched, mean_sd, parallel, score
 
 TITLE = "Continual learning: forgetting on a stream of tasks"
 CLAIM = ("Nested Learning §7–8: the CMS's slow levels keep what earlier context taught, so Hope "
@@ -41,29 +41,32 @@ def variant(name: str, cfg: dict):
 
 
 def run(cfg: dict, log) -> dict:
+    stream = "stream:tasks=" + "+".join(n for n, _ in PARTS) + f",every={cfg['every']}"
+    calls = [(cell, dict(v=variant(name, cfg), seed=seed, cfg=cfg, stream=stream))
+             for name in cfg["models"] for seed in range(cfg["seeds"])]
+    out = parallel(calls + [(fidelity, cfg["fidelity"])], log)
+    return {"rows": out[:-1], "stream": stream, "parts": [t for _, t in PARTS], "fidelity": out[-1]}
+
+
+def cell(v, seed: int, cfg: dict, stream: str) -> dict:
+    """One model and seed through the stream's phases, every part scored after each phase."""
     from nlc.runtime.evaluate import load_run
     from nlc.runtime.train import TrainConfig, train
-    rows = []
-    stream = "stream:tasks=" + "+".join(n for n, _ in PARTS) + f",every={cfg['every']}"
-    for name in cfg["models"]:
-        v = variant(name, cfg)
-        for seed in range(cfg["seeds"]):
-            with tempfile.TemporaryDirectory(prefix="nlc-study-") as tmp:
-                acc, seconds, params = [], 0.0, 0
-                for phase in range(len(PARTS)):
-                    c = TrainConfig(spec=v.spec, task=stream, steps=cfg["every"] * (phase + 1), batch=cfg["batch"],
-                                    context=cfg["context"], seed=seed, out=Path(tmp), sets=v.sets, resume=phase > 0,
-                                    log_every=cfg["every"], eval_every=10 ** 9, eval_batches=1,
-                                    save_every=cfg["every"], keep=1, device="cpu")
-                    s = train(c, log=lambda _: None)
-                    seconds += s["seconds"]
-                    model = load_run(Path(s["checkpoint"])).model
-                    params = sum(p.numel() for p in model.parameters())
-                    acc.append([score(model, task=t, context=cfg["context"], batches=cfg["batches"],
-                                      batch=cfg["batch"], seed=seed)["accuracy"] for _, t in PARTS])
-                log(f"continual {name} seed {seed}: after each phase {[[round(a, 3) for a in r] for r in acc]}")
-                rows.append(dict(model=name, seed=seed, params=params, acc=acc, seconds=seconds))
-    return {"rows": rows, "stream": stream, "parts": [t for _, t in PARTS], "fidelity": fidelity(**cfg["fidelity"])}
+    with tempfile.TemporaryDirectory(prefix="nlc-study-") as tmp:
+        acc, seconds, params = [], 0.0, 0
+        for phase in range(len(PARTS)):
+            c = TrainConfig(spec=v.spec, task=stream, steps=cfg["every"] * (phase + 1), batch=cfg["batch"],
+                            context=cfg["context"], seed=seed, out=Path(tmp), sets=v.sets, resume=phase > 0,
+                            log_every=cfg["every"], eval_every=10 ** 9, eval_batches=1,
+                            save_every=cfg["every"], keep=1, device="cpu")
+            s = train(c, log=lambda _: None)
+            seconds += s["seconds"]
+            model = load_run(Path(s["checkpoint"])).model
+            params = sum(p.numel() for p in model.parameters())
+            acc.append([score(model, task=t, context=cfg["context"], batches=cfg["batches"],
+                              batch=cfg["batch"], seed=seed)["accuracy"] for _, t in PARTS])
+    return dict(model=v.label, seed=seed, params=params, acc=acc, seconds=seconds,
+                log=f"continual {v.label} seed {seed}: after each phase {[[round(a, 3) for a in r] for r in acc]}")
 
 
 RULES = {"gd": (False, False), "dgd (Hope)": (True, False), "gd + retention": (False, True),
@@ -103,7 +106,7 @@ def fidelity(dim: int, pairs: int, repeats: int, eta: float, alpha: float, seeds
                 got.append((recall(st, *tasks[0]), recall(st, *tasks[1])))
             out[name].append({"A_after_A": got[0][0], "A_after_B": got[1][0], "B_after_B": got[1][1]})
     return {"config": dict(dim=dim, pairs=pairs, repeats=repeats, eta=eta, alpha=alpha, seeds=seeds),
-            "rules": out}
+            "rules": out, "log": "continual: memory fidelity of the inner rules"}
 
 
 def forgetting(acc: list[list[float]]) -> list[float]:

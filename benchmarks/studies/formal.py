@@ -5,7 +5,7 @@ distribution), L+1..2L and 2L+1..4L (the `eval` split of the same task with othe
 """
 from __future__ import annotations
 
-from benchmarks.studies.common import fmt, matched, mean_sd, score, shipped, train
+from benchmarks.studies.common import fmt, matched, mean_sd, parallel, score, shipped, train
 
 TITLE = "Formal languages: parity and aⁿbⁿ, trained short, tested 2x and 4x longer"
 CLAIM = ("Nested Learning §8 (formal language recognition): Hope's self-modifying, non-linear "
@@ -25,24 +25,32 @@ def spelled(lang: str, lo: int, hi: int) -> str:
     return f"{lang}:train={lo},eval={hi}"
 
 
+def length_ranges(L: int) -> dict:
+    """The scored ranges of lengths: trained on (up to 2L), and 2x and 4x beyond."""
+    return {"≤L": (1, L), "L+1..2L": (L, 2 * L), "2L+1..4L": (2 * L, 4 * L)}
+
+
 def run(cfg: dict, log) -> dict:
-    rows, L = [], cfg["L"]
-    ranges = {"≤L": (1, L), "L+1..2L": (L, 2 * L), "2L+1..4L": (2 * L, 4 * L)}
+    calls = []
     for lang in cfg["languages"]:
         for name in cfg["models"]:
             v = matched(shipped(name, name, f"model.layers={cfg['layers']}", f"lr={cfg['lr']}"), cfg["target"])
-            for seed in range(cfg["seeds"]):
-                t = train(v, task=spelled(lang, L, 2 * L), steps=cfg["steps"], batch=cfg["batch"],
-                          context=cfg["context"], seed=seed)
-                acc = {}
-                for label, (lo, hi) in ranges.items():
-                    ctx = max(cfg["context"], 3 * (2 * hi + 2))      # room for a few episodes
-                    acc[label] = score(t.model, task=spelled(lang, lo, hi), context=ctx, batches=cfg["batches"],
-                                       batch=cfg["batch"], seed=seed)["accuracy"]
-                log(f"formal {lang} {name} seed {seed}: " + ", ".join(f"{k} {a:.3f}" for k, a in acc.items()))
-                rows.append(dict(language=lang, model=name, seed=seed, params=t.params, accuracy=acc,
-                                 seconds=t.seconds))
-    return {"rows": rows, "ranges": {k: list(r) for k, r in ranges.items()}}
+            calls += [(cell, dict(lang=lang, v=v, seed=seed, cfg=cfg)) for seed in range(cfg["seeds"])]
+    return {"rows": parallel(calls, log), "ranges": {k: list(r) for k, r in length_ranges(cfg["L"]).items()}}
+
+
+def cell(lang: str, v, seed: int, cfg: dict) -> dict:
+    """One language, model and seed: trained on lengths up to 2L, scored on three length ranges."""
+    L = cfg["L"]
+    t = train(v, task=spelled(lang, L, 2 * L), steps=cfg["steps"], batch=cfg["batch"], context=cfg["context"],
+              seed=seed)
+    acc = {}
+    for label, (lo, hi) in length_ranges(L).items():
+        ctx = max(cfg["context"], 3 * (2 * hi + 2))      # room for a few episodes
+        acc[label] = score(t.model, task=spelled(lang, lo, hi), context=ctx, batches=cfg["batches"],
+                           batch=cfg["batch"], seed=seed)["accuracy"]
+    return dict(language=lang, model=v.label, seed=seed, params=t.params, accuracy=acc, seconds=t.seconds,
+                log=f"formal {lang} {v.label} seed {seed}: " + ", ".join(f"{k} {a:.3f}" for k, a in acc.items()))
 
 
 def _table(result: dict) -> dict:

@@ -13,7 +13,7 @@ import os
 import sysconfig
 from pathlib import Path
 
-from benchmarks.studies.common import ROOT, fmt, matched, mean_sd, score, shipped, train
+from benchmarks.studies.common import ROOT, fmt, matched, mean_sd, parallel, score, shipped, train
 
 TITLE = "Language modelling: bytes of the Python standard library"
 CLAIM = ("Nested Learning §8 (Table 1): Hope reaches a lower language-modelling loss than Titans, "
@@ -47,19 +47,23 @@ def corpus() -> tuple[Path, str, int]:
 
 def run(cfg: dict, log) -> dict:
     path, sha, size = corpus()
-    rows = []
+    calls = []
     for name in cfg["models"]:
         v = matched(shipped(name, name, f"model.layers={cfg['layers']}", f"lr={cfg['lr']}"), cfg["target"])
-        for seed in range(cfg["seeds"]):
-            t = train(v, data=path, steps=cfg["steps"], batch=cfg["batch"], context=cfg["context"], seed=seed,
-                      lr_schedule="cosine", warmup=max(1, cfg["steps"] // 20))
-            s = score(t.model, data=path, context=cfg["context"], batches=cfg["batches"], batch=cfg["batch"],
-                      seed=seed, bins=cfg["bins"])
-            log(f"language {name} seed {seed}: {t.params:,} params, val loss {s['loss']:.4f} ({t.seconds:.0f} s)")
-            rows.append(dict(model=name, seed=seed, params=t.params, loss=s["loss"], bins=s["bins"],
-                             seconds=t.seconds, tokens_per_s=cfg["steps"] * cfg["batch"] * cfg["context"] / t.seconds))
-    return {"rows": rows, "corpus": {"files": FILES, "sha256": sha, "bytes": size,
-                                     "stdlib": sysconfig.get_paths()["stdlib"]}}
+        calls += [(cell, dict(v=v, seed=seed, cfg=cfg, path=path)) for seed in range(cfg["seeds"])]
+    return {"rows": parallel(calls, log), "corpus": {"files": FILES, "sha256": sha, "bytes": size,
+                                                     "stdlib": sysconfig.get_paths()["stdlib"]}}
+
+
+def cell(v, seed: int, cfg: dict, path: Path) -> dict:
+    """One model and seed: trained on the corpus, its validation loss in bins of position."""
+    t = train(v, data=path, steps=cfg["steps"], batch=cfg["batch"], context=cfg["context"], seed=seed,
+              lr_schedule="cosine", warmup=max(1, cfg["steps"] // 20))
+    s = score(t.model, data=path, context=cfg["context"], batches=cfg["batches"], batch=cfg["batch"], seed=seed,
+              bins=cfg["bins"])
+    return dict(model=v.label, seed=seed, params=t.params, loss=s["loss"], bins=s["bins"], seconds=t.seconds,
+                tokens_per_s=cfg["steps"] * cfg["batch"] * cfg["context"] / t.seconds,
+                log=f"language {v.label} seed {seed}: {t.params:,} params, val loss {s['loss']:.4f} ({t.seconds:.0f} s)")
 
 
 def _by_model(result: dict) -> dict:

@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from benchmarks.studies.common import SPECS, VARIANTS, fmt, mean_sd, spec_diff
+from benchmarks.studies.common import SPECS, VARIANTS, fmt, mean_sd, parallel, spec_diff
 
 TITLE = "Optimizers on a non-i.i.d. stream: M3 as printed, its fixes, Muon, AdamW, delta momentum"
 CLAIM = ("Nested Learning §6 (M3, Algorithm 1): multi-scale momentum Muon learns a non-stationary stream "
@@ -47,30 +47,41 @@ def _stream():
 
 
 def run(cfg: dict, log) -> dict:
-    bench = _stream()
-    best, grids = {}, {}
-    for name in cfg["optimizers"]:
-        spec, grid = OPTIMIZERS[name]
-        grid = grid[:cfg["grid_points"]]
-        res = bench.run({f"{lr:g}": (spec, lr) for lr in grid}, cfg["tune_steps"], seed=123)
-        score = {lr: statistics.mean(x if x == x else 1e9 for x in res[f"{lr:g}"][0]) for lr in grid}
-        best[name] = min(score, key=score.get)
-        grids[name] = {f"{lr:g}": s for lr, s in score.items()}
-        log(f"optimizers: tune {name}: " + ", ".join(f"{lr:g} {s:.4f}" for lr, s in score.items())
-            + f" -> {best[name]:g}")
+    names = cfg["optimizers"]
+    grids = dict(zip(names, parallel([(tune, dict(name=n, grid=OPTIMIZERS[n][1][:cfg["grid_points"]],
+                                                  steps=cfg["tune_steps"])) for n in names], log)))
+    best = {n: float(min(g, key=g.get)) for n, g in grids.items()}
+    runs = parallel([(train_one, dict(name=n, lr=best[n], steps=cfg["steps"], seed=seed))
+                     for seed in range(cfg["seeds"]) for n in names], log)
     rows = []
     for seed in range(cfg["seeds"]):
-        res = bench.run({n: (OPTIMIZERS[n][0], best[n]) for n in cfg["optimizers"]}, cfg["steps"], seed=seed)
-        for n in cfg["optimizers"]:
-            losses, times, final = res[n]
-            rows.append(dict(optimizer=n, seed=seed, lr=best[n], online=statistics.mean(losses),
-                             last=statistics.mean(losses[-200:]), final=final, curve=losses[::10]))
-        rows.append(dict(optimizer="untrained", seed=seed, final=res["untrained"][2]))
-        log(f"optimizers seed {seed}: " + ", ".join(f"{r['optimizer']} {r.get('online', float('nan')):.4f}"
-                                                   for r in rows if r["seed"] == seed))
-    diffs = {n: spec_diff(VARIANTS / f"{n}.yaml", SPECS / f"{p}.yaml") for n, p in FIXES.items() if n in cfg["optimizers"]}
+        mine = [r for r in runs if r["seed"] == seed]
+        rows += [{k: v for k, v in r.items() if k != "untrained"} for r in mine]
+        rows.append(dict(optimizer="untrained", seed=seed, final=mine[0]["untrained"]))
+        log(f"optimizers seed {seed}: " + ", ".join(f"{r['optimizer']} {r['online']:.4f}" for r in mine))
+    bench = _stream()
+    diffs = {n: spec_diff(VARIANTS / f"{n}.yaml", SPECS / f"{p}.yaml") for n, p in FIXES.items() if n in names}
     return {"rows": rows, "grids": grids, "best": best, "diffs": diffs,
             "stream": dict(switch=bench.SWITCH, tasks=bench.TASKS, batch=bench.BATCH)}
+
+
+def tune(name: str, grid: list[float], steps: int) -> dict:
+    """The mean online loss of each learning rate of the grid over a tuning run (seed 123, not a
+    study seed), side by side on one stream; a diverged run counts as 1e9."""
+    res = _stream().run({f"{lr:g}": (OPTIMIZERS[name][0], lr) for lr in grid}, steps, seed=123)
+    score = {f"{lr:g}": statistics.mean(x if x == x else 1e9 for x in res[f"{lr:g}"][0]) for lr in grid}
+    return {**score, "log": f"optimizers: tune {name}: " + ", ".join(f"{lr} {s:.4f}" for lr, s in score.items())
+            + f" -> {min(score, key=score.get)}"}
+
+
+def train_one(name: str, lr: float, steps: int, seed: int) -> dict:
+    """One optimizer at its learning rate on the seed's stream (the same stream and initial
+    model for every optimizer at that seed)."""
+    res = _stream().run({name: (OPTIMIZERS[name][0], lr)}, steps, seed=seed)
+    losses, _, final = res[name]
+    return dict(optimizer=name, seed=seed, lr=lr, online=statistics.mean(losses), last=statistics.mean(losses[-200:]),
+                final=final, curve=losses[::10], untrained=res["untrained"][2],
+                log=f"optimizers {name} seed {seed} at lr {lr:g}: online {statistics.mean(losses):.4f}")
 
 
 def report(result: dict) -> str:

@@ -10,7 +10,7 @@ others.
 """
 from __future__ import annotations
 
-from benchmarks.studies.common import Variant, fmt, matched, mean_sd, score, spec_of, train
+from benchmarks.studies.common import Variant, fmt, matched, mean_sd, parallel, score, spec_of, train
 
 TITLE = "Recall: MQAR accuracy against pairs and sequence length"
 CLAIM = ("Nested Learning §8 / Titans: memories that learn in context (Titans, Hope) recall more "
@@ -32,24 +32,28 @@ def task(pairs: int) -> str:
 
 
 def run(cfg: dict, log) -> dict:
-    rows = []
+    calls = []
     for name in cfg["models"]:
         v = matched(Variant(name, spec_of(name), (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}")), cfg["target"])
-        for seed in range(cfg["seeds"]):
-            t = train(v, task=task(cfg["train_pairs"]), steps=cfg["steps"], batch=cfg["batch"],
-                      context=cfg["context"], seed=seed)
-            grid = {}
-            for p in cfg["pairs"]:
-                for c in cfg["contexts"]:
-                    if 4 * p > c:
-                        continue
-                    grid[f"{p}x{c}"] = score(t.model, task=task(p), context=c, batches=cfg["batches"],
-                                             batch=cfg["batch"], seed=seed)["accuracy"]
-            log(f"recall {name} seed {seed}: {t.params:,} params, {t.seconds:.0f} s, "
-                + ", ".join(f"{k} {a:.3f}" for k, a in grid.items()))
-            rows.append(dict(model=name, seed=seed, params=t.params, sets=list(v.sets), seconds=t.seconds,
-                             final_loss=t.summary["last_loss"], grid=grid))
-    return {"rows": rows}
+        calls += [(cell, dict(v=v, seed=seed, cfg=cfg)) for seed in range(cfg["seeds"])]
+    return {"rows": parallel(calls, log)}
+
+
+def cell(v: Variant, seed: int, cfg: dict) -> dict:
+    """One model and seed: trained at the training load, scored on the grid."""
+    t = train(v, task=task(cfg["train_pairs"]), steps=cfg["steps"], batch=cfg["batch"], context=cfg["context"],
+              seed=seed)
+    grid = {}
+    for p in cfg["pairs"]:
+        for c in cfg["contexts"]:
+            if 4 * p > c:
+                continue
+            grid[f"{p}x{c}"] = score(t.model, task=task(p), context=c, batches=cfg["batches"], batch=cfg["batch"],
+                                     seed=seed)["accuracy"]
+    return dict(model=v.label, seed=seed, params=t.params, sets=list(v.sets), seconds=t.seconds,
+                final_loss=t.summary["last_loss"], grid=grid,
+                log=f"recall {v.label} seed {seed}: {t.params:,} params, {t.seconds:.0f} s, "
+                    + ", ".join(f"{k} {a:.3f}" for k, a in grid.items()))
 
 
 def _means(result: dict) -> dict:

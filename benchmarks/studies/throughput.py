@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.studies.common import SPECS
 
+PARALLEL = False      # a timing: models run one at a time, alone on the machine
 TITLE = "Throughput: training tokens/s of every model spec (CPU)"
 CLAIM = ("Nested Learning / Titans: the memory levels train in chunkwise-parallel form, so Titans and "
          "Hope train at a useful fraction of a Transformer's speed (the speed issue's goal: Hope at no "

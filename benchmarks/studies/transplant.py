@@ -5,7 +5,9 @@ that layer in Hope (and its embedding, final norm and head initialise Hope's: th
 at the same width), written as a safetensors file that `nlc train --init` loads. That Hope then
 trains; a Hope from scratch trains for the same total compute (the Transformer's wall time
 converted into Hope steps at Hope's measured speed). A control, Hope from scratch for the same
-steps as the transplanted one, separates what the transplant gives from what the extra steps give.
+steps as the transplanted one, separates what the transplant gives from what the extra steps give;
+it trains beside the Transformer, so Hope's speed is measured under the same load as the
+Transformer's wall time.
 All are scored on the validation split.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from benchmarks.studies.common import VARIANTS, Variant, build, score, shipped, train
+from benchmarks.studies.common import VARIANTS, Variant, build, parallel, score, shipped, train
 from benchmarks.studies.language import corpus
 
 TITLE = "CMS initialised from a pretrained Transformer's MLPs (§7.3)"
@@ -43,39 +45,50 @@ def transplant(transformer, hope) -> dict:
 
 
 def run(cfg: dict, log) -> dict:
-    from nlc.runtime.safetensors import save_file
+    """Per seed, two rounds of two jobs: the Transformer beside Hope from scratch for the
+    transplant's steps (which gives Hope's seconds per step under the same load as the
+    Transformer's seconds), then the transplanted Hope beside Hope from scratch at equal compute."""
     path, sha, _ = corpus()
-    common = dict(data=path, batch=cfg["batch"], context=cfg["context"])
-    sets = (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}")
-    tv = shipped("transformer", "transformer", *sets, "model.d_model=64")
-    hv = Variant("hope_small", VARIANTS / "hope_small.yaml", sets)
+    common = dict(path=str(path), cfg=cfg)
     rows = []
     for seed in range(cfg["seeds"]):
-        t = train(tv, steps=cfg["transformer_steps"], seed=seed, **common)
         with tempfile.TemporaryDirectory(prefix="nlc-study-") as tmp:
-            init = Path(tmp) / "init.safetensors"
-            save_file(transplant(t.model, build(hv)), init)
-            h = train(hv, steps=cfg["hope_steps"], seed=seed, sets=(), init=init, **common)
-        per_step = h.seconds / cfg["hope_steps"]
-        extra = round(t.seconds / per_step)
-        s = train(hv, steps=cfg["hope_steps"] + extra, seed=seed, **common)
-        same = train(hv, steps=cfg["hope_steps"], seed=seed, **common)
-        row = dict(seed=seed, transformer_seconds=t.seconds, hope_seconds_per_step=per_step,
-                   scratch_steps=cfg["hope_steps"] + extra,
-                   transformer=score(t.model, data=path, context=cfg["context"], batches=cfg["batches"],
-                                     batch=cfg["batch"], seed=seed)["loss"],
-                   transplanted=score(h.model, data=path, context=cfg["context"], batches=cfg["batches"],
-                                      batch=cfg["batch"], seed=seed)["loss"],
-                   scratch=score(s.model, data=path, context=cfg["context"], batches=cfg["batches"],
-                                 batch=cfg["batch"], seed=seed)["loss"],
-                   scratch_same_steps=score(same.model, data=path, context=cfg["context"], batches=cfg["batches"],
-                                            batch=cfg["batch"], seed=seed)["loss"],
-                   transformer_params=t.params, hope_params=h.params)
+            init = str(Path(tmp) / "init.safetensors")
+            t, same = parallel([(cell, dict(kind="transformer", seed=seed, steps=cfg["transformer_steps"],
+                                            save_init=init, **common)),
+                                (cell, dict(kind="hope", seed=seed, steps=cfg["hope_steps"], **common))], log)
+            per_step = same["seconds"] / cfg["hope_steps"]
+            extra = round(t["seconds"] / per_step)
+            h, s = parallel([(cell, dict(kind="hope", seed=seed, steps=cfg["hope_steps"], init=init, **common)),
+                             (cell, dict(kind="hope", seed=seed, steps=cfg["hope_steps"] + extra, **common))], log)
+        row = dict(seed=seed, transformer_seconds=t["seconds"], hope_seconds_per_step=per_step,
+                   scratch_steps=cfg["hope_steps"] + extra, transformer=t["loss"], transplanted=h["loss"],
+                   scratch=s["loss"], scratch_same_steps=same["loss"], transformer_params=t["params"],
+                   hope_params=h["params"])
         log(f"transplant seed {seed}: transformer {row['transformer']:.4f}, hope from it {row['transplanted']:.4f} "
             f"({cfg['hope_steps']} steps), hope from scratch {row['scratch']:.4f} ({row['scratch_steps']} steps), "
             f"{row['scratch_same_steps']:.4f} ({cfg['hope_steps']} steps)")
         rows.append(row)
     return {"rows": rows}
+
+
+def cell(kind: str, seed: int, steps: int, path: str, cfg: dict, init: str | None = None,
+         save_init: str | None = None) -> dict:
+    """Train the Transformer (and write the Hope tensors it gives to ``save_init``) or Hope (from
+    ``init``, else from scratch) for ``steps``; its validation loss, seconds and parameters."""
+    sets = (f"model.layers={cfg['layers']}", f"lr={cfg['lr']}")
+    hv = Variant("hope_small", VARIANTS / "hope_small.yaml", sets)
+    v = shipped("transformer", "transformer", *sets, "model.d_model=64") if kind == "transformer" else hv
+    t = train(v, steps=steps, seed=seed, data=Path(path), batch=cfg["batch"], context=cfg["context"],
+              init=Path(init) if init else None)
+    if save_init:
+        from nlc.runtime.safetensors import save_file
+        save_file(transplant(t.model, build(hv)), Path(save_init))
+    loss = score(t.model, data=Path(path), context=cfg["context"], batches=cfg["batches"], batch=cfg["batch"],
+                 seed=seed)["loss"]
+    return dict(loss=loss, seconds=t.seconds, params=t.params,
+                log=f"transplant {kind}{' from the Transformer' if init else ''} seed {seed}, {steps} steps: "
+                    f"val loss {loss:.4f} ({t.seconds:.0f} s)")
 
 
 def report(result: dict) -> str:
