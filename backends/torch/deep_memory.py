@@ -154,8 +154,9 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
         backend: who runs ``mode="chunk"``: ``"torch"``, ``"triton"`` (skeleton 2,
             ``nlc.backends.triton.deep``: depth 2, silu or gelu, chunk 16, 32 or 64, sizes up to
             256) or ``"auto"`` (Triton for CUDA tensors that it takes when no gradient is wanted,
-            torch otherwise: the kernel's backward recomputes each chunk with torch, and on an
-            H100 training through it ran 2.6x slower than the torch form). A state
+            torch otherwise: on an H100 training through the kernel with its torch-recompute
+            backward ran 2.6x slower than the torch form, and the backward kernel that
+            replaced it for levels without the erase is not yet timed). A state
             with an offset > 0 runs the rest of its open chunk on torch, the chunks after it on
             the kernel.
 
@@ -223,7 +224,7 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
     else:
         kernel = None
         if backend == "auto" and _needs_grad(q, k, v, eta, beta, alpha, erase, *W, *(S or ()), *(A or ())):
-            backend = "torch"   # the kernel's backward is a torch recompute: slower than the torch form
+            backend = "torch"   # training through the kernel: slower (the erase), or untimed on a GPU
         if backend != "torch":
             from nlc.backends.triton import deep
             if pick(op, backend, q, why_not=deep.supports(cfg, W, chunk_size)) == "triton":

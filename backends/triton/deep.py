@@ -6,10 +6,14 @@
 
 Forward: one Triton kernel, one program per (batch, head) walking the chunks; it writes every
 chunk's anchor weights (and momenta), which are also its working state (chunk n reads stack n and
-writes stack n + 1), and takes the hidden layer 16 units at a time. Backward: exact, chunk by
-chunk in reverse, each chunk recomputed from its saved anchor state by the torch chunk code
-(``_mlp_chunk`` on that chunk's tokens) under autograd, carrying the gradient of the chunk-end
-state; memory is one chunk's graph at a time. Not a Triton kernel (yet).
+writes stack n + 1), and takes the hidden layer 16 units at a time. Backward, for levels without
+the erase and with a given target (Titans, TTT-MLP): one Triton kernel (``parts/mlp_chunk_bwd.py``)
+walking the chunks in reverse, each recomputed from its saved anchor, its VJP by hand; the decay
+coefficients it needs are built here with torch from eta, beta and alpha, and their cotangents go
+back through that small graph (:func:`_kernel_backward`). Otherwise (Hope's erase and
+self-generated targets): exact, chunk by chunk in reverse, each chunk recomputed from its anchor
+by the torch chunk code (``_mlp_chunk`` on that chunk's tokens) under autograd, carrying the
+gradient of the chunk-end state; memory is one chunk's graph at a time.
 
 The chunk size is the kernel's tile and, for the MLP memory, part of the semantics (gradients at
 each chunk's anchor): the kernel takes exactly 16, 32 or 64 and raises otherwise.
@@ -125,6 +129,8 @@ class _MLPChunk(torch.autograd.Function):
     def backward(ctx, do, *dstate):
         q, k, v, eta, beta, alpha, erase, *anchors = ctx.saved_tensors
         cfg, C, current, B, H = ctx.meta
+        if erase is None and not cfg[1]:      # no erase, a given target: the backward kernel
+            return (None, None, None, *_kernel_backward(ctx, do, dstate))
         T = q.shape[1]
         N = anchors[0].shape[1]
         anchors = [a.to(q.dtype).reshape(B, H, N, *a.shape[-2:]) for a in anchors]
@@ -152,3 +158,75 @@ class _MLPChunk(torch.autograd.Function):
             carry = [torch.zeros_like(s) if gi is None else gi for s, gi in zip(st, g)]
         dmats = carry + [None] * (4 - len(carry))
         return (None, None, None, *grads, *dmats)
+
+
+def _kernel_backward(ctx, do, dstate):
+    """The backward kernel (``parts/mlp_chunk_bwd.py``): the decay coefficients built here with
+    torch from eta, beta and alpha (under autograd), the kernel's reverse pass over the chunks,
+    and the coefficients' cotangents sent back through their graph to eta, beta and alpha."""
+    q, k, v, eta, beta, alpha, erase, *anchors = ctx.saved_tensors
+    cfg, C, current, B, H = ctx.meta
+    need = ctx.needs_input_grad[3:10]                   # q, k, v, eta, beta, alpha, erase
+    T, N = q.shape[1], anchors[0].shape[1]
+    W = [a[:, 0].reshape(B, H, *a.shape[-2:]) for a in anchors[:2]]
+    D, hid, d_out, kc, warps = _config(q, W, C)
+    kc.pop("BH")
+    acc = anchors[0].dtype
+    mom = beta is not None
+    flags = variant(cfg, mom, alpha is not None, False, current)
+    mod = kernels(flags, interpret=not q.is_cuda)
+    leaf = lambda x, nd: None if x is None else x.detach().to(acc).requires_grad_(bool(nd))  # noqa: E731
+    with torch.enable_grad():
+        scal = [leaf(eta, need[3]), leaf(beta, need[4]), leaf(alpha, need[5])]
+        cv, cs, phi = _coefficients(*scal, C, N, T)
+    c = lambda x: x.detach().to(acc).contiguous()  # noqa: E731
+    q_, k_, v_ = c(q), c(k), c(v)
+    do_ = torch.zeros_like(q_[..., :1].expand(B, T, H, d_out)).contiguous() if do is None else c(do)
+    dmats = [torch.zeros_like(a[:, 0]) if g is None else c(g).reshape(B * H, *g.shape[-2:])
+             for a, g in zip(anchors, dstate)]
+    dummy = q_.new_zeros(1)
+    dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
+    dcv, dcs, dphi = torch.zeros_like(cv), torch.zeros_like(cs), torch.zeros_like(phi)
+    e_ws = q_.new_empty(B * H, 2, C, kc["BO"])
+    m_ws = q_.new_empty(B * H, 2, C, C)
+    pad = lambda xs: list(xs) + [dummy] * (4 - len(xs))  # noqa: E731
+    mod.mlp_chunk_bwd[(B * H,)](
+        q_, k_, v_, do_, c(cv), c(cs), c(phi), *pad(anchors), *pad(dmats), dq, dk, dv, dcv, dcs, dphi,
+        e_ws, m_ws, T, H, D, hid, d_out, N, num_warps=warps, num_stages=1, **kc)
+    wrt = [(x, i) for i, x in enumerate(scal) if x is not None and x.requires_grad]
+    dscal = [None, None, None]
+    if wrt:
+        outs = [(o, g) for o, g in ((cv, dcv), (cs, dcs), (phi, dphi)) if o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in outs], [x for x, _ in wrt], [g for _, g in outs],
+                                  allow_unused=True)
+        for (x, i), g in zip(wrt, got):
+            dscal[i] = torch.zeros_like(x) if g is None else g
+    ins = (q, k, v, eta, beta, alpha)
+    grads = [g.to(x.dtype) if nd and g is not None else None
+             for x, g, nd in zip(ins, [dq, dk, dv, *dscal], need)]
+    mats = [m.reshape(B, H, *m.shape[-2:]).to(q.dtype) for m in dmats]
+    return (*grads, None, *(mats + [None] * (4 - len(mats))))
+
+
+def _coefficients(eta, beta, alpha, C, N, T):
+    """The backward kernel's per-chunk decay coefficients, ``[B*H, N, ...]``: the vectors
+    ``(Ab, cb, phiE, dbE)`` ``[4, C]``, the scalars ``(a_e, c_e, bc_e, 0)`` ``[4]`` and ``PhiE``
+    ``[C, C]`` (``memory_core._Coef``: rows before each token's write, and the chunk-end row, the
+    last real token's in a ragged last chunk; the columns of Phi and Db scaled by eta)."""
+    from nlc.backends.torch.memory_core import _blocks, _coefficients as coef
+    B, _, H = eta.shape
+    co = coef(_blocks(torch.ones_like(eta) if alpha is None else alpha, C, N, 1.0),
+              None if beta is None else _blocks(beta, C, N, 1.0))
+    e = _blocks(eta, C, N)                                                  # [N, B, H, C]
+    ends = torch.full((N,), C, device=eta.device)
+    ends[-1] = T - (N - 1) * C
+    at = lambda x: x.gather(-1, ends.view(N, 1, 1, 1).expand(N, B, H, 1)).squeeze(-1)  # noqa: E731
+    row = lambda X: X.gather(-2, ends.view(N, 1, 1, 1, 1).expand(N, B, H, 1, C)).squeeze(-2)  # noqa: E731
+    zero = torch.zeros_like(e)
+    vecs = [co.A[..., :-1], zero if beta is None else co.c[..., :-1], row(co.Phi) * e,
+            zero if beta is None else row(co.Db) * e]
+    scal = [at(co.A), zero[..., 0] if beta is None else at(co.c), zero[..., 0] if beta is None else at(co.Bc),
+            zero[..., 0]]
+    flat = lambda x: x.movedim(0, 2).reshape(B * H, N, *x.shape[3:]).contiguous()  # noqa: E731  [N, B, H, ..] -> [BH, N, ..]
+    return (flat(torch.stack(vecs, 3)), flat(torch.stack(scal, 3)),
+            flat(co.Phi[..., :-1, :] * e[..., None, :]))

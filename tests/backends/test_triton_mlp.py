@@ -57,6 +57,13 @@ FLAGS = {
                           read="current", objective="dot"),
     "detach_target": dict(mom=False, erase=True, self_target=True, activation="gelu",
                           residual=False, read="current", detach_target=True),
+    # the backward kernel's flags (no erase, a given target): the rest of its combinations
+    "bwd_dot_anchor": dict(mom=True, erase=False, self_target=False, activation="gelu", residual=False,
+                           read="anchor", objective="dot", d_out=24),
+    "bwd_current_plain": dict(mom=True, erase=False, self_target=False, activation="silu", residual=False,
+                              read="current", d_out=24, shared=True, alpha=False),
+    "bwd_dot_current": dict(mom=False, erase=False, self_target=False, activation="silu", residual=True,
+                            read="current", objective="dot"),
 }
 CASES = {**SPECS, **FLAGS}
 
@@ -198,6 +205,29 @@ def test_triton_mlp_float32(case):
     outs64 = run(x64, case, "torch")
     assert outs32[0].dtype == torch.float32
     compare((outs32, grads(outs32, x32, case)), (outs64, grads(outs64, x64, case)), 1e-4, 1e-3)
+
+
+BWD_CASES = [c for c, f in CASES.items() if not f["erase"] and not f["self_target"]]
+
+
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_backward_kernel_over_several_chunks(case):
+    """T = 53 at chunk 16: the kernel walks three whole chunks (its carry between them, and each
+    chunk's decay coefficients, whose cotangents the torch graph maps back to eta, beta and
+    alpha), then a ragged open chunk; every gradient equals the torch chunk form's."""
+    x = leaves(case, T=53, seed=3)
+    compare((run(x, case), grads(run(x, case), x, case)),
+            (run(x, case, backend="torch"), grads(run(x, case, backend="torch"), x, case)), TOL64, TOL64)
+
+
+@pytest.mark.parametrize("case,kernel", [("titans", True), ("bwd_dot_anchor", True), ("hope_memory", False)])
+def test_backward_kernel_serves_levels_without_the_erase(case, kernel):
+    """Levels without the erase and with a given target take the backward kernel
+    (parts/mlp_chunk_bwd.py); the others the torch recompute (the equality tests above hold both)."""
+    x = leaves(case)
+    with mock.patch.object(deep, "_kernel_backward", wraps=deep._kernel_backward) as bwd:
+        grads(run(x, case), x, case)
+    assert bwd.called == kernel
 
 
 def test_triton_mlp_rejects_what_it_cannot_run():
