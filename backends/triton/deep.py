@@ -6,14 +6,11 @@
 
 Forward: one Triton kernel, one program per (batch, head) walking the chunks; it writes every
 chunk's anchor weights (and momenta), which are also its working state (chunk n reads stack n and
-writes stack n + 1), and takes the hidden layer 16 units at a time. Backward, for levels without
-the erase and with a given target (Titans, TTT-MLP): one Triton kernel (``parts/mlp_chunk_bwd.py``)
-walking the chunks in reverse, each recomputed from its saved anchor, its VJP by hand; the decay
-coefficients it needs are built here with torch from eta, beta and alpha, and their cotangents go
-back through that small graph (:func:`_kernel_backward`). Otherwise (Hope's erase and
-self-generated targets): exact, chunk by chunk in reverse, each chunk recomputed from its anchor
-by the torch chunk code (``_mlp_chunk`` on that chunk's tokens) under autograd, carrying the
-gradient of the chunk-end state; memory is one chunk's graph at a time.
+writes stack n + 1), and takes the hidden layer 16 units at a time. Backward: one Triton kernel
+(``parts/mlp_chunk_bwd.py``) walking the chunks in reverse, each recomputed from its saved anchor,
+its vector-Jacobian product by hand (the erase's triangular solve and a self-generated target's
+own path included); the decay coefficients it needs are built here with torch from eta, beta and
+alpha, and their cotangents go back through that small graph (:func:`_backward`).
 
 The chunk size is the kernel's tile and, for the MLP memory, part of the semantics (gradients at
 each chunk's anchor): the kernel takes exactly 16, 32 or 64 and raises otherwise.
@@ -22,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from nlc.backends.torch.deep_memory import _mlp_chunk
 from nlc.backends.triton import template
 
 __all__ = ["chunk_mlp_memory", "supports", "variant", "kernels", "CHUNKS", "ACTIVATIONS", "MAX_DIM"]
@@ -127,43 +123,14 @@ class _MLPChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, *dstate):
-        q, k, v, eta, beta, alpha, erase, *anchors = ctx.saved_tensors
-        cfg, C, current, B, H = ctx.meta
-        if erase is None and not cfg[1]:      # no erase, a given target: the backward kernel
-            return (None, None, None, *_kernel_backward(ctx, do, dstate))
-        T = q.shape[1]
-        N = anchors[0].shape[1]
-        anchors = [a.to(q.dtype).reshape(B, H, N, *a.shape[-2:]) for a in anchors]
-        inputs = [q, k, v, eta, beta, alpha, erase]
-        need = ctx.needs_input_grad[3:10]
-        grads = [torch.zeros_like(x) if x is not None and nd else None for x, nd in zip(inputs, need)]
-        carry = [torch.zeros_like(a[:, :, 0]) if g is None else g for a, g in zip(anchors, dstate)]
-        for n in reversed(range(N)):
-            sl = slice(n * C, min(T, (n + 1) * C))
-            with torch.enable_grad():
-                xs = [None if x is None else x[:, sl].detach().requires_grad_(bool(nd))
-                      for x, nd in zip(inputs, need)]
-                st = [a[:, :, n].detach().requires_grad_() for a in anchors]
-                a_ = torch.ones_like(xs[3]) if alpha is None else xs[5]
-                o, Wn, Sn = _mlp_chunk(*xs[:5], a_, xs[6], cfg, st[:2], st[2:] or None, C, current)
-                wrt = [x for x in xs if x is not None and x.requires_grad] + st
-                outs = [o, *Wn, *(Sn or ())]
-                gout = [torch.zeros_like(o) if do is None else do[:, sl], *carry]
-                g = list(torch.autograd.grad(outs, wrt, gout, allow_unused=True))
-            for i, x in enumerate(xs):
-                if x is not None and x.requires_grad:
-                    gi = g.pop(0)
-                    if gi is not None:
-                        grads[i][:, sl] = gi
-            carry = [torch.zeros_like(s) if gi is None else gi for s, gi in zip(st, g)]
-        dmats = carry + [None] * (4 - len(carry))
-        return (None, None, None, *grads, *dmats)
+        return (None, None, None, *_backward(ctx, do, dstate))
 
 
-def _kernel_backward(ctx, do, dstate):
+def _backward(ctx, do, dstate):
     """The backward kernel (``parts/mlp_chunk_bwd.py``): the decay coefficients built here with
     torch from eta, beta and alpha (under autograd), the kernel's reverse pass over the chunks,
-    and the coefficients' cotangents sent back through their graph to eta, beta and alpha."""
+    and the coefficients' cotangents sent back through their graph to eta, beta and alpha.
+    Returns the gradients of (q, k, v, eta, beta, alpha, erase, W1, W2, S1, S2)."""
     q, k, v, eta, beta, alpha, erase, *anchors = ctx.saved_tensors
     cfg, C, current, B, H = ctx.meta
     need = ctx.needs_input_grad[3:10]                   # q, k, v, eta, beta, alpha, erase
@@ -172,47 +139,49 @@ def _kernel_backward(ctx, do, dstate):
     D, hid, d_out, kc, warps = _config(q, W, C)
     kc.pop("BH")
     acc = anchors[0].dtype
-    mom = beta is not None
-    flags = variant(cfg, mom, alpha is not None, False, current)
+    flags = variant(cfg, beta is not None, alpha is not None, erase is not None, current)
     mod = kernels(flags, interpret=not q.is_cuda)
     leaf = lambda x, nd: None if x is None else x.detach().to(acc).requires_grad_(bool(nd))  # noqa: E731
     with torch.enable_grad():
         scal = [leaf(eta, need[3]), leaf(beta, need[4]), leaf(alpha, need[5])]
-        cv, cs, phi = _coefficients(*scal, C, N, T)
-    c = lambda x: x.detach().to(acc).contiguous()  # noqa: E731
-    q_, k_, v_ = c(q), c(k), c(v)
-    do_ = torch.zeros_like(q_[..., :1].expand(B, T, H, d_out)).contiguous() if do is None else c(do)
+        cv, cs, cm = _coefficients(*scal, C, N, T)
+    c = lambda x: None if x is None else x.detach().to(acc).contiguous()  # noqa: E731
+    q_, k_, v_, erase_ = c(q), c(k), c(v), c(erase)
+    do_ = q_.new_zeros(B, T, H, d_out) if do is None else c(do)
     dmats = [torch.zeros_like(a[:, 0]) if g is None else c(g).reshape(B * H, *g.shape[-2:])
              for a, g in zip(anchors, dstate)]
     dummy = q_.new_zeros(1)
     dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
-    dcv, dcs, dphi = torch.zeros_like(cv), torch.zeros_like(cs), torch.zeros_like(phi)
+    derase = dummy if erase is None else torch.empty_like(erase_)
+    dcv, dcs, dcm = torch.zeros_like(cv), torch.zeros_like(cs), torch.zeros_like(cm)
     e_ws = q_.new_empty(B * H, 2, C, kc["BO"])
-    m_ws = q_.new_empty(B * H, 2, C, C)
+    m_ws = q_.new_empty(B * H, 6, C, C)
     pad = lambda xs: list(xs) + [dummy] * (4 - len(xs))  # noqa: E731
     mod.mlp_chunk_bwd[(B * H,)](
-        q_, k_, v_, do_, c(cv), c(cs), c(phi), *pad(anchors), *pad(dmats), dq, dk, dv, dcv, dcs, dphi,
-        e_ws, m_ws, T, H, D, hid, d_out, N, num_warps=warps, num_stages=1, **kc)
+        q_, k_, v_, dummy if erase is None else erase_, do_, c(cv), c(cs), c(cm), *pad(anchors), *pad(dmats),
+        dq, dk, dv, derase, dcv, dcs, dcm, e_ws, m_ws, T, H, D, hid, d_out, v.shape[-1], N,
+        BV=_pow2(v.shape[-1]), DETACH=bool(cfg[2]), num_warps=warps, num_stages=1, **kc)
     wrt = [(x, i) for i, x in enumerate(scal) if x is not None and x.requires_grad]
     dscal = [None, None, None]
     if wrt:
-        outs = [(o, g) for o, g in ((cv, dcv), (cs, dcs), (phi, dphi)) if o.requires_grad]
+        outs = [(o, g) for o, g in ((cv, dcv), (cs, dcs), (cm, dcm)) if o.requires_grad]
         got = torch.autograd.grad([o for o, _ in outs], [x for x, _ in wrt], [g for _, g in outs],
                                   allow_unused=True)
         for (x, i), g in zip(wrt, got):
             dscal[i] = torch.zeros_like(x) if g is None else g
-    ins = (q, k, v, eta, beta, alpha)
+    ins = (q, k, v, eta, beta, alpha, erase)
     grads = [g.to(x.dtype) if nd and g is not None else None
-             for x, g, nd in zip(ins, [dq, dk, dv, *dscal], need)]
+             for x, g, nd in zip(ins, [dq, dk, dv, *dscal, None if erase is None else derase], need)]
     mats = [m.reshape(B, H, *m.shape[-2:]).to(q.dtype) for m in dmats]
-    return (*grads, None, *(mats + [None] * (4 - len(mats))))
+    return (*grads, *(mats + [None] * (4 - len(mats))))
 
 
 def _coefficients(eta, beta, alpha, C, N, T):
     """The backward kernel's per-chunk decay coefficients, ``[B*H, N, ...]``: the vectors
-    ``(Ab, cb, phiE, dbE)`` ``[4, C]``, the scalars ``(a_e, c_e, bc_e, 0)`` ``[4]`` and ``PhiE``
-    ``[C, C]`` (``memory_core._Coef``: rows before each token's write, and the chunk-end row, the
-    last real token's in a ragged last chunk; the columns of Phi and Db scaled by eta)."""
+    ``(Ab, cb, phiE, dbE, pa_e)`` ``[5, C]``, the scalars ``(a_e, c_e, bc_e, 0)`` ``[4]`` and the
+    matrices ``(PhiE, Pab)`` ``[2, C, C]`` (``memory_core._Coef``: rows before each token's write,
+    and the chunk-end row, the last real token's in a ragged last chunk; the columns of Phi and Db
+    scaled by eta)."""
     from nlc.backends.torch.memory_core import _blocks, _coefficients as coef
     B, _, H = eta.shape
     co = coef(_blocks(torch.ones_like(eta) if alpha is None else alpha, C, N, 1.0),
@@ -224,9 +193,9 @@ def _coefficients(eta, beta, alpha, C, N, T):
     row = lambda X: X.gather(-2, ends.view(N, 1, 1, 1, 1).expand(N, B, H, 1, C)).squeeze(-2)  # noqa: E731
     zero = torch.zeros_like(e)
     vecs = [co.A[..., :-1], zero if beta is None else co.c[..., :-1], row(co.Phi) * e,
-            zero if beta is None else row(co.Db) * e]
+            zero if beta is None else row(co.Db) * e, row(co.Da)]
     scal = [at(co.A), zero[..., 0] if beta is None else at(co.c), zero[..., 0] if beta is None else at(co.Bc),
             zero[..., 0]]
     flat = lambda x: x.movedim(0, 2).reshape(B * H, N, *x.shape[3:]).contiguous()  # noqa: E731  [N, B, H, ..] -> [BH, N, ..]
     return (flat(torch.stack(vecs, 3)), flat(torch.stack(scal, 3)),
-            flat(co.Phi[..., :-1, :] * e[..., None, :]))
+            flat(torch.stack([co.Phi[..., :-1, :] * e[..., None, :], co.Da[..., :-1, :]], 3)))

@@ -57,7 +57,7 @@ FLAGS = {
                           read="current", objective="dot"),
     "detach_target": dict(mom=False, erase=True, self_target=True, activation="gelu",
                           residual=False, read="current", detach_target=True),
-    # the backward kernel's flags (no erase, a given target): the rest of its combinations
+    # without the erase and the self-generated target: the rest of the backward's combinations
     "bwd_dot_anchor": dict(mom=True, erase=False, self_target=False, activation="gelu", residual=False,
                            read="anchor", objective="dot", d_out=24),
     "bwd_current_plain": dict(mom=True, erase=False, self_target=False, activation="silu", residual=False,
@@ -134,12 +134,23 @@ def compare(got, want, tol_out, tol_grad):
 
 
 def test_triton_mlp_reaches_the_kernel(monkeypatch):
-    """The helper really runs the Triton core (the comparisons below are not torch vs torch)."""
+    """The helper really runs the Triton cores, forward and backward (the comparisons below are not
+    torch vs torch)."""
     calls = []
-    real = deep._MLPChunk.apply
-    monkeypatch.setattr(deep._MLPChunk, "apply", lambda *a: calls.append(1) or real(*a))
-    run(leaves("titans", T=3, B=1, H=1), "titans")
-    assert calls == [1]
+
+    class Spy:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            calls.append(self.name)
+            return self.real[grid]
+    mod = deep.kernels(deep.variant(("l2", True, False, "silu", True), False, True, True, True), DEVICE == "cpu")
+    for name in ("mlp_chunk_fwd", "mlp_chunk_bwd"):
+        monkeypatch.setattr(mod, name, Spy(name, getattr(mod, name)))
+    x = leaves("hope_memory", T=3, B=1, H=1)
+    grads(run(x, "hope_memory"), x, "reach")
+    assert calls == ["mlp_chunk_fwd", "mlp_chunk_bwd"]
 
 
 def both(case, want_mode="chunk", chunk_size=16, **shape):
@@ -207,27 +218,15 @@ def test_triton_mlp_float32(case):
     compare((outs32, grads(outs32, x32, case)), (outs64, grads(outs64, x64, case)), 1e-4, 1e-3)
 
 
-BWD_CASES = [c for c, f in CASES.items() if not f["erase"] and not f["self_target"]]
-
-
-@pytest.mark.parametrize("case", BWD_CASES)
+@pytest.mark.parametrize("case", ["titans", "hope_memory", "hope_generator_nores", "ttt_mlp", "all_on",
+                                  "detach_target", "bwd_dot_anchor", "bwd_current_plain"])
 def test_backward_kernel_over_several_chunks(case):
-    """T = 53 at chunk 16: the kernel walks three whole chunks (its carry between them, and each
-    chunk's decay coefficients, whose cotangents the torch graph maps back to eta, beta and
-    alpha), then a ragged open chunk; every gradient equals the torch chunk form's."""
+    """T = 53 at chunk 16: the backward kernel walks three whole chunks (its carry between them,
+    and each chunk's decay coefficients, whose cotangents the torch graph maps back to eta, beta
+    and alpha), then a ragged open chunk; every gradient equals the torch chunk form's."""
     x = leaves(case, T=53, seed=3)
     compare((run(x, case), grads(run(x, case), x, case)),
             (run(x, case, backend="torch"), grads(run(x, case, backend="torch"), x, case)), TOL64, TOL64)
-
-
-@pytest.mark.parametrize("case,kernel", [("titans", True), ("bwd_dot_anchor", True), ("hope_memory", False)])
-def test_backward_kernel_serves_levels_without_the_erase(case, kernel):
-    """Levels without the erase and with a given target take the backward kernel
-    (parts/mlp_chunk_bwd.py); the others the torch recompute (the equality tests above hold both)."""
-    x = leaves(case)
-    with mock.patch.object(deep, "_kernel_backward", wraps=deep._kernel_backward) as bwd:
-        grads(run(x, case), x, case)
-    assert bwd.called == kernel
 
 
 def test_triton_mlp_rejects_what_it_cannot_run():

@@ -1,5 +1,5 @@
-# Skeleton 2: the deep (MLP) memory of Titans / Hope, depth 2, chunked: the forward, and (from
-# parts/mlp_chunk_bwd.py) the backward of the levels without the erase and with a given target.
+# Skeleton 2: the deep (MLP) memory of Titans / Hope, depth 2, chunked: the forward here, the
+# backward from parts/mlp_chunk_bwd.py.
 #
 #     M(z) = [z +] W1 act(W2 z)        W1 [d_out, h] (output side), W2 [h, D] (input side)
 #
@@ -322,5 +322,4 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
         tl.debug_barrier()  # chunk n's end state (stack n + 1) is written before chunk n + 1 reads it
 
 
-if not ERASE and not SELF_TARGET:  # the backward (with the erase or a self-generated target: deep.py's torch recompute)
-    # {include mlp_chunk_bwd}
+# {include mlp_chunk_bwd}
