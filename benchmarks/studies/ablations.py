@@ -35,7 +35,7 @@ SIZES = {
     "toy": dict(ablations=["hope_gd"], layers=1, steps=2, batch=2, context=32, batches=1, seeds=1, parent_seeds=1,
                 lr=3e-3),
     "default": dict(ablations=[a for a, _ in ABLATIONS], layers=1, steps=200, batch=8, context=128, batches=8,
-                    seeds=1, parent_seeds=3, lr=3e-3),
+                    seeds=2, parent_seeds=3, lr=3e-3),
 }
 PARENT = "hope_small"
 

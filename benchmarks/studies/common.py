@@ -223,9 +223,14 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The commit the study ran from, `-dirty` when the working tree had uncommitted changes."""
+    """The commit the study ran from, `-dirty` when the working tree had uncommitted changes
+    (other than the studies' own results, which a run of several studies writes as it goes)."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                    timeout=10).stdout.strip()
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        head = git("describe", "--always") or "unknown"
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":!benchmarks/RESULTS.md", ":!benchmarks/results")
+        return head + ("-dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

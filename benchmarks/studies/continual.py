@@ -29,7 +29,7 @@ SIZES = {
     "toy": dict(models=["transformer", "titans"], target=50_000, layers=1, every=2, batch=4, context=48,
                 batches=1, seeds=1, lr=3e-3, fidelity=dict(dim=16, pairs=4, repeats=2, eta=0.5, alpha=0.98, seeds=1)),
     "default": dict(models=["transformer", "titans", "hope_small", "hope_no_cms"], target=150_000, layers=1,
-                    every=150, batch=16, context=96, batches=4, seeds=1, lr=3e-3,
+                    every=150, batch=16, context=96, batches=4, seeds=2, lr=3e-3,
                     fidelity=dict(dim=32, pairs=16, repeats=8, eta=0.5, alpha=0.982, seeds=5)),
 }
 
