@@ -107,7 +107,7 @@ def mlp_rows():
         *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, 64)
         yield name, torch.float32, "mlp_chunk_fwd", mod.mlp_chunk_fwd, dict(cfg, BV=_pow2(D)), 1, warps
         if hasattr(mod, "mlp_chunk_bwd"):
-            bwd = {k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC")}
+            bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC")}, BV=_pow2(D), DETACH=False)
             yield name, torch.float32, "mlp_chunk_bwd", mod.mlp_chunk_bwd, bwd, 1, warps
 
 

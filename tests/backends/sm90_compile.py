@@ -90,8 +90,8 @@ def main(everything: bool):
             cfg = dict(cfg, BV=_pow2(D if p.flags["SELF_TARGET"] else d_out))
             print(json.dumps({"variant": variant, "kernel": "mlp_chunk_fwd",
                               "smem": compile_smem(mod.mlp_chunk_fwd, cfg, 1, warps)}), flush=True)
-            if hasattr(mod, "mlp_chunk_bwd"):   # levels without the erase, with a given target
-                bwd = {k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC")}
+            if hasattr(mod, "mlp_chunk_bwd"):
+                bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC", "BV")}, DETACH=False)
                 print(json.dumps({"variant": variant, "kernel": "mlp_chunk_bwd",
                                   "smem": compile_smem(mod.mlp_chunk_bwd, bwd, 1, warps)}), flush=True)
 
