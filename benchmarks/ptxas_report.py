@@ -97,6 +97,7 @@ def diag_rows(dtypes):
 
 def mlp_rows():
     from nlc.backends.triton.deep import _config, _pow2
+    from nlc.backends.triton.plan import mlp_backward_fits
     titans = dict(MOMENTUM=True, RETAIN=True, ERASE=False, SELF_TARGET=False, RESIDUAL=True, CURRENT=True,
                   L2=True, GELU=False)               # titans.yaml's memory level: D 64, hidden 128
     hope = dict(MOMENTUM=False, RETAIN=True, ERASE=True, SELF_TARGET=True, RESIDUAL=True, CURRENT=True,
@@ -106,7 +107,7 @@ def mlp_rows():
         W = [torch.empty(1, 1, D, hidden), torch.empty(1, 1, hidden, D)]
         *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, 64)
         yield name, torch.float32, "mlp_chunk_fwd", mod.mlp_chunk_fwd, dict(cfg, BV=_pow2(D)), 1, warps
-        if hasattr(mod, "mlp_chunk_bwd"):
+        if mlp_backward_fits(64, D):   # wider levels take the torch backward (plan.MLP_BWD_TILE)
             bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC")}, BV=_pow2(D), DETACH=False)
             yield name, torch.float32, "mlp_chunk_bwd", mod.mlp_chunk_bwd, bwd, 1, warps
 

@@ -211,4 +211,6 @@ def _kernel_files(spec, source_name):
                            "file": f"kernels/{name}.py"}
         if p.skeleton == "mlp_chunk":
             placement[name]["auto"] = AUTO_MLP
+        if p.backward:
+            placement[name]["backward"] = p.backward
     return files, placement

@@ -10,7 +10,9 @@ writes stack n + 1), and takes the hidden layer 16 units at a time. Backward: on
 (``parts/mlp_chunk_bwd.py``) walking the chunks in reverse, each recomputed from its saved anchor,
 its vector-Jacobian product by hand (the erase's triangular solve and a self-generated target's
 own path included); the decay coefficients it needs are built here with torch from eta, beta and
-alpha, and their cotangents go back through that small graph (:func:`_backward`).
+alpha, and their cotangents go back through that small graph (:func:`_backward`). Its tiles are
+[chunk, width]: levels whose chunk x width passes ``plan.MLP_BWD_TILE`` (an H100's shared memory)
+take :func:`_recompute_backward`, each chunk recomputed by the torch chunk code under autograd.
 
 The chunk size is the kernel's tile and, for the MLP memory, part of the semantics (gradients at
 each chunk's anchor): the kernel takes exactly 16, 32 or 64 and raises otherwise.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from nlc.backends.torch.deep_memory import _mlp_chunk
 from nlc.backends.triton import template
+from nlc.backends.triton.plan import mlp_backward_fits
 
 __all__ = ["chunk_mlp_memory", "supports", "variant", "kernels", "CHUNKS", "ACTIVATIONS", "MAX_DIM"]
 
@@ -123,7 +127,11 @@ class _MLPChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, *dstate):
-        return (None, None, None, *_backward(ctx, do, dstate))
+        q, _, v, *_rest = ctx.saved_tensors
+        C, d_out = ctx.meta[1], ctx.saved_tensors[7].shape[-2]
+        if mlp_backward_fits(C, q.shape[-1], d_out, v.shape[-1]):
+            return (None, None, None, *_backward(ctx, do, dstate))
+        return (None, None, None, *_recompute_backward(ctx, do, dstate))
 
 
 def _backward(ctx, do, dstate):
@@ -174,6 +182,37 @@ def _backward(ctx, do, dstate):
              for x, g, nd in zip(ins, [dq, dk, dv, *dscal, None if erase is None else derase], need)]
     mats = [m.reshape(B, H, *m.shape[-2:]).to(q.dtype) for m in dmats]
     return (*grads, *(mats + [None] * (4 - len(mats))))
+
+
+def _recompute_backward(ctx, do, dstate):
+    """The backward of levels too wide for the kernel's tiles: chunk by chunk in reverse, each
+    recomputed from its saved anchor by the torch chunk code under autograd, carrying the gradient
+    of the chunk-end state; memory is one chunk's graph at a time. Same result as the kernel."""
+    q, k, v, eta, beta, alpha, erase, *anchors = ctx.saved_tensors
+    cfg, C, current, B, H = ctx.meta
+    T, N = q.shape[1], anchors[0].shape[1]
+    anchors = [a.to(q.dtype).reshape(B, H, N, *a.shape[-2:]) for a in anchors]
+    inputs = [q, k, v, eta, beta, alpha, erase]
+    need = ctx.needs_input_grad[3:10]
+    grads = [torch.zeros_like(x) if x is not None and nd else None for x, nd in zip(inputs, need)]
+    carry = [torch.zeros_like(a[:, :, 0]) if g is None else g for a, g in zip(anchors, dstate)]
+    for n in reversed(range(N)):
+        sl = slice(n * C, min(T, (n + 1) * C))
+        with torch.enable_grad():
+            xs = [None if x is None else x[:, sl].detach().requires_grad_(bool(nd)) for x, nd in zip(inputs, need)]
+            st = [a[:, :, n].detach().requires_grad_() for a in anchors]
+            a_ = torch.ones_like(xs[3]) if alpha is None else xs[5]
+            o, Wn, Sn = _mlp_chunk(*xs[:5], a_, xs[6], cfg, st[:2], st[2:] or None, C, current)
+            wrt = [x for x in xs if x is not None and x.requires_grad] + st
+            gout = [torch.zeros_like(o) if do is None else do[:, sl], *carry]
+            g = list(torch.autograd.grad([o, *Wn, *(Sn or ())], wrt, gout, allow_unused=True))
+        for i, x in enumerate(xs):
+            if x is not None and x.requires_grad:
+                gi = g.pop(0)
+                if gi is not None:
+                    grads[i][:, sl] = gi
+        carry = [torch.zeros_like(s) if gi is None else gi for s, gi in zip(st, g)]
+    return (*grads, *(carry + [None] * (4 - len(carry))))
 
 
 def _coefficients(eta, beta, alpha, C, N, T):

@@ -15,11 +15,22 @@ from nlc.expr import Num
 from nlc.instance import instanced
 from nlc.rules import derive
 
-__all__ = ["Placement", "plan", "delta_terms", "mlp_flags", "header"]
+__all__ = ["Placement", "plan", "delta_terms", "mlp_flags", "mlp_backward_fits", "header"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
 MLP_ACTIVATIONS = ("silu", "gelu")
 MLP_MAX_DIM = 256
+# The backward kernel keeps [chunk, width] tiles (width: the widest of D, d_out and v's) on chip:
+# ptxas for sm_90 with Hope's flags gives 209 KB of shared memory at 64 x 64 and 152 KB at
+# 32 x 128, but 319 KB at 64 x 128 and 541 KB at 64 x 256 (an H100 has 227 KB). Wider levels
+# take the torch backward (each chunk recomputed from its anchor under autograd).
+MLP_BWD_TILE = 64 * 64
+
+
+def mlp_backward_fits(chunk: int, *widths: int) -> bool:
+    """Whether the deep memory's backward kernel takes a level of this chunk and these widths."""
+    pow2 = max(16, 1 << (max(widths) - 1).bit_length())
+    return chunk * pow2 <= MLP_BWD_TILE
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,7 @@ class Placement:
     skeleton: str | None            # None: runs on torch
     flags: dict = field(default_factory=dict)
     why: str = ""                   # what runs instead, and why (skeleton None)
+    backward: str = ""              # how the gradient is taken, where that is not the skeleton's own kernel
 
     def describe(self) -> str:
         if self.skeleton is None:
@@ -72,7 +84,8 @@ def plan(spec: S.ModelSpec) -> dict[str, Placement]:
                                           "gradient every period: torch matmuls")
         else:
             why, flags = mlp_flags(spec, name, d)
-            p = Placement(name, None, why=why) if why else Placement(name, "mlp_chunk", flags)
+            p = Placement(name, None, why=why) if why else Placement(name, "mlp_chunk", flags,
+                                                                     backward=mlp_backward_note(spec, name))
         out[name] = p
     return out
 
@@ -101,6 +114,17 @@ def mlp_flags(spec, name: str, d) -> tuple[str | None, dict]:
                   "ERASE": d.erase is not None, "SELF_TARGET": self_target, "RESIDUAL": bool(m.residual),
                   "CURRENT": lv.read == "current" and name in spec.model.block, "L2": d.loss == "l2",
                   "GELU": m.activation == "gelu"}
+
+
+def mlp_backward_note(spec, name: str) -> str:
+    """'' where the backward kernel serves the level, else what takes the gradient and why."""
+    lv = spec.levels[name]
+    K = spec.model.d_model // spec.model.heads
+    width = 1 if lv.out == "scalar" else K
+    if mlp_backward_fits(lv.chunk_size(), K, width):
+        return ""
+    return (f"backward on torch, each chunk recomputed from its anchor: the backward kernel takes chunk x width "
+            f"up to {MLP_BWD_TILE} (an H100's shared memory), this level has {lv.chunk_size()} x {max(K, width)}")
 
 
 def header(spec_name: str, source: str, level: str, rule: str, p: Placement, sha: str) -> str:

@@ -194,6 +194,18 @@ def test_triton_mlp_wider_than_128():
     compare(got, want, TOL64, TOL64)
 
 
+def test_levels_too_wide_for_the_backward_kernel_recompute_with_torch():
+    """Chunk x width over plan.MLP_BWD_TILE (the backward kernel's tiles would not fit an H100's
+    shared memory): the forward kernel, then each chunk recomputed by the torch chunk code."""
+    from nlc.backends.triton.plan import mlp_backward_fits
+    assert not mlp_backward_fits(32, 136) and mlp_backward_fits(32, 128) and mlp_backward_fits(64, 64)
+    with mock.patch.object(deep, "_recompute_backward", wraps=deep._recompute_backward) as slow, \
+            mock.patch.object(deep, "_backward", wraps=deep._backward) as fast:
+        got, want = both("hope_memory", chunk_size=32, T=37, D=136, hid=40, B=1, H=1)
+    assert slow.called and not fast.called
+    compare(got, want, TOL64, TOL64)
+
+
 def test_triton_mlp_no_retention_at_the_seam():
     """alpha=None at the core (the kernel drops the retention terms) == alpha of ones."""
     x = leaves("ttt_mlp")

@@ -140,3 +140,10 @@ def test_cli_build_triton_reports_placement(tmp_path):
     assert r.exit_code == 0, r.output
     line = next(ln for ln in r.output.splitlines() if ln.startswith("level memory:"))
     assert "skeleton mlp_chunk" in line and "only where no gradient is wanted" in line, line
+    assert "backward on torch" not in line          # Titans' 64-wide heads fit the backward kernel
+    # Hope's one 256-wide head at chunk 64 does not: its backward is torch's, and the build says so
+    r = CliRunner().invoke(app, ["build", str(ROOT / "specs" / "hope.yaml"), "-o", str(tmp_path / "h"),
+                                 "--backend", "triton"])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("level M_mem:"))
+    assert "skeleton mlp_chunk" in line and "backward on torch" in line and "64 x 256" in line, line
