@@ -127,11 +127,10 @@ class _MLPChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, *dstate):
-        q, _, v, *_rest = ctx.saved_tensors
-        C, d_out = ctx.meta[1], ctx.saved_tensors[7].shape[-2]
-        if mlp_backward_fits(C, q.shape[-1], d_out, v.shape[-1]):
-            return (None, None, None, *_backward(ctx, do, dstate))
-        return (None, None, None, *_recompute_backward(ctx, do, dstate))
+        saved = ctx.saved_tensors
+        q, v, d_out = saved[0], saved[2], saved[7].shape[-2]       # saved[7]: W1's anchor stack
+        fits = mlp_backward_fits(ctx.meta[1], q.shape[-1], d_out, v.shape[-1])
+        return (None, None, None, *(_backward if fits else _recompute_backward)(ctx, do, dstate))
 
 
 def _backward(ctx, do, dstate):
