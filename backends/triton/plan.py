@@ -23,8 +23,8 @@ MLP_MAX_DIM = 256
 # The backward kernel keeps [chunk, width] tiles (width: the widest of D, d_out and v's) on chip:
 # ptxas for sm_90 with Hope's flags gives 209 KB of shared memory at 64 x 64, 152 KB at 32 x 128
 # and 153 KB at 16 x 256 (Hope's generators), but 319 KB at 64 x 128 and 541 KB at 64 x 256 (an
-# H100 has 227 KB). Wider levels
-# take the torch backward (each chunk recomputed from its anchor under autograd).
+# H100 has 227 KB). Wider levels take the torch backward (each chunk recomputed from its anchor
+# under autograd).
 MLP_BWD_TILE = 64 * 64
 
 
