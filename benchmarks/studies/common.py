@@ -29,10 +29,9 @@ class Variant:
     label: str
     spec: Path
     sets: tuple[str, ...] = ()
-    parent: Path | None = None          # an ablation: the spec it differs from in one place
 
     def with_sets(self, *sets: str) -> "Variant":
-        return Variant(self.label, self.spec, self.sets + tuple(sets), self.parent)
+        return Variant(self.label, self.spec, self.sets + tuple(sets))
 
 
 def shipped(name: str, label: str | None = None, *sets: str) -> Variant:
@@ -42,10 +41,6 @@ def shipped(name: str, label: str | None = None, *sets: str) -> Variant:
 def spec_of(name: str) -> Path:
     """A study-scale spec (benchmarks/studies/specs/NAME.yaml, e.g. hope_small) or a shipped one."""
     return VARIANTS / f"{name}.yaml" if (VARIANTS / f"{name}.yaml").exists() else SPECS / f"{name}.yaml"
-
-
-def ablation(name: str, label: str, parent: str = "hope_small") -> Variant:
-    return Variant(label, VARIANTS / f"{name}.yaml", (), spec_of(parent))
 
 
 def spec_diff(child: Path, parent: Path) -> str:
