@@ -24,11 +24,15 @@ export NLC_TEST_DEVICE=cuda TRITON_INTERPRET=0 NLC_CACHE_DIR=$PWD/.nlc_cache
 for step in $STEPS; do
   echo "== $step $(date -u +%T)"
   case $step in
+    par_tests) i=0; for t in ${TESTS:-}; do i=$((i+1))     # one process per test id: the compiles run side by side
+                 (timeout ${T_TESTS:-110} python -m pytest -p no:cacheprovider "$t" 2>&1 | tail -4 > "$OUT/test_$i.txt"; echo "rc $? $t" >> "$OUT/test_$i.txt") &
+               done; wait; cat "$OUT"/test_*.txt ;;
+    tune) timeout ${T_TUNE:-300} python benchmarks/tune_mlp.py ${TUNE_ARGS:-} | tee "$OUT/tune_mlp.md" ;;
     profile) timeout ${T_PROFILE:-200} python benchmarks/profile_gpu.py ${PROFILE_ARGS:-} ;;
-    tests) timeout ${T_TESTS:-110} python -m pytest -x -p no:cacheprovider tests/backends/test_triton_delta.py ${EXTRA_TESTS:-} 2>&1 | tail -15 ;;
+    tests) timeout ${T_TESTS:-110} python -m pytest -x -p no:cacheprovider ${TESTS:-tests/backends/test_triton_delta.py} ${EXTRA_TESTS:-} 2>&1 | tail -15 ;;
     bench) timeout ${T_BENCH:-200} python benchmarks/kernels.py --fla .bench --out "$OUT/kernels_bf16.md" ${BENCH_ARGS:-} ;;
     models) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
-              --specs ${MODEL_SPECS:-transformer,gated_deltanet,titans,hope} --backend torch,auto ;;
+              --specs ${MODEL_SPECS:-transformer,gated_deltanet,titans,hope} --backend ${MODEL_BACKENDS:-torch,auto} ;;
     *) timeout ${T_OTHER:-100} bash -c "$step" ;;
   esac
 done

@@ -78,23 +78,29 @@ def delta_flops(T, H, K, V, C=64):
     return H * (T // C) * per_chunk
 
 
-def mlp_rows(B, T, args, dtype, device):
-    """Titans' memory level: a depth-2 residual MLP memory (D = 64, hidden 128 per head, H = 16),
-    momentum, retention, read at the current weights, chunk 64; Triton vs nlc's torch form."""
-    from nlc.backends.torch.memories import mlp_memory
-    H, D, hid = args.H, min(args.K, 64), 2 * min(args.K, 64)
-    gen = torch.Generator(device="cpu").manual_seed(1)
+def mlp_inputs(B, T, H, D, hid, dtype, device, seed=1):
+    """Titans' memory level's inputs: keys normalised, eta up to 0.1, momentum, retention near 1."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     x = dict(q=torch.randn(B, T, H, D, generator=gen), k=F.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1),
              v=torch.randn(B, T, H, D, generator=gen), eta=0.1 * torch.rand(B, T, H, generator=gen),
              beta=0.9 * torch.rand(B, T, H, generator=gen), alpha=1 - 0.01 * torch.rand(B, T, H, generator=gen),
              W1=0.1 * torch.randn(H, D, hid, generator=gen), W2=0.1 * torch.randn(H, hid, D, generator=gen))
-    x = {n: t.to(device=device, dtype=dtype).requires_grad_() for n, t in x.items()}
+    return {n: t.to(device=device, dtype=dtype).requires_grad_() for n, t in x.items()}
 
-    def call(backend):
-        return lambda: mlp_memory(x["q"], x["k"], x["v"], x["eta"], x["beta"], x["alpha"], None,
-                                  initial_state=(x["W1"], x["W2"]), read="current", chunk_size=64,
-                                  backend=backend)[0]
-    return {"mlp memory (titans) triton": call("triton"), "mlp memory (titans) torch": call("torch")}
+
+def mlp_call(x, backend):
+    """One call of Titans' memory level (read at the current weights, chunk 64): its output."""
+    from nlc.backends.torch.memories import mlp_memory
+    return mlp_memory(x["q"], x["k"], x["v"], x["eta"], x["beta"], x["alpha"], None,
+                      initial_state=(x["W1"], x["W2"]), read="current", chunk_size=64, backend=backend)[0]
+
+
+def mlp_rows(B, T, args, dtype, device):
+    """Titans' memory level: a depth-2 residual MLP memory (D = 64, hidden 128 per head, H = 16),
+    momentum, retention, read at the current weights, chunk 64; Triton vs nlc's torch form."""
+    D = min(args.K, 64)
+    x = mlp_inputs(B, T, args.H, D, 2 * D, dtype, device)
+    return {f"mlp memory (titans) {b}": (lambda b=b: mlp_call(x, b)) for b in ("triton", "torch")}
 
 
 def rows(args):
@@ -107,15 +113,17 @@ def rows(args):
     for T in args.T:
         x = inputs(B, T, H, K, V, dtype, device)
         qkv = [x[n] for n in ("q", "k", "v")]
-        impls = {
-            "nlc triton": lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="triton")[0],
-            "nlc torch chunk": lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="torch")[0],
-        }
-        if fla is not None:
-            impls["fla chunk_gated_delta_rule"] = lambda: fla(*qkv, x["g"], x["beta"], output_final_state=True)[0]
-        sdpa_in = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in qkv]
-        impls["torch SDPA (causal softmax)"] = lambda: F.scaled_dot_product_attention(*sdpa_in, is_causal=True)
-        impls.update(mlp_rows(B, T, args, dtype, device))
+        impls = {}
+        if "delta" in args.rows:
+            impls["nlc triton"] = lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="triton")[0]
+            impls["nlc torch chunk"] = lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="torch")[0]
+            if fla is not None:
+                impls["fla chunk_gated_delta_rule"] = lambda: fla(*qkv, x["g"], x["beta"], output_final_state=True)[0]
+        if "sdpa" in args.rows:
+            sdpa_in = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in qkv]
+            impls["torch SDPA (causal softmax)"] = lambda: F.scaled_dot_product_attention(*sdpa_in, is_causal=True)
+        if "mlp" in args.rows:
+            impls.update(mlp_rows(B, T, args, dtype, device))
         io_bytes = (2 * B * T * H * K + 2 * B * T * H * V + 2 * B * T * H) * x["q"].element_size()
         for name, fn in impls.items():
             def fwd():
@@ -167,6 +175,7 @@ def main():
     p.add_argument("--fla", default=None, help="directory holding fla/ (flash-linear-attention's source)")
     p.add_argument("--toy", action="store_true", help="tiny sizes on CPU: checks the script, not speed")
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--rows", default="delta,sdpa,mlp", help="which rows: delta (nlc and fla), sdpa, mlp")
     args = p.parse_args()
     if args.toy:
         args.T, args.H, args.K, args.dtype = [40], 2, 16, "fp32"

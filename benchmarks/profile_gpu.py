@@ -1,7 +1,7 @@
 """Where the time of nlc's Triton kernels goes on a GPU: per-kernel CUDA time (torch.profiler) of
 gated DeltaNet's chunked kernels (forward + backward) as shipped (each kernel's own num_warps) or
 forced to the counts in --warps, and of Titans' MLP
-memory (Triton forward, torch chunk-recompute backward). A diagnostic for benchmarks/kernels.py's
+memory (Triton forward and backward kernels, against the torch chunk form). A diagnostic for benchmarks/kernels.py's
 table, run by benchmarks/gpu_check.sh (STEPS=profile).
 
     python benchmarks/profile_gpu.py [--T 8192] [--dtype bf16] [--warps 4 8] [--mlp-T 0]
@@ -46,16 +46,32 @@ def breakdown(fn, label, steps=3, top=10):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--T", type=int, default=8192)
+    p.add_argument("--T", type=int, default=8192, help="gated delta's T; 0 skips it")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--mlp-T", type=int, default=2048, help="0 skips the MLP memory")
     p.add_argument("--warps", type=int, nargs="*", default=[], help="also force these num_warps on every kernel")
     p.add_argument("--models", default="", help="comma-separated model specs: profile their training step instead")
     p.add_argument("--model-T", type=int, default=4096)
+    p.add_argument("--model-backends", default="auto,torch")
     args = p.parse_args()
     if args.models:
-        return models(args.models.split(","), args.model_T)
+        return models(args.models.split(","), args.model_T, args.model_backends.split(","))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.T:
+        delta_rows(args, dtype)
+    if not args.mlp_T:
+        return
+
+    class A:
+        H, K = 16, 128
+    mlp = bench.mlp_rows(1, args.mlp_T, A, dtype, "cuda")
+    for name, fn in mlp.items():
+        breakdown(lambda: fn().sum().backward(), f"{name} T={args.mlp_T} fwd+bwd", steps=1)
+        with torch.no_grad():
+            breakdown(fn, f"{name} T={args.mlp_T} fwd", steps=1)
+
+
+def delta_rows(args, dtype):
     x = bench.inputs(1, args.T, 16, 128, 128, dtype, "cuda")
     qkv = [x[n] for n in ("q", "k", "v")]
     breakdown(lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="triton")[0].sum().backward(),
@@ -69,24 +85,13 @@ def main():
     breakdown(lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="torch")[0].sum().backward(),
               f"gated delta torch chunk T={args.T} {args.dtype} fwd+bwd")
 
-    if not args.mlp_T:
-        return
 
-    class A:
-        H, K = 16, 128
-    mlp = bench.mlp_rows(1, args.mlp_T, A, dtype, "cuda")
-    for name, fn in mlp.items():
-        breakdown(lambda: fn().sum().backward(), f"{name} T={args.mlp_T} fwd+bwd", steps=1)
-        with torch.no_grad():
-            breakdown(fn, f"{name} T={args.mlp_T} fwd", steps=1)
-
-
-def models(names, T):
+def models(names, T, backends):
     """One forward + backward of each compiled model spec, per backend: CUDA kernels by time."""
     import nlc
     ids = torch.randint(0, 256, (1, T), device="cuda")
     for name in names:
-        for backend in ("auto", "torch"):
+        for backend in backends:
             model = nlc.compile(f"specs/{name}.yaml", backend=backend).cuda()
 
             def step(model=model):

@@ -102,12 +102,18 @@ def mlp_rows():
                   L2=True, GELU=False)               # titans.yaml's memory level: D 64, hidden 128
     hope = dict(MOMENTUM=False, RETAIN=True, ERASE=True, SELF_TARGET=True, RESIDUAL=True, CURRENT=True,
                 L2=True, GELU=False)                 # hope.yaml's M_mem: one 256-wide head, hidden 256
-    for name, flags, D, hidden in (("mlp titans", titans, 64, 128), ("mlp hope M_mem", hope, 256, 256)):
+    gen = dict(hope, CURRENT=False)                  # hope.yaml's generators: read at the anchor, chunk 16
+    # (name, flags, D, hidden, chunk): the shipped levels, then Hope's flags at the backward
+    # kernel's tile bound (plan.MLP_BWD_TILE: chunk x width 4096)
+    for name, flags, D, hidden, C in (("mlp titans", titans, 64, 128, 64), ("mlp hope M_mem", hope, 256, 256, 64),
+                                      ("mlp hope generators", gen, 256, 256, 16),
+                                      ("mlp hope flags 64 x 64", hope, 64, 128, 64),
+                                      ("mlp hope flags 32 x 128", hope, 128, 128, 32)):
         mod = template.load("mlp_chunk", flags, interpret=False)
         W = [torch.empty(1, 1, D, hidden), torch.empty(1, 1, hidden, D)]
-        *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, 64)
+        *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, C)
         yield name, torch.float32, "mlp_chunk_fwd", mod.mlp_chunk_fwd, dict(cfg, BV=_pow2(D)), 1, warps
-        if mlp_backward_fits(64, D):   # wider levels take the torch backward (plan.MLP_BWD_TILE)
+        if mlp_backward_fits(C, D):   # wider levels take the torch backward (plan.MLP_BWD_TILE)
             bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC")}, BV=_pow2(D), DETACH=False)
             yield name, torch.float32, "mlp_chunk_bwd", mod.mlp_chunk_bwd, bwd, 1, warps
 

@@ -20,11 +20,12 @@ __all__ = ["Placement", "plan", "delta_terms", "mlp_flags", "mlp_backward_fits",
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
 MLP_ACTIVATIONS = ("silu", "gelu")
 MLP_MAX_DIM = 256
-# The backward kernel keeps [chunk, width] tiles (width: the widest of D, d_out and v's) on chip:
-# ptxas for sm_90 with Hope's flags gives 209 KB of shared memory at 64 x 64, 152 KB at 32 x 128
-# and 153 KB at 16 x 256 (Hope's generators), but 319 KB at 64 x 128 and 541 KB at 64 x 256 (an
-# H100 has 227 KB). Wider levels take the torch backward (each chunk recomputed from its anchor
-# under autograd).
+# The backward kernel keeps [chunk, width] tiles (width: the widest of D, d_out and v's) on chip.
+# ptxas for sm_90 with Hope's flags (an H100 has 227 KB of shared memory): float64 ("ieee"
+# products, 16 warps) 209 KB at 64 x 64, 152 KB at 32 x 128, 153 KB at 16 x 256, but 319 KB at
+# 64 x 128; float32 ("tf32x3", 4 warps) 98, 51, 51 and 164 KB, and 295 KB at 64 x 256. The bound
+# holds for both dtypes; no shipped level lies between it and float32's (only Hope's M_mem, 64 x
+# 256, is over). Wider levels take the torch backward (each chunk recomputed from its anchor).
 MLP_BWD_TILE = 64 * 64
 
 

@@ -106,7 +106,7 @@ def run(x, case, backend="triton", mode="chunk", chunk_size=16):
         with mock.patch.object(dm, "_mlp_chunk", deep.chunk_mlp_memory):
             o, st = dm.mlp_memory(*args, initial_state=state, **kw)
     else:
-        o, st = dm.mlp_memory(*args, initial_state=state, **kw)
+        o, st = dm.mlp_memory(*args, initial_state=state, backend=backend, **kw)
     return [o, *st.weights, *(st.momenta or ())]
 
 
@@ -204,6 +204,21 @@ def test_levels_too_wide_for_the_backward_kernel_recompute_with_torch():
         got, want = both("hope_memory", chunk_size=32, T=37, D=136, hid=40, B=1, H=1)
     assert slow.called and not fast.called
     compare(got, want, TOL64, TOL64)
+
+
+def test_auto_trains_through_the_kernel_where_its_backward_kernel_takes_the_level():
+    """backend='auto' under autograd asks the dispatcher for the kernel only where the backward
+    kernel takes the level too (else the chunk-by-chunk torch recompute would be the backward,
+    slower than the torch form); without autograd, always."""
+    narrow = leaves("titans", T=9)                                  # chunk 32 x 16: fits
+    wide = leaves("titans", T=9, D=136, hid=40, B=1, H=1)           # chunk 32 x 256: does not
+    for x, fits in ((narrow, True), (wide, False)):
+        with mock.patch.object(dm, "pick", return_value="torch") as pick:
+            run(x, "titans", "auto", chunk_size=32)
+        assert pick.called == fits
+        with mock.patch.object(dm, "pick", return_value="torch") as pick, torch.no_grad():
+            run(x, "titans", "auto", chunk_size=32)
+        assert pick.called
 
 
 def test_triton_mlp_no_retention_at_the_seam():
