@@ -27,7 +27,7 @@ for step in $STEPS; do
     par_tests) i=0; for t in ${TESTS:-}; do i=$((i+1))     # one process per test id: the compiles run side by side
                  (timeout ${T_TESTS:-110} python -m pytest -p no:cacheprovider "$t" 2>&1 | tail -4 > "$OUT/test_$i.txt"; echo "rc $? $t" >> "$OUT/test_$i.txt") &
                done; wait; cat "$OUT"/test_*.txt ;;
-    tune) timeout ${T_TUNE:-300} python benchmarks/tune_mlp.py ${TUNE_ARGS:-} | tee "$OUT/tune_mlp.md" ;;
+    tune) timeout ${T_TUNE:-300} python benchmarks/tune.py ${TUNE_ARGS:-} | tee "$OUT/tune.md" ;;
     profile) timeout ${T_PROFILE:-200} python benchmarks/profile_gpu.py ${PROFILE_ARGS:-} ;;
     tests) timeout ${T_TESTS:-110} python -m pytest -x -p no:cacheprovider ${TESTS:-tests/backends/test_triton_delta.py} ${EXTRA_TESTS:-} 2>&1 | tail -15 ;;
     bench) timeout ${T_BENCH:-200} python benchmarks/kernels.py --fla .bench --out "$OUT/kernels_bf16.md" ${BENCH_ARGS:-} ;;

@@ -84,10 +84,21 @@ def graph(spec: Path = typer.Argument(..., help="a spec file"),
 
 @app.command(epilog="\b\nExample:\n  nlc explain specs/titans.yaml > titans.md")
 def explain(spec: Path = typer.Argument(..., help="a spec file"),
-            output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the Markdown here")):
-    """Print each level's objective and its derived update rule, as Markdown with LaTeX."""
+            output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the Markdown here"),
+            backend: str = typer.Option("auto", "--backend", metavar="torch|triton|auto",
+                                        help="whose placement the last section describes (models compile with auto)")):
+    """Print each level's objective and its derived update rule, as Markdown with LaTeX, and what
+    runs each level and flow on the chosen backend."""
+    from nlc import spec as S
+    from nlc.backends.dispatch import BACKENDS
     from nlc.rules import explain as _explain
-    text = _explain(_load(spec).spec)
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    loaded = _load(spec).spec
+    text = _explain(loaded)
+    if isinstance(loaded, S.ModelSpec):
+        from nlc.backends.triton.plan import describe
+        text = text.rstrip("\n") + "\n\n" + describe(loaded, backend)
     if output is None:
         typer.echo(text)
     else:

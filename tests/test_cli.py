@@ -62,6 +62,19 @@ def test_explain_and_schema():
     assert r.returncode == 0
     assert r.stdout.startswith("# `titans`: derived update rules")
     assert r"S_t = \beta_t\, S_{t-1} + \eta_t\, \nabla \mathcal{L}(M_{\xi})" in r.stdout
+    # what runs: each level's placement on the backend models compile with (auto), and on another
+    assert '## What runs (`backend="auto"`)' in r.stdout
+    assert "| `memory` | Triton skeleton `mlp_chunk` (CURRENT, L2, MOMENTUM, RESIDUAL, RETAIN): forward and " \
+           "backward kernels |" in r.stdout
+    assert "| `mlp` | torch: a static MLP" in r.stdout and "`memory.key`: `l2norm(silu(conv(proj(x), 4)))`" in r.stdout
+    r = nlc("explain", "specs/hope.yaml", "--backend", "auto")
+    m_mem = next(ln for ln in r.stdout.splitlines() if ln.startswith("| `M_mem` |"))
+    assert "backward on torch" in m_mem and "under autograd `auto` runs the torch form" in m_mem, m_mem
+    assert "`q`: `l2norm(conv(proj(x), 4))`" in r.stdout and "`k`:" not in r.stdout    # k is a generator's output
+    r = nlc("explain", "specs/titans.yaml", "--backend", "torch")
+    assert "Every level and flow runs as torch ops" in r.stdout and "| `memory` |" not in r.stdout
+    r = nlc("explain", "specs/titans.yaml", "--backend", "cuda")
+    assert r.returncode == 2 and "--backend must be one of" in r.stderr + r.stdout
     r = nlc("schema")
     schema = json.loads(r.stdout)
     assert {"ModelSpec", "OptimizerSpec", "Level", "MLPMemory"} <= set(schema["$defs"])

@@ -177,19 +177,12 @@ def build(path, out_dir, backend: str = "torch") -> list:
             tuple(f for f in files if f not in ("model.py", "manifest.json"))]
 
 
-AUTO_MLP = ("with backend auto, forward and backward kernels for CUDA tensors, training included: an H100 "
-            "trained Titans 3.7x faster than on the torch form")
-AUTO_MLP_NO_GRAD = ("with backend auto, only where no gradient is wanted (evaluation, sampling); training runs "
-                    "the torch form: this level's backward would be the chunk-by-chunk torch recompute, which "
-                    "ran 2.6x slower than the torch form on an H100")
-
-
 def _kernel_files(spec, source_name):
     """({"kernels/LEVEL.py": text}, placement for the manifest) of a spec's Triton-served levels."""
     import hashlib
 
     from nlc.backends.triton import template
-    from nlc.backends.triton.plan import header, plan
+    from nlc.backends.triton.plan import AUTO_MLP, AUTO_MLP_NO_GRAD, header, plan
     spec_i = instanced(spec)
     derived = derive(spec_i)
     files, placement = {}, {}

@@ -140,9 +140,9 @@ class _Gen(ScanMixin):
         """A flow `f_n(...f_1([conv](proj(...), W)))` as one `L.flow` call: the same modules, made in
         the same order, run op by op on torch or as one fused Triton kernel (skeleton 3). Only where
         fusing saves kernels: a convolution, an l2norm, or two functions or more."""
-        from nlc.backends.triton.prologue import chain_of
-        chain = chain_of(e)
-        if chain is None or not (chain[0] or "l2norm" in chain[1] or len(chain[1]) > 1):
+        from nlc.backends.triton.prologue import fuses
+        chain = fuses(e)
+        if chain is None:
             return None
         width, ops, proj = chain
         code, _ = self.expr(proj, ctx, level, body, done)

@@ -87,7 +87,7 @@ def _config(q, W, C):
     f64 = q.dtype == torch.float64
     # BJ: the hidden block the kernel walks h in. Products: float64 exact ("ieee", FMA loops);
     # float32 as three TF32 tensor-core products ("tf32x3": error ~1e-6, float32's order), 4 warps.
-    # Measured on an H100 (benchmarks/tune_mlp.py, Titans' level at T 2048): forward + backward
+    # Measured on an H100 (benchmarks/tune.py --kernel mlp, Titans' level at T 2048): forward + backward
     # 29.7 ms against 138 ms with ieee at 16 warps (the best ieee choice) and 121 ms for the torch
     # form; tf32x3 at 8 or 16 warps made an illegal memory access there (Triton 3.6), 4 did not.
     cfg = dict(BC=C, BD=_pow2(D), BH=_pow2(hid), BO=_pow2(d_out), BJ=16,

@@ -13,7 +13,7 @@ import torch
 
 from nlc.backends.triton import template
 
-__all__ = ["OPS", "chain_of", "code", "flow", "flow_torch"]
+__all__ = ["OPS", "chain_of", "fuses", "code", "flow", "flow_torch"]
 
 # name -> (forward statement of y from x, backward statements taking g at y to g at x); `x`, `y`
 # are the op's input and output, `g` the running gradient.
@@ -49,6 +49,15 @@ def chain_of(e) -> tuple[int, tuple[str, ...], object] | None:
     if not (isinstance(e, Call) and e.fn == "proj"):
         return None
     return width, tuple(reversed(ops)), e
+
+
+def fuses(e):
+    """The chain of a flow that the generated model runs as one ``L.flow`` call (fused on Triton),
+    else None: only where fusing saves kernels (a convolution, an l2norm, or two functions or more)."""
+    chain = chain_of(e)
+    if chain is None or not (chain[0] or "l2norm" in chain[1] or len(chain[1]) > 1):
+        return None
+    return chain
 
 
 def code(ops) -> dict:
