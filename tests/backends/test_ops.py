@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .numerics import assert_rel as _assert_rel, rel_err  # noqa: F401
+from .numerics import assert_rel as _assert_rel
 
 from nlc.backends.torch import ops
 

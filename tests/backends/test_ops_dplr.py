@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from nlc.backends.torch import ops
 
-from .test_ops import TOL, _generator, assert_rel
+from .test_ops import _generator, assert_rel
 
 DT = torch.float64
 K_DIM, V_DIM = 6, 5           # K != V so a transposed state cannot pass
