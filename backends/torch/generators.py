@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nlc.backends.torch.compile import hot
-from nlc.backends.torch.deep_memory import (MLPState, _backward_kernel_takes, _needs_grad, mlp_forward, mlp_memory,
-                                            mlp_token_grads)
+from nlc.backends.torch.deep_memory import MLPState, mlp_forward, mlp_memory, mlp_token_grads
 from nlc.backends.torch.memory_core import _anchored, _check_offset, _coefficients, _erase_solve
 
 __all__ = ["Generators", "generators", "read_generators", "read_generator", "update_generators", "save_generators",
@@ -188,9 +187,9 @@ def update_generators(gens: Generators, k, v, eta, beta=None, alpha=None, erase=
     or a tuple with one per generator. T may exceed ``chunk_size``; chunks start at absolute
     multiples of it (a state with an offset first finishes its open chunk at its anchor,
     ``memory_core._anchored``), as in ``mlp_memory``."""
-    training = _needs_grad(*_leaves(k, v, eta, beta, alpha, erase, gens.weights, gens.momenta, gens.anchor))
-    if _REFERENCE[0] or mode != "chunk" or _triton_serves(gens, k, v, chunk_size, backend, objective, self_target,
-                                                          training):
+    if backend == "auto":
+        backend = "torch"    # AUTO_GENERATORS (plan.py): the stacked scan costs fewer launches per chunk
+    if _REFERENCE[0] or mode != "chunk" or _triton_serves(gens, k, chunk_size, backend, objective, self_target):
         return _one_by_one(gens, k, v, eta, beta, alpha, erase, objective=objective, self_target=self_target,
                            detach_target=detach_target, chunk_size=chunk_size, mode=mode, backend=backend)
     _check_offset("update_generators", gens.offset, chunk_size, gens.anchor)
@@ -282,23 +281,15 @@ def _chunk(W, S, k, v, eta, beta, alpha, erase, cfg, anchor=None):
     return new_W, (new_S if S is not None else None)
 
 
-def _leaves(*xs) -> list:
-    """The tensors in ``xs``, tuples (one per generator, or the state's matrices) opened."""
-    return [t for x in xs for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, torch.Tensor)]
-
-
-def _triton_serves(gens, k, v, chunk_size, backend, objective, self_target, training) -> bool:
-    """Whether ``mlp_memory`` would send any of these generators to a Triton kernel (``auto``
-    under autograd: only those whose backward the kernel takes too, as ``mlp_memory``)."""
-    if backend == "torch" or (backend == "auto" and not k.is_cuda):
+def _triton_serves(gens, k, chunk_size, backend, objective, self_target) -> bool:
+    """Whether ``mlp_memory`` would send any of these generators to a Triton kernel."""
+    if backend == "torch":
         return False
     from nlc.backends.dispatch import pick
     from nlc.backends.triton import deep
     cfg = (objective, self_target, False, gens.activation)
-    vs = [x if isinstance(x, torch.Tensor) else k for x in (v if isinstance(v, tuple) else (v,) * len(gens.names))]
     return any(pick("mlp_memory", backend, k, why_not=deep.supports(cfg + (r,), st.weights, chunk_size)) == "triton"
-               and not (backend == "auto" and training and not _backward_kernel_takes(chunk_size, k, st.weights, vg))
-               for st, r, vg in zip(_split(gens), gens.residual, vs))
+               for st, r in zip(_split(gens), gens.residual))
 
 
 def _one_by_one(gens, k, v, eta, beta, alpha, erase, *, objective, self_target, detach_target, chunk_size,

@@ -16,7 +16,7 @@ from nlc.instance import instanced
 from nlc.rules import derive
 
 __all__ = ["Placement", "plan", "delta_terms", "mlp_flags", "mlp_backward_fits", "header", "describe",
-           "AUTO_MLP", "AUTO_MLP_NO_GRAD"]
+           "AUTO_MLP", "AUTO_MLP_NO_GRAD", "AUTO_GENERATORS"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
 MLP_ACTIVATIONS = ("silu", "gelu")
@@ -30,6 +30,13 @@ MLP_MAX_DIM = 256
 MLP_BWD_TILE = 64 * 64
 AUTO_MLP = ("with backend auto, forward and backward kernels for CUDA tensors, training included: an H100 "
             "trained Titans 3.7x faster than on the torch form")
+# A generator (a level read inside another level's flows) is updated once per chunk of its own
+# inside the model's scan; a kernel call per generator per chunk dispatches more than the stacked
+# torch scan's one update of all generators (Hope, T = 64, on a CPU: 15.1K aten ops and 128
+# launches against 11.3K ops forward, 28.7K and 192 against 19.4K forward + backward), and such
+# small calls are launch-bound on a GPU.
+AUTO_GENERATORS = ("with backend auto, the stacked torch scan (one update of every generator per chunk); "
+                   "backend triton runs this kernel per generator per chunk, which dispatches more ops")
 AUTO_MLP_NO_GRAD = ("with backend auto, only where no gradient is wanted (evaluation, sampling); training runs "
                     "the torch form: this level's backward would be the chunk-by-chunk torch recompute, which "
                     "ran 2.6x slower than the torch form on an H100")
@@ -163,10 +170,14 @@ def describe(spec: S.ModelSpec, backend: str) -> str:
             out.append(f"| `{name}` | torch: {p.why} |")
             continue
         text = p.describe() + (f": the forward kernel; {p.backward}" if p.backward else ": forward and backward kernels")
-        if p.backward and backend == "auto":
+        generator = p.skeleton == "mlp_chunk" and name not in spec_i.model.block
+        if generator and backend == "auto":
+            text = ("torch: the stacked scan of every generator, one update per chunk (`auto` does not run "
+                    f"{p.describe()} per generator per chunk: more launches than the stacked scan)")
+        elif p.backward and backend == "auto":
             text += ("; under autograd `auto` runs the torch form instead (that recompute backward ran 2.6x "
                      "slower than the torch form on an H100), the kernel where no gradient is wanted")
-        if p.skeleton == "mlp_chunk" and name not in spec_i.model.block:
+        if generator:
             text += "; its reads (a generator's output, at each chunk's anchor) are torch matmuls"
         out.append(f"| `{name}` | {text} |")
     fused = []
