@@ -44,7 +44,9 @@ def test_triton_model_equals_torch_model(name, tmp_path):
     ref = nlc.compile(spec, backend="torch").double()
     tri = nlc.compile(spec, backend="triton").double()
     tri.load_state_dict(ref.state_dict())
-    ids = torch.randint(0, 50, (2, 21))
+    # one sequence (the interpreter's time is per program), two for a delta and a diagonal spec:
+    # the kernels' batch strides are held by their own tests at B = 2, the model's here
+    ids = torch.randint(0, 50, (2 if name in ("deltanet", "gla") else 1, 21))
     out = {}
     for label, model in (("torch", ref), ("triton", tri)):
         logits, state = model(ids)
