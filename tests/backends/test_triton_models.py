@@ -63,6 +63,21 @@ def test_triton_model_equals_torch_model(name, tmp_path):
         assert (gt - gr).abs().max() <= 1e-10 * max(1.0, gr.abs().max().item()), pname
 
 
+@pytest.mark.parametrize("name", COMPILED)
+def test_explain_describes_every_level_on_every_backend(name):
+    """plan.describe (the last section of `nlc explain`): a row per level of the placement the
+    generated model follows on triton and auto, its skeleton where it has one, one line on torch."""
+    from nlc.backends.triton.plan import describe
+    spec = nlc.load(ROOT / "specs" / f"{name}.yaml")
+    placement = plan(spec)
+    for backend in ("triton", "auto"):
+        rows = {ln.split("`")[1]: ln for ln in describe(spec, backend).splitlines() if ln.startswith("| `")}
+        assert rows.keys() == placement.keys(), backend
+        for level, p in placement.items():
+            assert (f"skeleton `{p.skeleton}`" in rows[level]) == (p.skeleton is not None), rows[level]
+    assert "Every level and flow runs as torch ops" in describe(spec, "torch")
+
+
 def test_every_level_is_placed_and_served_levels_get_kernels(tmp_path):
     files = build(ROOT / "specs" / "gdn_swa.yaml", tmp_path / "out", backend="triton")
     names = {p.relative_to(tmp_path / "out").as_posix() for p in files}
