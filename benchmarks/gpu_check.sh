@@ -4,6 +4,8 @@
 # Each step has its own time limit so that one slow compile cannot eat the session.
 # Results land in $OUT (or ./gpu_out). Run from the repository root on the GPU machine:
 #   bash benchmarks/gpu_check.sh            (STEPS="tests bench models" by default)
+# Steps: tests, par_tests (one pytest process per id in $TESTS), bench, tune ($TUNE_ARGS), profile,
+# models, models_compiled ($COMPILED_SPECS under torch.compile), or any shell word.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-tests bench models}
@@ -33,6 +35,8 @@ for step in $STEPS; do
     bench) timeout ${T_BENCH:-200} python benchmarks/kernels.py --fla .bench --out "$OUT/kernels_bf16.md" ${BENCH_ARGS:-} ;;
     models) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
               --specs ${MODEL_SPECS:-transformer,gated_deltanet,titans,hope} --backend ${MODEL_BACKENDS:-torch,auto} ;;
+    models_compiled) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
+              --compile --specs ${COMPILED_SPECS:-hope} --backend torch ;;   # the scans' hot loops under torch.compile
     *) timeout ${T_OTHER:-100} bash -c "$step" ;;
   esac
 done
