@@ -93,6 +93,11 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="run the model's hot loops (Hope's generator scan) under "
                                              "torch.compile: compiled once, cached; eager, with a warning, without "
                                              "a C++ compiler")
+    backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="who runs the levels' chunked forms: auto [default] (Triton kernels on CUDA where "
+                            "they are the faster, torch otherwise; `nlc explain SPEC` lists which), torch, or "
+                            "triton (the kernels wherever they serve; on a CPU under Triton's interpreter: slow)",
+        **_cli(metavar="auto|torch|triton"))
     tensorboard: bool = Field(False, description="also log the scalars (loss, lr, tokens/s, eval loss and "
                                                  "accuracy) for TensorBoard, in OUT/tensorboard; needs `pip "
                                                  "install tensorboard`")
@@ -130,6 +135,23 @@ def resolve(explicit: dict) -> TrainConfig:
     sets = {item.partition("=")[0].strip(): item for item in (*saved.get("sets", ()), *explicit.get("sets", ()))}
     merged["sets"] = tuple(sets.values())       # the checkpoint's --set values, then the new ones (a later one wins)
     return TrainConfig(**{**explicit, **merged})
+
+
+def _kernel_note(spec, backend: str, device) -> str | None:
+    """A line saying which levels run Triton kernels (the first step compiles them), or None."""
+    from nlc.backends.dispatch import interpreter_ready, triton_error
+    from nlc.backends.triton.plan import kernel_levels
+    served = kernel_levels(spec, backend if device.type == "cuda" or backend == "triton" else "torch")
+    if not served:
+        return None
+    if device.type != "cuda":
+        why = triton_error() or (None if interpreter_ready() else "TRITON_INTERPRET=1 was not set before import")
+        if why:
+            raise TrainError(f"--backend triton on a CPU runs the kernels under Triton's interpreter, but {why}; "
+                             "use --backend torch")
+        return f"note: levels {', '.join(served)} run their kernels under Triton's interpreter (slow: for checking)"
+    return (f"note: levels {', '.join(served)} run Triton kernels (`nlc explain` says where their backward runs); "
+            "the first step compiles them, which can take a minute or two, and Triton caches them")
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, flush=True),
@@ -188,9 +210,12 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], progress, held: ExitSta
     # -- the model and its optimizer
     torch.manual_seed(cfg.seed)
     try:
-        model = nlc.compile(spec, compile=cfg.compile).to(device)
+        model = nlc.compile(spec, compile=cfg.compile, backend=cfg.backend).to(device)
     except Unsupported as e:
         raise e.located(loaded) from None
+    kernels = _kernel_note(spec, cfg.backend, device)
+    if kernels:
+        log(kernels)
     if cfg.init is not None and not cfg.resume:      # a resumed run is its checkpoint
         try:
             copied, new = checkpoint.initialise(model, cfg.init)

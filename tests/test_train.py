@@ -311,6 +311,24 @@ def test_weights_gone_bad_are_never_saved(tmp_path, monkeypatch):
     assert ck.step == 2 and checkpoint.non_finite(ck.model, ck.optimizer) is None
 
 
+def test_backend_chooses_who_runs_the_levels(tmp_path):
+    """--backend triton trains through the kernels (on a CPU under Triton's interpreter, as
+    conftest sets it up) and says so; the torch form gives the same first loss and no note."""
+    from unittest import mock
+
+    from nlc.backends.triton import delta
+    kw = dict(steps=2, batch=2, context=16, sets=("model.d_model=32", "model.layers=1", "model.heads=2"))
+    with mock.patch.object(delta, "chunk_generalized_delta", wraps=delta.chunk_generalized_delta) as kernel:
+        tri = run(tmp_path / "tri", "specs/gated_deltanet.yaml", backend="triton", out=tmp_path / "tri", **kw)
+    assert kernel.called
+    assert any(ln.startswith("note: levels memory run their kernels under Triton's interpreter") for ln in tri["log"])
+    ref = run(tmp_path / "ref", "specs/gated_deltanet.yaml", backend="torch", out=tmp_path / "ref", **kw)
+    assert not any("Triton" in ln for ln in ref["log"])
+    assert math.isfinite(tri["last_loss"]) and abs(tri["first_loss"] - ref["first_loss"]) < 1e-4
+    r = nlc_cli("train", "specs/gated_deltanet.yaml", "--backend", "cuda")
+    assert r.returncode == 2 and "--backend: input should be 'auto', 'torch' or 'triton'" in r.stderr
+
+
 def test_cli_mistakes_exit_2(tmp_path):
     r = nlc_cli("train", "no/such.yaml")
     assert r.returncode == 2 and "no/such.yaml:1:1: error[E009" in r.stderr and "Traceback" not in r.stderr
