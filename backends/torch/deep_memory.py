@@ -155,8 +155,8 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
             ``nlc.backends.triton.deep``: depth 2, silu or gelu, chunk 16, 32 or 64, sizes up to
             256) or ``"auto"`` (Triton for CUDA tensors that it takes, torch otherwise; under
             autograd only where the backward kernel takes the level too, ``plan.mlp_backward_fits``:
-            on an H100 Titans' level trains 4.1x faster through the kernels than on the torch form,
-            while a chunk-by-chunk torch recompute backward ran 2.6x slower). A state
+            on an H100 Titans' level runs forward + backward 4.1x faster on the kernels than on
+            the torch form, while a chunk-by-chunk torch recompute backward ran 2.6x slower). A state
             with an offset > 0 runs the rest of its open chunk on torch, the chunks after it on
             the kernel.
 

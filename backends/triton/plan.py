@@ -178,7 +178,8 @@ def describe(spec: S.ModelSpec, backend: str) -> str:
         if p.skeleton is None:
             out.append(f"| `{name}` | torch: {p.why} |")
             continue
-        text = p.describe() + (f": the forward kernel; {p.backward}" if p.backward else ": forward and backward kernels")
+        text = p.describe() + (f": the forward kernel; {p.backward}" if p.backward
+                               else ": forward and backward kernels")
         generator = p.skeleton == "mlp_chunk" and name not in spec_i.model.block
         if generator and backend == "auto":
             text = ("torch: the stacked scan of every generator, one update per chunk (`auto` does not run "
