@@ -78,6 +78,27 @@ def test_explain_describes_every_level_on_every_backend(name):
     assert "Every level and flow runs as torch ops" in describe(spec, "torch")
 
 
+@pytest.mark.parametrize("name", ["titans", "hope", "hope_heads", "ttt_mlp"])
+def test_auto_trains_where_the_placement_says(name):
+    """The runtime's rule for auto under autograd (deep_memory._backward_kernel_takes, on tensors
+    of the level's shapes) agrees with the placement that `nlc explain` and `nlc build` print."""
+    from nlc.backends.torch import deep_memory as dm
+    from nlc.instance import instanced
+    spec = instanced(nlc.load(ROOT / "specs" / f"{name}.yaml"))
+    K = spec.model.d_model // spec.model.heads
+    checked = 0
+    for level, p in plan(spec).items():
+        if p.skeleton != "mlp_chunk" or level not in spec.model.block:
+            continue
+        lv = spec.levels[level]
+        d_out, hidden = (1 if lv.out == "scalar" else K), int(round(K * lv.memory.expansion))
+        q, v = torch.empty(1, 1, spec.model.heads, K), torch.empty(1, 1, spec.model.heads, K)
+        W = [torch.empty(1, spec.model.heads, d_out, hidden), torch.empty(1, spec.model.heads, hidden, K)]
+        assert dm._backward_kernel_takes(lv.chunk_size(), q, W, v) == (not p.backward), level
+        checked += 1
+    assert checked
+
+
 def test_every_level_is_placed_and_served_levels_get_kernels(tmp_path):
     files = build(ROOT / "specs" / "gdn_swa.yaml", tmp_path / "out", backend="triton")
     names = {p.relative_to(tmp_path / "out").as_posix() for p in files}
