@@ -141,7 +141,9 @@ def _kernel_note(spec, backend: str, device) -> str | None:
     """A line saying which levels run Triton kernels (the first step compiles them), or None."""
     from nlc.backends.dispatch import interpreter_ready, triton_error
     from nlc.backends.triton.plan import kernel_levels
-    served = kernel_levels(spec, backend if device.type == "cuda" or backend == "triton" else "torch")
+    if backend == "auto" and device.type != "cuda":    # auto runs torch on a CPU
+        return None
+    served = kernel_levels(spec, backend)
     if not served:
         return None
     if device.type != "cuda":

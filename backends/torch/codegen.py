@@ -182,7 +182,7 @@ def _kernel_files(spec, source_name):
     import hashlib
 
     from nlc.backends.triton import template
-    from nlc.backends.triton.plan import AUTO_GENERATORS, AUTO_MLP, AUTO_MLP_NO_GRAD, header, plan
+    from nlc.backends.triton.plan import header, plan
     spec_i = instanced(spec)
     derived = derive(spec_i)
     files, placement = {}, {}
@@ -204,9 +204,8 @@ def _kernel_files(spec, source_name):
                                                       header(spec.name, source_name, name, rule, p, sha))
         placement[name] = {"runs_on": "triton", "skeleton": p.skeleton, "flags": p.flags, "sha256_16": sha,
                            "file": f"kernels/{name}.py"}
-        if p.skeleton == "mlp_chunk":
-            placement[name]["auto"] = (AUTO_GENERATORS if name not in spec_i.model.block else
-                                       AUTO_MLP_NO_GRAD if p.backward else AUTO_MLP)
+        if p.auto():
+            placement[name]["auto"] = p.auto()
         if p.backward:
             placement[name]["backward"] = p.backward
     return files, placement

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from nlc.backends.torch.deep_memory import _mlp_chunk
+from nlc.backends.torch.deep_memory import _backward_kernel_takes, _mlp_chunk
 from nlc.backends.triton import template
-from nlc.backends.triton.plan import mlp_backward_fits
 
 __all__ = ["chunk_mlp_memory", "supports", "variant", "kernels", "CHUNKS", "ACTIVATIONS", "MAX_DIM"]
 
@@ -130,8 +129,7 @@ class _MLPChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, *dstate):
         saved = ctx.saved_tensors
-        q, v, d_out = saved[0], saved[2], saved[7].shape[-2]       # saved[7]: W1's anchor stack
-        fits = mlp_backward_fits(ctx.meta[1], q.shape[-1], d_out, v.shape[-1])
+        fits = _backward_kernel_takes(ctx.meta[1], saved[0], saved[7:8], saved[2])   # q, W1's anchor stack, v
         return (None, None, None, *(_backward if fits else _recompute_backward)(ctx, do, dstate))
 
 

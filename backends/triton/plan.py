@@ -55,6 +55,13 @@ class Placement:
     flags: dict = field(default_factory=dict)
     why: str = ""                   # what runs instead, and why (skeleton None)
     backward: str = ""              # how the gradient is taken, where that is not the skeleton's own kernel
+    generator: bool = False         # read inside other levels' flows (outside the block), updated per chunk
+
+    def auto(self) -> str:
+        """What ``backend="auto"`` does with this level beyond "kernels on CUDA", or ''."""
+        if self.skeleton != "mlp_chunk":
+            return ""
+        return AUTO_GENERATORS if self.generator else AUTO_MLP_NO_GRAD if self.backward else AUTO_MLP
 
     def describe(self) -> str:
         if self.skeleton is None:
@@ -99,8 +106,9 @@ def plan(spec: S.ModelSpec) -> dict[str, Placement]:
                                           "gradient every period: torch matmuls")
         else:
             why, flags = mlp_flags(spec, name, d)
-            p = Placement(name, None, why=why) if why else Placement(name, "mlp_chunk", flags,
-                                                                     backward=mlp_backward_note(spec, name))
+            p = Placement(name, None, why=why) if why else Placement(
+                name, "mlp_chunk", flags, backward=mlp_backward_note(spec, name),
+                generator=name not in spec.model.block)
         out[name] = p
     return out
 
@@ -159,8 +167,7 @@ def kernel_levels(spec: S.ModelSpec, backend: str) -> list[str]:
     the levels outside the block, on the stacked torch scan: AUTO_GENERATORS)."""
     if backend == "torch":
         return []
-    block = instanced(spec).model.block
-    return [n for n, p in plan(spec).items() if p.skeleton and (backend == "triton" or n in block)]
+    return [n for n, p in plan(spec).items() if p.skeleton and (backend == "triton" or not p.generator)]
 
 
 def describe(spec: S.ModelSpec, backend: str) -> str:
@@ -173,23 +180,22 @@ def describe(spec: S.ModelSpec, backend: str) -> str:
     where = ("On CPU tensors every level runs on torch. On CUDA tensors:" if backend == "auto" else
              "CUDA tensors run the kernels compiled; CPU tensors run the same kernels under Triton's interpreter.")
     out = [f"## What runs (`backend=\"{backend}\"`)", "", where, "", "| level | runs on |", "| --- | --- |"]
-    spec_i = instanced(spec)
     for name, p in plan(spec).items():
         if p.skeleton is None:
             out.append(f"| `{name}` | torch: {p.why} |")
             continue
         text = p.describe() + (f": the forward kernel; {p.backward}" if p.backward
                                else ": forward and backward kernels")
-        generator = p.skeleton == "mlp_chunk" and name not in spec_i.model.block
-        if generator and backend == "auto":
+        if backend == "auto" and p.generator:
             text = ("torch: the stacked scan of every generator, one update per chunk (`auto` does not run "
                     f"{p.describe()} per generator per chunk: more launches than the stacked scan)")
-        elif p.backward and backend == "auto":
+        elif backend == "auto" and p.backward:
             text += ("; under autograd `auto` runs the torch form instead (that recompute backward ran 2.6x "
                      "slower than the torch form on an H100), the kernel where no gradient is wanted")
-        if generator:
+        if p.generator:
             text += "; its reads (a generator's output, at each chunk's anchor) are torch matmuls"
         out.append(f"| `{name}` | {text} |")
+    spec_i = instanced(spec)
     fused = []
 
     def walk(e, at):
@@ -208,8 +214,10 @@ def describe(spec: S.ModelSpec, backend: str) -> str:
         for role in ("key", "value", "query"):
             if getattr(lv, role, None) is not None:
                 walk(getattr(lv, role), f"{name}.{role}")
-    out += ["", ("Fused flows (one Triton kernel each, skeleton `flow_prologue`" +
-                 (", on CUDA tensors): " if backend == "auto" else "): ") + "; ".join(fused) + "." if fused else
-                 "No flow has the fused form (`f(...(conv(proj(x))))`): flows run as torch ops."),
-            "Every other flow runs as torch ops; projections are torch matmuls.", ""]
+    if fused:
+        on = ", on CUDA tensors" if backend == "auto" else ""
+        flows = f"Fused flows (one Triton kernel each, skeleton `flow_prologue`{on}): {'; '.join(fused)}."
+    else:
+        flows = "No flow has the fused form (`f(...(conv(proj(x))))`): flows run as torch ops."
+    out += ["", flows, "Every other flow runs as torch ops; projections are torch matmuls.", ""]
     return "\n".join(out)
