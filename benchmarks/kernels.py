@@ -103,6 +103,24 @@ def mlp_rows(B, T, args, dtype, device):
     return {f"mlp memory (titans) {b}": (lambda b=b: mlp_call(x, b)) for b in ("triton", "torch")}
 
 
+def momentum_rows(B, T, args, dtype, device):
+    """A matrix memory with Titans momentum (titans_linear's level at the benchmark's K = V, H):
+    retention, the L2 objective, chunk 64; Triton vs nlc's torch form."""
+    x = momentum_inputs(B, T, args.H, args.K, dtype, device)
+    return {f"momentum memory {b}": (lambda b=b: momentum_call(x, b)) for b in ("triton", "torch")}
+
+
+def momentum_inputs(B, T, H, K, dtype, device):
+    """mlp_inputs without the MLP's weights: the memory starts at zero."""
+    return {n: t for n, t in mlp_inputs(B, T, H, K, 16, dtype, device).items() if n not in ("W1", "W2")}
+
+
+def momentum_call(x, backend):
+    from nlc.backends.torch.memories import momentum_memory
+    return momentum_memory(x["q"], x["k"], x["v"], x["eta"], x["beta"], x["alpha"], chunk_size=64,
+                           backend=backend)[0]
+
+
 def rows(args):
     device = "cuda" if torch.cuda.is_available() and not args.toy else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -124,6 +142,8 @@ def rows(args):
             impls["torch SDPA (causal softmax)"] = lambda: F.scaled_dot_product_attention(*sdpa_in, is_causal=True)
         if "mlp" in args.rows:
             impls.update(mlp_rows(B, T, args, dtype, device))
+        if "momentum" in args.rows:
+            impls.update(momentum_rows(B, T, args, dtype, device))
         io_bytes = (2 * B * T * H * K + 2 * B * T * H * V + 2 * B * T * H) * x["q"].element_size()
         for name, fn in impls.items():
             def fwd():
@@ -159,7 +179,7 @@ def table(device, fla_why, out, args):
         ms = lambda t: "" if t is None else f"{t:.3f}"            # noqa: E731
         tps = lambda t: "" if t is None else f"{T / t * 1e3:,.0f}"  # noqa: E731
         bw = mm = ""
-        if peak and t_f is not None and "SDPA" not in n and "mlp" not in n:
+        if peak and t_f is not None and "SDPA" not in n and "memory" not in n:
             bw = f"{100 * io[T][0] / (t_f * 1e-3) / (peak[1] * 1e12):.1f}"
             mm = f"{100 * io[T][1] / (t_f * 1e-3) / (peak[0] * 1e12):.1f}"
         lines.append(f"| {T} | {n} | {ms(t_f)} | {ms(t_fb)} | {tps(t_f)} | {tps(t_fb)} | {bw} | {mm} | {note} |")
@@ -175,7 +195,8 @@ def main():
     p.add_argument("--fla", default=None, help="directory holding fla/ (flash-linear-attention's source)")
     p.add_argument("--toy", action="store_true", help="tiny sizes on CPU: checks the script, not speed")
     p.add_argument("--out", default=None, help="also write the table to this file")
-    p.add_argument("--rows", default="delta,sdpa,mlp", help="which rows: delta (nlc and fla), sdpa, mlp")
+    p.add_argument("--rows", default="delta,sdpa,mlp,momentum",
+                   help="which rows: delta (nlc and fla), sdpa, mlp, momentum")
     args = p.parse_args()
     if args.toy:
         args.T, args.H, args.K, args.dtype = [40], 2, 16, "fp32"

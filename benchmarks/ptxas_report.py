@@ -10,7 +10,8 @@ wrapper passes: the inputs in their dtype, workspaces and outputs in float32), e
 the launch configuration (tile constants, num_warps, num_stages) that ``delta.launch`` /
 ``diag.launch`` give; the deep memory (skeleton 2) at Titans' memory level (D 64, hidden 128,
 chunk 64, momentum, retention, current read) and at Hope's M_mem (256 wide, erase, self target),
-whose wrapper casts every input to float32.
+whose wrapper casts every input to float32; the momentum matrix memory (skeleton 1c) at
+titans_linear's level (K = V = 64) and at K = V = 128 with and without the erase, chunk 64, float32.
 Run it without ``TRITON_INTERPRET``; a kernel that fails to compile is a row saying so.
 """
 from __future__ import annotations
@@ -118,6 +119,17 @@ def mlp_rows():
             yield name, torch.float32, "mlp_chunk_bwd", mod.mlp_chunk_bwd, bwd, 1, warps
 
 
+def momentum_rows():
+    from nlc.backends.triton.momentum import launch, variant
+    # (name, erase, K = V): titans_linear.yaml's memory level (K 64), then the benchmark's heads
+    for name, erase, K in (("momentum titans_linear", False, 64), ("momentum", False, 128),
+                           ("momentum ERASE", True, 128)):
+        mod = template.load("momentum_chunk", variant("l2", erase), interpret=False)
+        meta, warps = launch(K, K, torch.float32)
+        for kern in ("momentum_fwd", "momentum_bwd"):
+            yield f"{name} K {K}", torch.float32, kern, getattr(mod, kern), dict(meta, BC=64, NM=4 if erase else 1), 1, warps
+
+
 def _unpack(cfg):
     """(meta, stages) or (meta, stages, warps): the launch tables before and after num_warps."""
     return (*cfg, 4) if len(cfg) == 2 else cfg
@@ -125,12 +137,12 @@ def _unpack(cfg):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--only", choices=["delta", "diag", "mlp"], action="append")
+    p.add_argument("--only", choices=["delta", "diag", "mlp", "momentum"], action="append")
     args = p.parse_args()
-    only = set(args.only or ["delta", "diag", "mlp"])
+    only = set(args.only or ["delta", "diag", "mlp", "momentum"])
     dtypes = (torch.float32, torch.bfloat16)
     rows = itertools.chain(delta_rows(dtypes) if "delta" in only else (), diag_rows(dtypes) if "diag" in only else (),
-                           mlp_rows() if "mlp" in only else ())
+                           mlp_rows() if "mlp" in only else (), momentum_rows() if "momentum" in only else ())
     print(f"ptxas for sm_90 (triton {triton.__version__}), K = V = 128, chunk 64; smem: Triton's dynamic shared memory\n")
     print("| variant | inputs | kernel | warps | stages | regs/thread | spill stores (B) | spill loads (B) | smem (B) |")
     print("|---|---|---|---|---|---|---|---|---|")

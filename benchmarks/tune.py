@@ -5,6 +5,7 @@ every input's gradient against the float64 torch form, all in one run.
 
   --kernel mlp: Titans' memory level (D 64, hidden 128, chunk 64, H 16, B 1).
   --kernel delta: gated DeltaNet (K = V = 128, chunk 64, H 16, B 1), every kernel of the family.
+  --kernel momentum: the momentum matrix memory (K = V = 128, chunk 64, H 16, B 1, retention).
 
 Compiling is most of the cost, so the choices are first compiled side by side in worker
 processes (Triton's on-disk cache then serves the timing process), then timed one at a time; a
@@ -27,6 +28,8 @@ import kernels as bench
 CHOICES = {
     "mlp": [("tf32x3", 4, 16), ("ieee", 16, 16), ("ieee", 8, 16), ("tf32x3", 8, 32), ("tf32", 4, 32)],
     "delta": [("ieee", None, None), ("tf32x3", None, None), ("tf32x3", 4, None), ("tf32", None, None)],
+    "momentum": [("ieee", None, None), ("tf32x3", None, None), ("ieee", 8, None), ("tf32x3", 8, None),
+                 ("tf32", None, None)],
 }
 
 
@@ -42,6 +45,14 @@ def use(kernel, choice):
             cfg.update(BJ=bj, PREC=prec if q.dtype != torch.float64 else "ieee")
             return D, hid, d_out, cfg, warps or shipped
         deep._config = config
+    elif kernel == "momentum":
+        from nlc.backends.triton import momentum
+        orig = momentum.__dict__.setdefault("_launch_shipped", momentum.launch)
+
+        def launch(K, V, dtype):
+            meta, shipped = orig(K, V, dtype)
+            return (dict(meta, PREC=prec) if dtype == torch.float32 else meta), warps or shipped
+        momentum.launch = launch
     else:
         from nlc.backends.triton import delta
         orig = delta.__dict__.setdefault("_launch_shipped", delta.launch)
@@ -59,12 +70,16 @@ def inputs(kernel, args, dtype):
         B, T, H, D, hid = (1, 64, 2, 16, 32) if args.toy else (1, args.T, 16, 64, 128)
         return bench.mlp_inputs(B, T, H, D, hid, dtype, args.device), f"B={B} T={T} H={H} D={D} hidden={hid} chunk 64"
     B, T, H, K = (1, 40, 2, 16) if args.toy else (1, args.T, 16, 128)
+    if kernel == "momentum":
+        return bench.momentum_inputs(B, T, H, K, dtype, args.device), f"B={B} T={T} H={H} K=V={K} chunk 64"
     return bench.inputs(B, T, H, K, K, dtype, args.device), f"B={B} T={T} H={H} K=V={K} chunk 64"
 
 
 def call(kernel, x, backend):
     if kernel == "mlp":
         return bench.mlp_call(x, backend)
+    if kernel == "momentum":
+        return bench.momentum_call(x, backend)
     from nlc.backends.torch import ops
     return ops.gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], backend=backend)[0]
 

@@ -197,6 +197,11 @@ def _kernel_files(spec, source_name):
             rule = f"M_t = M_(t-1) (a I - b k k^T) + w k^T with a = {d.a}, b = {d.b}, w = {d.w}"
         elif p.skeleton == "diag_chunk":
             rule = f"M_t = M_(t-1) diag(a) + w k^T with a = {d.a} (per key channel), w = {d.w}"
+        elif p.skeleton == "momentum_chunk":
+            keep = "" if d.retain is None else f"({d.retain}) "
+            keep = f"({keep}I - ({d.erase}) k k^T) " if d.erase is not None else keep
+            rule = (f"S_t = ({d.momentum[1]}) S_(t-1) + ({d.step}) grad, M_t = {keep}M_(t-1) - S_t with the "
+                    f"{d.loss} objective, gradients at each chunk's anchor")
         else:
             lv = spec_i.levels[name]
             rule = f"{lv.memory.kind} memory, {' |> '.join(map(str, lv.rule))} (gradients at each chunk's anchor)"

@@ -282,8 +282,9 @@ class _Gen(ScanMixin):
             if lv.init == "meta":
                 m0 = "self." + self.module(f"{name}_M0", f"nn.Parameter(torch.zeros({H}, {K}, {K}))")
             lines = [f"st = L.momentum_state(state, p + '{name}', {m0}, x, ({H}, {K}, {K}))"]
-            return (f"momentum_memory({args}, objective={d.loss!r}, initial_state=st, mode=mode, chunk_size={chunk})",
-                    lines)
+            backend = "backend" if self.placement[name].skeleton else "'torch'"
+            return (f"momentum_memory({args}, objective={d.loss!r}, initial_state=st, mode=mode, "
+                    f"chunk_size={chunk}, backend={backend})", lines)
         if lv.init != "meta":
             raise Unsupported(f"level `{name}`: an MLP memory starts from meta-learned weights (`init: meta`)")
         hidden = int(round(K * m.expansion))

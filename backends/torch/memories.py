@@ -41,6 +41,7 @@ from nlc.backends.torch.memory_core import (
 from nlc.backends.torch.deep_memory import (
     ACTIVATIONS, READS, MLPState, mlp_forward, mlp_memory, mlp_token_grads)
 from nlc.backends.torch.ops import check_tensor
+from nlc.backends.dispatch import pick
 
 __all__ = ["momentum_memory", "mlp_memory", "MomentumState", "MLPState", "ACTIVATIONS", "READS",
            "mlp_forward", "mlp_token_grads", "cms_chain", "cms_init", "cms_fast_weights", "cms_step",
@@ -82,8 +83,8 @@ class MomentumState(_Pair):
 # momentum memory
 
 
-def momentum_memory(q, k, v, eta, beta, alpha, erase=None, *, objective="l2", scale=None,
-                    initial_state=None, output_final_state=True, mode="chunk", chunk_size=64):
+def momentum_memory(q, k, v, eta, beta, alpha=None, erase=None, *, objective="l2", scale=None,
+                    initial_state=None, output_final_state=True, mode="chunk", chunk_size=64, backend="auto"):
     r"""A matrix memory per head with Titans momentum, a forget gate and an optional DGD erase.
 
     In fla's orientation (``M`` is ``[K, V]``, the paper's memory transposed), per token t of the
@@ -104,13 +105,19 @@ def momentum_memory(q, k, v, eta, beta, alpha, erase=None, *, objective="l2", sc
 
     Args:
         q, k: ``[B, T, H, K]`` (keys L2-normalised where an erase is used). v: ``[B, T, H, V]``.
-        eta, beta, alpha: ``[B, T, H]`` learning rate, momentum decay, retention (or numbers).
+        eta, beta: ``[B, T, H]`` learning rate and momentum decay (or numbers). alpha: retention
+            (the same), or None: 1, no retention.
         erase: ``[B, T, H]``, a number, or None (no erase).
         objective: ``"l2"`` or ``"dot"``. scale: multiplies q; defaults to ``K ** -0.5``.
         initial_state: None, ``(M0, S0)`` (each ``[B, H, K, V]`` or None: zeros) or a
             :class:`MomentumState` (with its anchor and offset).
         output_final_state: return the final state, else None.
         mode: ``"chunk"`` or ``"recurrent"``. chunk_size: tokens per anchor (both modes).
+        backend: who runs ``mode="chunk"``: ``"torch"``, ``"triton"`` (skeleton 1c,
+            ``nlc.backends.triton.momentum``: chunk 16, 32 or 64, K and V up to 256, forward and
+            backward kernels) or ``"auto"`` (Triton for CUDA tensors it takes, torch otherwise). A
+            state with an offset > 0 runs the rest of its open chunk on torch, the chunks after
+            it on the kernel.
 
     Returns:
         ``(o, MomentumState(M, S, anchor, offset))``: o ``[B, T, H, V]`` in q's dtype; ``M, S``
@@ -120,7 +127,7 @@ def momentum_memory(q, k, v, eta, beta, alpha, erase=None, *, objective="l2", sc
     """
     op = "momentum_memory"
     _check_common(op, q, k, v, objective, mode, chunk_size)
-    _require(op, eta=eta, beta=beta, alpha=alpha)
+    _require(op, eta=eta, beta=beta)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real)
@@ -139,7 +146,8 @@ def momentum_memory(q, k, v, eta, beta, alpha, erase=None, *, objective="l2", sc
                                  f"got {tuple(t.shape)}")
     dtype, out_dtype = _dtype(q, k, v, eta, beta, alpha, erase, M0, S0, A0), q.dtype
     eta, beta, alpha, erase = (_per_token(op, n, x, q, dtype) for n, x in
-                               (("eta", eta), ("beta", beta), ("alpha", alpha), ("erase", erase)))
+                               (("eta", eta), ("beta", beta), ("alpha", 1.0 if alpha is None else alpha),
+                                ("erase", erase)))
     q, k, v = (x.to(dtype) for x in (q, k, v))
     M = q.new_zeros(B, H, K, V) if M0 is None else M0.to(dtype)
     S = q.new_zeros(B, H, K, V) if S0 is None else S0.to(dtype)
@@ -150,11 +158,19 @@ def momentum_memory(q, k, v, eta, beta, alpha, erase=None, *, objective="l2", sc
                                          A, offset)
         offset = (offset + T) % chunk_size
     else:
+        kernel = None
+        if backend != "torch":
+            from nlc.backends.triton import momentum
+            if pick(op, backend, q, why_not=momentum.supports(K, V, chunk_size)) == "triton":
+                kernel = momentum.chunk_momentum_memory
         toks = (q, k, v, eta, beta, alpha, erase)
 
         def piece(a, b, st, anchor):
-            xs = (None if x is None else x[:, a:b] for x in toks)
-            o, M_, S_ = _momentum_chunk(*xs, objective, *st, chunk_size, anchor)
+            xs = [None if x is None else x[:, a:b] for x in toks]
+            if kernel is not None and anchor is None:   # whole chunks, and a new open chunk
+                o, M_, S_ = kernel(*xs, objective, *st, chunk_size)
+            else:                                       # (or the rest of an open chunk) on torch
+                o, M_, S_ = _momentum_chunk(*xs, objective, *st, chunk_size, anchor)
             return o, (M_, S_)
 
         o, (M, S), A, offset = _anchored(piece, T, chunk_size, offset, A, (M, S))

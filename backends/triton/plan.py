@@ -15,7 +15,7 @@ from nlc.expr import Call, Num
 from nlc.instance import instanced
 from nlc.rules import derive
 
-__all__ = ["Placement", "plan", "delta_terms", "mlp_flags", "mlp_backward_fits", "header", "describe",
+__all__ = ["Placement", "plan", "delta_terms", "mlp_flags", "momentum_flags", "mlp_backward_fits", "header", "describe",
            "kernel_levels", "AUTO_MLP", "AUTO_MLP_NO_GRAD", "AUTO_GENERATORS"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
@@ -28,6 +28,8 @@ MLP_MAX_DIM = 256
 # holds for both dtypes; no shipped level lies between it and float32's (only Hope's M_mem, 64 x
 # 256, is over). Wider levels take the torch backward (each chunk recomputed from its anchor).
 MLP_BWD_TILE = 64 * 64
+MOMENTUM_CHUNKS = (16, 32, 64)  # skeleton 1c's tiles: the momentum memory's chunk is semantics too
+MOMENTUM_MAX_DIM = 256
 AUTO_MLP = ("with backend auto, forward and backward kernels for CUDA tensors, training included: an H100 "
             "trained Titans 3.7x faster than on the torch form")
 # A generator (a level read inside another level's flows) is updated once per chunk of its own
@@ -98,7 +100,8 @@ def plan(spec: S.ModelSpec) -> dict[str, Placement]:
                 decay, erase = delta_terms(d)
                 p = Placement(name, "delta_chunk", {"DECAY": decay, "ERASE": erase})
         elif isinstance(m, S.MatrixMemory):
-            p = Placement(name, None, why="a matrix memory with momentum has no Triton skeleton yet")
+            why, flags = momentum_flags(spec, name, d)
+            p = Placement(name, None, why=why) if why else Placement(name, "momentum_chunk", flags)
         elif isinstance(m, S.MLPMemory) and lv.every is not None and lv.every.period is None:
             p = Placement(name, None, why="a static MLP (frequency 0) is dense layers: torch matmuls")
         elif isinstance(m, S.MLPMemory) and lv.objective is not None and lv.objective.loss == "task":
@@ -137,6 +140,21 @@ def mlp_flags(spec, name: str, d) -> tuple[str | None, dict]:
                   "ERASE": d.erase is not None, "SELF_TARGET": self_target, "RESIDUAL": bool(m.residual),
                   "CURRENT": lv.read == "current" and name in spec.model.block, "L2": d.loss == "l2",
                   "GELU": m.activation == "gelu"}
+
+
+def momentum_flags(spec, name: str, d) -> tuple[str | None, dict]:
+    """(why skeleton 1c cannot serve this momentum matrix memory level, or None; its flags)."""
+    lv = spec.levels[name]
+    K = spec.model.d_model // spec.model.heads
+    chunk = lv.chunk_size()
+    if chunk not in MOMENTUM_CHUNKS:
+        return (f"skeleton 1c takes chunks of {', '.join(map(str, MOMENTUM_CHUNKS))} tokens (its tile; the "
+                f"momentum memory's chunk is part of its semantics, so it is never rounded), not {chunk}"), {}
+    if K > MOMENTUM_MAX_DIM:
+        return f"skeleton 1c takes head sizes up to {MOMENTUM_MAX_DIM}, this memory has {K}", {}
+    if d.momentum[0] != "momentum" or d.pre_retain is not None:
+        return "this momentum memory runs on torch only (see its explain note)", {}
+    return None, {"ERASE": d.erase is not None, "L2": d.loss == "l2"}
 
 
 def mlp_backward_note(spec, name: str) -> str:

@@ -84,6 +84,13 @@ def main(everything: bool):
                 print(json.dumps({"variant": variant, "kernel": name,
                                   "smem": compile_smem(getattr(mod, name), dict(meta, **extra), stages, warps)}),
                       flush=True)
+        elif p.skeleton == "momentum_chunk":   # at the spec's head size (--all: 128 too) and chunk
+            from nlc.backends.triton.momentum import launch as momentum_launch
+            meta, warps = momentum_launch(128 if everything else D, 128 if everything else D, torch.float32)
+            meta = dict(meta, BC=chunk, NM=4 if p.flags["ERASE"] else 1)
+            for name in ("momentum_fwd", "momentum_bwd"):
+                print(json.dumps({"variant": variant, "kernel": name,
+                                  "smem": compile_smem(getattr(mod, name), meta, 1, warps)}), flush=True)
         else:                              # at the spec's own sizes
             W = [torch.empty(1, 1, d_out, hidden), torch.empty(1, 1, hidden, D)]
             *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, chunk)

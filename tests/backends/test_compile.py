@@ -14,8 +14,8 @@ from nlc.backends.torch.codegen import Unsupported, build, generate
 
 ROOT = Path(__file__).parent.parent.parent
 GOLDEN = ROOT / "tests" / "golden"
-COMPILED = ["transformer", "linear_attention", "deltanet", "gated_deltanet", "titans", "hope_attention", "hope",
-            "hope_heads", "gla", "retnet", "rwkv7", "ttt_mlp", "gdn_swa"]
+COMPILED = ["transformer", "linear_attention", "deltanet", "gated_deltanet", "titans", "titans_linear",
+            "hope_attention", "hope", "hope_heads", "gla", "retnet", "rwkv7", "ttt_mlp", "gdn_swa"]
 
 
 def small(name: str, tmp_path: Path) -> Path:
@@ -119,6 +119,17 @@ def test_unsupported_constructs_are_refused_clearly(tmp_path):
     p.write_text(text)
     with pytest.raises(Unsupported, match="an `ema` momentum is not supported by the torch backend yet"):
         generate(nlc.load(p))
+
+
+def test_a_momentum_memory_without_retention_trains(tmp_path):
+    """A matrix memory whose rule has momentum but no `retain` (alpha absent: 1); it checked,
+    generated and then failed at its first call until momentum_memory took alpha=None."""
+    p = small("titans_linear", tmp_path)
+    p.write_text(p.read_text().replace(" |> retain(alpha)", ""))
+    model = nlc.compile(p)
+    logits, _ = model(torch.randint(0, 50, (2, 19)))
+    logits.square().mean().backward()
+    assert torch.isfinite(logits).all() and model.blocks[0].memory_M0.grad.abs().max() > 0
 
 
 def cms_transcription(model, ids, levels):

@@ -167,6 +167,17 @@ def test_momentum_zero_decays_are_exact():
     assert_all("d", g_c, g_r)
 
 
+def test_momentum_without_retention_is_alpha_one():
+    """alpha=None (a rule without `retain`, as codegen passes it) is no retention: alpha = 1."""
+    x = momentum_leaves(13, 2, erase=True, seed=4)
+    for mode in mem.MODES:
+        o, st = mem.momentum_memory(x["q"], x["k"], x["v"], x["eta"], x["beta"], None, x["erase"],
+                                    initial_state=(x["M0"], x["S0"]), mode=mode, chunk_size=4)
+        o1, st1 = mem.momentum_memory(x["q"], x["k"], x["v"], x["eta"], x["beta"], 1.0, x["erase"],
+                                      initial_state=(x["M0"], x["S0"]), mode=mode, chunk_size=4)
+        assert torch.equal(o, o1) and torch.equal(st.M, st1.M) and torch.equal(st.S, st1.S)
+
+
 # ---------------------------------------------------------------------------------------------
 # MLP memory
 

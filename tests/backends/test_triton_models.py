@@ -25,7 +25,7 @@ def test_the_served_specs():
     """Every spec with a level that a skeleton serves; Hope's and TTT-MLP's 256-wide memories (one
     head) included since skeleton 2 keeps its weights in global memory."""
     assert set(SERVED) == {"linear_attention", "deltanet", "gated_deltanet", "retnet", "gdn_swa",
-                           "gla", "titans", "hope", "hope_heads", "ttt_mlp"}
+                           "gla", "titans", "titans_linear", "hope", "hope_heads", "ttt_mlp"}
 
 
 def small_triton(name, tmp_path):
