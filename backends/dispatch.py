@@ -41,12 +41,10 @@ def interpreter_ready() -> bool:
     return type(tl.sum).__name__ != "JITFunction"
 
 
-def pick(op: str, backend: str, q, *, dplr: bool = False, why_not: str | None = None) -> str:
+def pick(op: str, backend: str, q, *, why_not: str | None = None) -> str:
     """"torch" or "triton" for an op on tensors like ``q``.
 
-    ``dplr``: the arguments need an erase in the diagonal-plus-low-rank form (a general rank-one
-    erase, or an erase with a per-channel retention), which has no kernel yet.
-    ``why_not``: another reason the op's arguments have no kernel (None: they have one).
+    ``why_not``: why the op's arguments have no kernel (None: they have one).
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
@@ -54,16 +52,13 @@ def pick(op: str, backend: str, q, *, dplr: bool = False, why_not: str | None = 
         return "torch"
     from nlc.backends.triton.delta import DTYPES
     reason = why_not
-    if dplr:
-        reason = ("no Triton kernel for a general rank-one erase, or an erase with a per-channel "
-                  "retention (the DPLR form), yet")
-    elif q.dtype not in DTYPES:
+    if reason is None and q.dtype not in DTYPES:
         reason = f"the Triton kernels take {', '.join(str(d) for d in DTYPES)}, not {q.dtype}"
-    elif q.device.type not in ("cuda", "cpu"):
+    elif reason is None and q.device.type not in ("cuda", "cpu"):
         reason = f"the Triton kernels run on CUDA (or the CPU interpreter), not on {q.device.type}"
-    elif triton_error():
+    elif reason is None and triton_error():
         reason = f"Triton is not usable here ({triton_error()})"
-    elif not q.is_cuda and not interpreter_ready():
+    elif reason is None and not q.is_cuda and not interpreter_ready():
         reason = ("CPU tensors run under Triton's interpreter, which must be chosen before triton is "
                   "imported: set TRITON_INTERPRET=1 in the environment (nlc does so itself when no GPU "
                   "is visible)")

@@ -103,6 +103,28 @@ def mlp_rows(B, T, args, dtype, device):
     return {f"mlp memory (titans) {b}": (lambda b=b: mlp_call(x, b)) for b in ("triton", "torch")}
 
 
+def dplr_rows(B, T, args, dtype, device):
+    """The DPLR form (RWKV-7's) at the benchmark's K = V, H; Triton vs nlc's torch form."""
+    x = dplr_inputs(B, T, args.H, args.K, dtype, device)
+    return {f"dplr (rwkv7) {b}": (lambda b=b: dplr_call(x, b)) for b in ("triton", "torch")}
+
+
+def dplr_inputs(B, T, H, K, dtype, device, seed=2):
+    """RWKV-7's shapes: a retention per key channel, an erase along a separate key (u = iclr kappa,
+    e = kappa), keys normalised."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rand = lambda *s: torch.randn(B, T, H, *s, generator=gen)  # noqa: E731
+    kappa = F.normalize(rand(K), dim=-1)
+    x = dict(q=rand(K), k=F.normalize(rand(K), dim=-1), w=rand(K), a=torch.sigmoid(rand(K) + 2.0),
+             u=kappa * torch.rand(B, T, H, 1, generator=gen), e=kappa)
+    return {n: t.to(device=device, dtype=dtype).requires_grad_() for n, t in x.items()}
+
+
+def dplr_call(x, backend):
+    return ops.generalized_delta(x["q"], x["k"], x["w"], x["a"], erase=(x["u"], x["e"]), chunk_size=16,
+                                 backend=backend)[0]
+
+
 def momentum_rows(B, T, args, dtype, device):
     """A matrix memory with Titans momentum (titans_linear's level at the benchmark's K = V, H):
     retention, the L2 objective, chunk 64; Triton vs nlc's torch form."""
@@ -144,6 +166,8 @@ def rows(args):
             impls.update(mlp_rows(B, T, args, dtype, device))
         if "momentum" in args.rows:
             impls.update(momentum_rows(B, T, args, dtype, device))
+        if "dplr" in args.rows:
+            impls.update(dplr_rows(B, T, args, dtype, device))
         io_bytes = (2 * B * T * H * K + 2 * B * T * H * V + 2 * B * T * H) * x["q"].element_size()
         for name, fn in impls.items():
             def fwd():
@@ -179,7 +203,7 @@ def table(device, fla_why, out, args):
         ms = lambda t: "" if t is None else f"{t:.3f}"            # noqa: E731
         tps = lambda t: "" if t is None else f"{T / t * 1e3:,.0f}"  # noqa: E731
         bw = mm = ""
-        if peak and t_f is not None and "SDPA" not in n and "memory" not in n:
+        if peak and t_f is not None and "SDPA" not in n and "memory" not in n and "dplr" not in n:
             bw = f"{100 * io[T][0] / (t_f * 1e-3) / (peak[1] * 1e12):.1f}"
             mm = f"{100 * io[T][1] / (t_f * 1e-3) / (peak[0] * 1e12):.1f}"
         lines.append(f"| {T} | {n} | {ms(t_f)} | {ms(t_fb)} | {tps(t_f)} | {tps(t_fb)} | {bw} | {mm} | {note} |")
@@ -195,8 +219,8 @@ def main():
     p.add_argument("--fla", default=None, help="directory holding fla/ (flash-linear-attention's source)")
     p.add_argument("--toy", action="store_true", help="tiny sizes on CPU: checks the script, not speed")
     p.add_argument("--out", default=None, help="also write the table to this file")
-    p.add_argument("--rows", default="delta,sdpa,mlp,momentum",
-                   help="which rows: delta (nlc and fla), sdpa, mlp, momentum")
+    p.add_argument("--rows", default="delta,sdpa,mlp,momentum,dplr",
+                   help="which rows: delta (nlc and fla), sdpa, mlp, momentum, dplr")
     args = p.parse_args()
     if args.toy:
         args.T, args.H, args.K, args.dtype = [40], 2, 16, "fp32"

@@ -11,7 +11,8 @@ the launch configuration (tile constants, num_warps, num_stages) that ``delta.la
 ``diag.launch`` give; the deep memory (skeleton 2) at Titans' memory level (D 64, hidden 128,
 chunk 64, momentum, retention, current read) and at Hope's M_mem (256 wide, erase, self target),
 whose wrapper casts every input to float32; the momentum matrix memory (skeleton 1c) at
-titans_linear's level (K = V = 64) and at K = V = 128 with and without the erase, chunk 64, float32.
+titans_linear's level (K = V = 64) and at K = V = 128 with and without the erase, chunk 64, float32;
+the DPLR form (skeleton 1d) at rwkv7's K = V = 64 and at 128, float32.
 Run it without ``TRITON_INTERPRET``; a kernel that fails to compile is a row saying so.
 """
 from __future__ import annotations
@@ -119,6 +120,15 @@ def mlp_rows():
             yield name, torch.float32, "mlp_chunk_bwd", mod.mlp_chunk_bwd, bwd, 1, warps
 
 
+def dplr_rows():
+    from nlc.backends.triton.dplr import launch
+    mod = template.load("dplr_chunk", {}, interpret=False)
+    extra = {"dplr_state_fwd": {"HAS_H0": True}, "dplr_state_bwd": {"HAS_DHT": True}}
+    for K in (64, 128):                          # rwkv7.yaml's heads, then the benchmark's
+        for kern, (meta, stages, warps) in launch(K, K, torch.float32).items():
+            yield f"dplr K {K}", torch.float32, kern, getattr(mod, kern), dict(meta, **extra.get(kern, {})), stages, warps
+
+
 def momentum_rows():
     from nlc.backends.triton.momentum import launch, variant
     # (name, erase, K = V): titans_linear.yaml's memory level (K 64), then the benchmark's heads
@@ -137,12 +147,13 @@ def _unpack(cfg):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--only", choices=["delta", "diag", "mlp", "momentum"], action="append")
+    p.add_argument("--only", choices=["delta", "diag", "dplr", "mlp", "momentum"], action="append")
     args = p.parse_args()
-    only = set(args.only or ["delta", "diag", "mlp", "momentum"])
+    only = set(args.only or ["delta", "diag", "dplr", "mlp", "momentum"])
     dtypes = (torch.float32, torch.bfloat16)
     rows = itertools.chain(delta_rows(dtypes) if "delta" in only else (), diag_rows(dtypes) if "diag" in only else (),
-                           mlp_rows() if "mlp" in only else (), momentum_rows() if "momentum" in only else ())
+                           mlp_rows() if "mlp" in only else (), momentum_rows() if "momentum" in only else (),
+                           dplr_rows() if "dplr" in only else ())
     print(f"ptxas for sm_90 (triton {triton.__version__}), K = V = 128, chunk 64; smem: Triton's dynamic shared memory\n")
     print("| variant | inputs | kernel | warps | stages | regs/thread | spill stores (B) | spill loads (B) | smem (B) |")
     print("|---|---|---|---|---|---|---|---|---|")

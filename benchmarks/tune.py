@@ -6,6 +6,7 @@ every input's gradient against the float64 torch form, all in one run.
   --kernel mlp: Titans' memory level (D 64, hidden 128, chunk 64, H 16, B 1).
   --kernel delta: gated DeltaNet (K = V = 128, chunk 64, H 16, B 1), every kernel of the family.
   --kernel momentum: the momentum matrix memory (K = V = 128, chunk 64, H 16, B 1, retention).
+  --kernel dplr: the DPLR form (RWKV-7's; K = V = 128, H 16, B 1), every kernel of the family.
 
 Compiling is most of the cost, so the choices are first compiled side by side in worker
 processes (Triton's on-disk cache then serves the timing process), then timed one at a time; a
@@ -28,8 +29,9 @@ import kernels as bench
 CHOICES = {
     "mlp": [("tf32x3", 4, 16), ("ieee", 16, 16), ("ieee", 8, 16), ("tf32x3", 8, 32), ("tf32", 4, 32)],
     "delta": [("ieee", None, None), ("tf32x3", None, None), ("tf32x3", 4, None), ("tf32", None, None)],
-    "momentum": [("ieee", None, None), ("tf32x3", None, None), ("ieee", 8, None), ("tf32x3", 8, None),
+    "momentum": [("tf32x3", None, None), ("ieee", None, None), ("ieee", 8, None), ("tf32x3", 8, None),
                  ("tf32", None, None)],
+    "dplr": [("tf32x3", None, None), ("ieee", None, None), ("tf32x3", 8, None), ("tf32", None, None)],
 }
 
 
@@ -53,6 +55,16 @@ def use(kernel, choice):
             meta, shipped = orig(K, V, dtype)
             return (dict(meta, PREC=prec) if dtype == torch.float32 else meta), warps or shipped
         momentum.launch = launch
+    elif kernel == "dplr":
+        from nlc.backends.triton import dplr
+        orig = dplr.__dict__.setdefault("_launch_shipped", dplr.launch)
+
+        def launch(K, V, dtype):
+            cfg = orig(K, V, dtype)
+            if dtype != torch.float32:
+                return cfg
+            return {n: (dict(meta, PREC=prec), stages, warps or w) for n, (meta, stages, w) in cfg.items()}
+        dplr.launch = launch
     else:
         from nlc.backends.triton import delta
         orig = delta.__dict__.setdefault("_launch_shipped", delta.launch)
@@ -72,6 +84,8 @@ def inputs(kernel, args, dtype):
     B, T, H, K = (1, 40, 2, 16) if args.toy else (1, args.T, 16, 128)
     if kernel == "momentum":
         return bench.momentum_inputs(B, T, H, K, dtype, args.device), f"B={B} T={T} H={H} K=V={K} chunk 64"
+    if kernel == "dplr":
+        return bench.dplr_inputs(B, T, H, K, dtype, args.device), f"B={B} T={T} H={H} K=V={K} chunk 16"
     return bench.inputs(B, T, H, K, K, dtype, args.device), f"B={B} T={T} H={H} K=V={K} chunk 64"
 
 
@@ -80,6 +94,8 @@ def call(kernel, x, backend):
         return bench.mlp_call(x, backend)
     if kernel == "momentum":
         return bench.momentum_call(x, backend)
+    if kernel == "dplr":
+        return bench.dplr_call(x, backend)
     from nlc.backends.torch import ops
     return ops.gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], backend=backend)[0]
 

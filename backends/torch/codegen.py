@@ -197,6 +197,9 @@ def _kernel_files(spec, source_name):
             rule = f"M_t = M_(t-1) (a I - b k k^T) + w k^T with a = {d.a}, b = {d.b}, w = {d.w}"
         elif p.skeleton == "diag_chunk":
             rule = f"M_t = M_(t-1) diag(a) + w k^T with a = {d.a} (per key channel), w = {d.w}"
+        elif p.skeleton == "dplr_chunk":
+            rule = (f"M_t = M_(t-1) (diag(retain) - e u^T) + write k^T with retain = {d.a} (per key channel), "
+                    f"u = {d.u}, e = {d.e}, write = {d.w}")
         elif p.skeleton == "momentum_chunk":
             keep = "" if d.retain is None else f"({d.retain}) "
             keep = f"({keep}I - ({d.erase}) k k^T) " if d.erase is not None else keep

@@ -125,8 +125,8 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
     ``erase`` runs the DPLR form of ``chunk_dplr.py`` (same result, more work and memory:
     ``[C, C, K]`` decays per chunk). On Triton (``backend``) the scalar form runs the kernels of
     ``nlc.backends.triton.delta``, a per-channel ``a`` without an erase those of
-    ``nlc.backends.triton.diag``; an erase in the DPLR form has no kernel yet (``"auto"`` runs it
-    on torch, ``"triton"`` says so).
+    ``nlc.backends.triton.diag``, an erase in the DPLR form those of ``nlc.backends.triton.dplr``
+    (K up to 128; the kernels' chunk is 16 tokens, whatever ``chunk_size``: the form is exact).
 
     Returns:
         ``(o, final_state)`` as :func:`linear_attn`.
@@ -147,8 +147,13 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
         raise ValueError(f"{op}: mode='chunk' needs a >= 0 everywhere (it takes log max(a, A_MIN), "
                          f"A_MIN = exp({LOG_A_MIN})); use mode='recurrent' for negative a")
     dplr = erase is not None or (b is not None and a is not None and a.dim() == 4)  # an erase in the DPLR form
+    why = None
+    if dplr and backend != "torch":
+        from nlc.backends.triton.plan import DPLR_MAX_K
+        if q.shape[-1] > DPLR_MAX_K:
+            why = f"the DPLR kernels take K up to {DPLR_MAX_K} (the state transition is one [K, K] tile)"
     return _run(q, k, w, a, None, b, scale, initial_state, output_final_state, mode, chunk_size,
-                u, e, backend=pick(op, backend, q, dplr=dplr))
+                u, e, backend=pick(op, backend, q, why_not=why))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,9 +200,12 @@ def _run(q, k, w, a, log_a, b, scale, initial_state, output_final_state, mode, c
                 u, e = b.unsqueeze(-1) * k, k
             if log_a.dim() == 3:
                 log_a = log_a.unsqueeze(-1).expand_as(k)
-            if backend == "triton":        # pick() sends only a per-channel retention without an erase here
+            if backend == "triton" and u is None:     # a per-channel retention without an erase
                 from nlc.backends.triton.diag import chunk_diag_delta
                 o, h = chunk_diag_delta(q, k, w, log_a, h0)
+            elif backend == "triton":                 # with an erase: the DPLR kernels
+                from nlc.backends.triton.dplr import chunk_dplr_delta as dplr_core
+                o, h = dplr_core(q, k, w, log_a, u, e, h0)
             else:
                 o, h = chunk_dplr_delta(q, k, w, log_a, u, e, h0, chunk_size)
         else:

@@ -30,6 +30,7 @@ MLP_MAX_DIM = 256
 MLP_BWD_TILE = 64 * 64
 MOMENTUM_CHUNKS = (16, 32, 64)  # skeleton 1c's tiles: the momentum memory's chunk is semantics too
 MOMENTUM_MAX_DIM = 256
+DPLR_MAX_K = 128                # skeleton 1d's per-chunk state transition is one [K, K] tile
 AUTO_MLP = ("with backend auto, forward and backward kernels for CUDA tensors, training included: an H100 "
             "trained Titans 3.7x faster than on the torch form")
 # A generator (a level read inside another level's flows) is updated once per chunk of its own
@@ -85,6 +86,7 @@ def plan(spec: S.ModelSpec) -> dict[str, Placement]:
     spec = instanced(spec)
     derived = derive(spec)
     out = {}
+    K = spec.model.d_model // spec.model.heads
     for name, lv in spec.levels.items():
         m, d = lv.memory, derived[name]
         if isinstance(m, S.AttentionMemory):
@@ -93,9 +95,11 @@ def plan(spec: S.ModelSpec) -> dict[str, Placement]:
         elif isinstance(m, S.MatrixMemory) and d.family == "generalized_delta":
             if d.diagonal and d.u is None:
                 p = Placement(name, "diag_chunk", {})
+            elif K > DPLR_MAX_K:
+                p = Placement(name, None, why=f"skeleton 1d (the DPLR form) takes head sizes up to {DPLR_MAX_K} "
+                                              f"(its state transition is one [K, K] tile), this level has {K}")
             elif d.diagonal:
-                p = Placement(name, None, why="a general rank-one erase (the DPLR form, as RWKV-7's) has "
-                                              "no Triton skeleton yet")
+                p = Placement(name, "dplr_chunk", {})
             else:
                 decay, erase = delta_terms(d)
                 p = Placement(name, "delta_chunk", {"DECAY": decay, "ERASE": erase})

@@ -84,6 +84,14 @@ def main(everything: bool):
                 print(json.dumps({"variant": variant, "kernel": name,
                                   "smem": compile_smem(getattr(mod, name), dict(meta, **extra), stages, warps)}),
                       flush=True)
+        elif p.skeleton == "dplr_chunk":       # at the spec's head size (--all: 128 too)
+            from nlc.backends.triton.dplr import launch as dplr_launch
+            extra = {"dplr_state_fwd": {"HAS_H0": True}, "dplr_state_bwd": {"HAS_DHT": True}}
+            for name, (meta, stages, warps) in dplr_launch(128 if everything else D, 128 if everything else D,
+                                                           torch.float32).items():
+                print(json.dumps({"variant": variant, "kernel": name,
+                                  "smem": compile_smem(getattr(mod, name), dict(meta, **extra.get(name, {})), stages,
+                                                       warps)}), flush=True)
         elif p.skeleton == "momentum_chunk":   # at the spec's head size (--all: 128 too) and chunk
             from nlc.backends.triton.momentum import launch as momentum_launch
             meta, warps = momentum_launch(128 if everything else D, 128 if everything else D, torch.float32)

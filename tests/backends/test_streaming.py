@@ -11,30 +11,20 @@ from tests.backends.test_compile import small
 
 T = 23                                   # odd, no multiple of the chunks (8 for titans, 4 for ttt_mlp)
 CUTS = {"pieces": [3, 7, 16], "tokens": list(range(1, T))}
-SPECS = ["titans", "ttt_mlp", "titans_matrix", "hope_nocms", "hope_heads_nocms"]
+SPECS = ["titans", "ttt_mlp", "titans_linear", "hope_nocms", "hope_heads_nocms"]
 
 
 def spec_path(name, tmp_path):
-    """A shipped spec at test size; `titans_matrix` is Titans with a matrix memory (momentum_memory:
-    no shipped spec has a matrix memory with momentum); `*_nocms` is Hope without its CMS level
-    (its stacked generators M_k, M_v, M_eta, M_alpha, chunk 4, and M_mem, chunk 8; the CMS's own
-    streaming is tested in test_streaming_cms.py)."""
+    """A shipped spec at test size (`titans_linear`: a matrix memory with momentum, momentum_memory);
+    `*_nocms` is Hope without its CMS level (its stacked generators M_k, M_v, M_eta, M_alpha, chunk
+    4, and M_mem, chunk 8; the CMS's own streaming is tested in test_streaming_cms.py)."""
     if name.endswith("_nocms"):
         p = small(name[:-len("_nocms")], tmp_path)
         text = p.read_text()
         assert "block: [M_mem, cms]" in text
         p.write_text(text.replace("block: [M_mem, cms]", "block: [M_mem]"))
         return p
-    if name != "titans_matrix":
-        return small(name, tmp_path)
-    p = small("titans", tmp_path)
-    text = p.read_text()
-    old = "memory: {kind: mlp, depth: 2, expansion: 2, activation: silu, residual: true}"
-    assert old in text and "    read: current" in text
-    text = text.replace(old, "memory: matrix").replace("    read: current", "    # read: current")
-    p = tmp_path / "titans_matrix.yaml"
-    p.write_text(text.replace("name: titans", "name: titans_matrix"))
-    return p
+    return small(name, tmp_path)
 
 
 def model_of(name, tmp_path, seed=0):

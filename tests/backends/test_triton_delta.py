@@ -282,12 +282,6 @@ def test_backend_errors_name_the_way_out():
     q, k, w, b = x["q"], x["k"], x["w"], x["b"]
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.generalized_delta(q, k, w, x["a"], b, backend="cuda")
-    a_k = torch.rand(*k.shape, dtype=k.dtype)
-    with pytest.raises(ValueError, match="rank-one erase.*backend='torch'"):
-        ops.generalized_delta(q, k, w, a_k, None, erase=(b.unsqueeze(-1) * k, k), backend="triton")
-    with pytest.raises(ValueError, match="rank-one erase.*backend='torch'"):
-        ops.generalized_delta(q, k, w, a_k, b, backend="triton")          # b with a per-channel a: DPLR
-    ops.generalized_delta(q, k, w, a_k, b, backend="auto")             # auto: torch runs it
     with pytest.raises(ValueError, match="int64.*backend='torch'|must be a floating-point"):
         ops.linear_attn(q.long(), k.long(), w.long(), backend="triton")
     with pytest.raises(ValueError, match="k must have shape"):

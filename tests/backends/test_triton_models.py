@@ -25,7 +25,7 @@ def test_the_served_specs():
     """Every spec with a level that a skeleton serves; Hope's and TTT-MLP's 256-wide memories (one
     head) included since skeleton 2 keeps its weights in global memory."""
     assert set(SERVED) == {"linear_attention", "deltanet", "gated_deltanet", "retnet", "gdn_swa",
-                           "gla", "titans", "titans_linear", "hope", "hope_heads", "ttt_mlp"}
+                           "gla", "rwkv7", "titans", "titans_linear", "hope", "hope_heads", "ttt_mlp"}
 
 
 def small_triton(name, tmp_path):
@@ -133,11 +133,19 @@ def test_levels_no_skeleton_serves_say_why(tmp_path):
     assert "backend='torch'" in (tmp_path / "deep" / "model.py").read_text()
 
 
-def test_dplr_levels_say_why_they_run_on_torch(tmp_path):
-    build(ROOT / "specs" / "rwkv7.yaml", tmp_path, backend="triton")
-    placement = json.loads((tmp_path / "manifest.json").read_text())["placement"]
-    assert placement["time_mix"]["runs_on"] == "torch" and "DPLR" in placement["time_mix"]["why"]
-    assert "backend='torch'" in (tmp_path / "model.py").read_text()
+def test_dplr_levels_run_skeleton_1d_up_to_128_wide_heads(tmp_path):
+    """RWKV-7's time mix (K = 64) gets the DPLR kernels; with one 256-wide head its [K, K] state
+    transition is over the kernels' tile, and the build says so and passes backend='torch'."""
+    build(ROOT / "specs" / "rwkv7.yaml", tmp_path / "a", backend="triton")
+    placement = json.loads((tmp_path / "a" / "manifest.json").read_text())["placement"]
+    assert placement["time_mix"]["skeleton"] == "dplr_chunk"
+    text = (ROOT / "specs" / "rwkv7.yaml").read_text().replace("heads: 4", "heads: 1")
+    assert "heads: 1" in text
+    (tmp_path / "wide.yaml").write_text(text)
+    build(tmp_path / "wide.yaml", tmp_path / "b", backend="triton")
+    placement = json.loads((tmp_path / "b" / "manifest.json").read_text())["placement"]
+    assert placement["time_mix"]["runs_on"] == "torch" and "up to 128" in placement["time_mix"]["why"]
+    assert "backend='torch'" in (tmp_path / "b" / "model.py").read_text()
 
 
 VARIANTS = sorted({(p.skeleton, tuple(sorted(p.flags.items()))) for n in SERVED

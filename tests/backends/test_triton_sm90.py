@@ -4,7 +4,7 @@ checked on this CPU: Triton's bundled ptxas compiles for a target without a GPU 
 The interpreter forgives what a GPU rejects (tiles over the shared memory, shapes a dot cannot
 take), so this holds the launch configurations of ``delta.launch`` and ``deep._config`` to the
 card: the generalized delta kernels at the benchmark's K = V = 128 (the widest tiles nlc
-launches), the momentum-memory and deep-memory kernels at the shipped levels' own sizes, the flow prologue. By
+launches), the DPLR, momentum-memory and deep-memory kernels at the shipped levels' own sizes, the flow prologue. By
 default the widest variant of each skeleton (about 3 minutes on 2 cores with a cold Triton cache,
 seconds with a warm one); ``NLC_SM90_ALL=1`` compiles every variant in float32 and bfloat16.
 """
@@ -34,6 +34,7 @@ def test_every_shipped_kernel_compiles_for_sm90_and_fits():
     kernels = {row["kernel"] for row in rows}
     assert {"delta_prep", "delta_state_fwd", "delta_out", "delta_state_bwd", "delta_chunk_bwd",
             "mlp_chunk_fwd", "mlp_chunk_bwd", "diag_state_fwd", "diag_out", "diag_state_bwd", "diag_dw", "diag_dqk", "flow_fwd", "flow_bwd",
-            "momentum_fwd", "momentum_bwd"} <= kernels
+            "momentum_fwd", "momentum_bwd", "dplr_prep", "dplr_state_fwd", "dplr_out", "dplr_state_bwd",
+            "dplr_chunk_bwd"} <= kernels
     over = [row for row in rows if row["smem"] > H100_SMEM]
     assert not over, f"over the H100's {H100_SMEM} bytes of shared memory: {over}"
