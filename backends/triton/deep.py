@@ -23,17 +23,10 @@ import torch
 
 from nlc.backends.torch.deep_memory import _backward_kernel_takes, _mlp_chunk
 from nlc.backends.triton import template
+from nlc.backends.triton.plan import MLP_ACTIVATIONS as ACTIVATIONS, MLP_CHUNKS as CHUNKS, MLP_MAX_DIM as MAX_DIM
+from nlc.backends.triton.plan import pow2 as _pow2
 
 __all__ = ["chunk_mlp_memory", "supports", "variant", "kernels", "CHUNKS", "ACTIVATIONS", "MAX_DIM"]
-
-from nlc.backends.triton.plan import MLP_ACTIVATIONS as ACTIVATIONS, MLP_CHUNKS as CHUNKS, MLP_MAX_DIM as MAX_DIM  # noqa: E402
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    p = lo
-    while p < n:
-        p *= 2
-    return p
 
 
 def variant(cfg, momentum: bool, retain: bool, erase: bool, current: bool) -> dict:

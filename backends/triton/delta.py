@@ -15,17 +15,11 @@ from __future__ import annotations
 import torch
 
 from nlc.backends.triton import template
+from nlc.backends.triton.plan import pow2 as _pow2
 
 __all__ = ["chunk_generalized_delta", "DTYPES", "variant", "kernels", "launch"]
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    p = lo
-    while p < n:
-        p *= 2
-    return p
 
 
 def variant(decay: bool, erase: bool) -> dict:

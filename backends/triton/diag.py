@@ -11,17 +11,11 @@ from __future__ import annotations
 import torch
 
 from nlc.backends.triton import template
+from nlc.backends.triton.plan import pow2 as _pow2
 
 __all__ = ["chunk_diag_delta", "launch"]
 
 BC = 16
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    p = lo
-    while p < n:
-        p *= 2
-    return p
 
 
 def launch(K: int, V: int, dtype) -> dict:

@@ -13,19 +13,11 @@ from __future__ import annotations
 import torch
 
 from nlc.backends.triton import template
+from nlc.backends.triton.plan import DPLR_MAX_K as MAX_K, pow2 as _pow2
 
 __all__ = ["chunk_dplr_delta", "launch", "supports", "MAX_K"]
 
 BC = 16
-
-from nlc.backends.triton.plan import DPLR_MAX_K as MAX_K  # noqa: E402
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    p = lo
-    while p < n:
-        p *= 2
-    return p
 
 
 def supports(K: int) -> str | None:

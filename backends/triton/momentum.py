@@ -19,17 +19,9 @@ from __future__ import annotations
 import torch
 
 from nlc.backends.triton import template
+from nlc.backends.triton.plan import MOMENTUM_CHUNKS as CHUNKS, MOMENTUM_MAX_DIM as MAX_DIM, pow2 as _pow2
 
 __all__ = ["chunk_momentum_memory", "supports", "variant", "kernels", "launch", "CHUNKS", "MAX_DIM"]
-
-from nlc.backends.triton.plan import MOMENTUM_CHUNKS as CHUNKS, MOMENTUM_MAX_DIM as MAX_DIM  # noqa: E402
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    p = lo
-    while p < n:
-        p *= 2
-    return p
 
 
 def variant(objective: str, erase: bool) -> dict:

@@ -15,7 +15,7 @@ from nlc.expr import Call, Num
 from nlc.instance import instanced
 from nlc.rules import derive
 
-__all__ = ["Placement", "plan", "delta_terms", "mlp_flags", "momentum_flags", "mlp_backward_fits", "header", "describe",
+__all__ = ["Placement", "plan", "pow2", "delta_terms", "mlp_flags", "momentum_flags", "mlp_backward_fits", "header", "describe",
            "kernel_levels", "AUTO_MLP", "AUTO_MLP_NO_GRAD", "AUTO_GENERATORS"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
@@ -45,10 +45,17 @@ AUTO_MLP_NO_GRAD = ("with backend auto, only where no gradient is wanted (evalua
                     "ran 2.6x slower than the torch form on an H100")
 
 
+def pow2(n: int, lo: int = 16) -> int:
+    """The tile that holds n: the least power of two >= n, at least ``lo`` (tl.dot's minimum 16)."""
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
 def mlp_backward_fits(chunk: int, *widths: int) -> bool:
     """Whether the deep memory's backward kernel takes a level of this chunk and these widths."""
-    pow2 = max(16, 1 << (max(widths) - 1).bit_length())
-    return chunk * pow2 <= MLP_BWD_TILE
+    return chunk * pow2(max(widths)) <= MLP_BWD_TILE
 
 
 @dataclass(frozen=True)

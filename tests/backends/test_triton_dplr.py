@@ -21,6 +21,7 @@ from nlc.backends.torch import ops
 
 from .test_ops_dplr import call, make_inputs, run_with_grads
 from .numerics import assert_rel
+from .spy import launches
 
 TOL64 = 1e-9
 DEVICE = os.environ.get("NLC_TEST_DEVICE", "cpu")
@@ -46,19 +47,8 @@ def compare(got, want, tol_out=TOL64, tol_grad=TOL64):
 def test_the_kernels_run(monkeypatch):
     """backend='triton' reaches every DPLR kernel (the comparisons below are not torch vs torch)."""
     from nlc.backends.triton import dplr
-    calls = []
-
-    class Spy:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            calls.append(self.name)
-            return self.real[grid]
-    mod = dplr.kernels(DEVICE == "cpu")
     names = ["dplr_prep", "dplr_state_fwd", "dplr_out", "dplr_state_bwd", "dplr_chunk_bwd"]
-    for name in names:
-        monkeypatch.setattr(mod, name, Spy(name, getattr(mod, name)))
+    calls = launches(monkeypatch, dplr.kernels(DEVICE == "cpu"), names)
     both(make_inputs("erase", B=1, T=5, H=1))
     assert calls == names
 

@@ -25,6 +25,7 @@ from nlc.backends.torch import deep_memory as dm
 from nlc.backends.triton import deep
 
 from .numerics import assert_rel
+from .spy import launches
 
 TOL64 = 1e-9
 DEVICE = os.environ.get("NLC_TEST_DEVICE", "cpu")
@@ -136,18 +137,8 @@ def compare(got, want, tol_out, tol_grad):
 def test_triton_mlp_reaches_the_kernel(monkeypatch):
     """The helper really runs the Triton cores, forward and backward (the comparisons below are not
     torch vs torch)."""
-    calls = []
-
-    class Spy:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            calls.append(self.name)
-            return self.real[grid]
     mod = deep.kernels(deep.variant(("l2", True, False, "silu", True), False, True, True, True), DEVICE == "cpu")
-    for name in ("mlp_chunk_fwd", "mlp_chunk_bwd"):
-        monkeypatch.setattr(mod, name, Spy(name, getattr(mod, name)))
+    calls = launches(monkeypatch, mod, ("mlp_chunk_fwd", "mlp_chunk_bwd"))
     x = leaves("hope_memory", T=3, B=1, H=1)
     grads(run(x, "hope_memory"), x, "reach")
     assert calls == ["mlp_chunk_fwd", "mlp_chunk_bwd"]

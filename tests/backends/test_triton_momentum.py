@@ -23,6 +23,7 @@ from nlc.backends.torch import memories as mem
 from nlc.backends.triton import momentum
 
 from .numerics import assert_rel
+from .spy import launches
 
 TOL64 = 1e-9
 DEVICE = os.environ.get("NLC_TEST_DEVICE", "cpu")
@@ -83,18 +84,8 @@ def compare(x_got, outs_got, x_want, outs_want, key, tol_out, tol_grad):
 
 def test_the_kernels_run(monkeypatch):
     """backend='triton' reaches both kernels (the comparisons below are not torch vs torch)."""
-    calls = []
-
-    class Spy:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            calls.append(self.name)
-            return self.real[grid]
-    mod = momentum.kernels(momentum.variant("l2", True), DEVICE == "cpu")
-    for name in ("momentum_fwd", "momentum_bwd"):
-        monkeypatch.setattr(mod, name, Spy(name, getattr(mod, name)))
+    calls = launches(monkeypatch, momentum.kernels(momentum.variant("l2", True), DEVICE == "cpu"),
+                     ("momentum_fwd", "momentum_bwd"))
     x = leaves("l2_erase", B=1, H=1)
     o, st = run(x, "l2_erase")
     grads([o, st.M, st.S], x, "reach")

@@ -30,14 +30,7 @@ ERASE: tl.constexpr = True
 # addressing
 
 
-@triton.jit
-def _rows(ptr, t0, T, H, D, hd, c0, BC: tl.constexpr, BD: tl.constexpr):
-    """Pointers and mask: tokens t0 .. t0+BC, columns c0 .. c0+BD of a [B, T, H, D] tensor, for
-    the (batch, head) pair hd = b*H + h."""
-    rows = t0 + tl.arange(0, BC)
-    cols = c0 + tl.arange(0, BD)
-    base = ((hd // H).to(tl.int64) * T + rows[:, None].to(tl.int64)) * H + (hd % H)
-    return ptr + base * D + cols[None, :], (rows[:, None] < T) & (cols[None, :] < D)
+# {include rows}
 
 
 @triton.jit
@@ -65,16 +58,6 @@ def _st(ptr, hd, n, N, K, V, v0, BK: tl.constexpr, BV: tl.constexpr, k0=0):
     rv = v0 + tl.arange(0, BV)
     base = (hd.to(tl.int64) * N + n) * K * V
     return ptr + base + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
-
-
-@triton.jit
-def _load(pm, ACC: tl.constexpr):
-    return tl.load(pm[0], mask=pm[1], other=0.0).to(ACC)
-
-
-@triton.jit
-def _store(pm, x):
-    tl.store(pm[0], x.to(pm[0].dtype.element_ty), mask=pm[1])
 
 
 @triton.jit

@@ -15,13 +15,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _rows(ptr, t0, T, H, D, hd, c0, BC: tl.constexpr, BD: tl.constexpr):
-    """Pointers and mask: tokens t0 .. t0+BC, columns c0 .. c0+BD of a [B, T, H, D] tensor."""
-    rows = t0 + tl.arange(0, BC)
-    cols = c0 + tl.arange(0, BD)
-    base = ((hd // H).to(tl.int64) * T + rows[:, None].to(tl.int64)) * H + (hd % H)
-    return ptr + base * D + cols[None, :], (rows[:, None] < T) & (cols[None, :] < D)
+# {include rows}
 
 
 @triton.jit
@@ -31,16 +25,6 @@ def _st(ptr, hd, n, N, K, V, k0, v0, BK: tl.constexpr, BV: tl.constexpr):
     rv = v0 + tl.arange(0, BV)
     base = (hd.to(tl.int64) * N + n) * K * V
     return ptr + base + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
-
-
-@triton.jit
-def _load(pm, ACC: tl.constexpr):
-    return tl.load(pm[0], mask=pm[1], other=0.0).to(ACC)
-
-
-@triton.jit
-def _store(pm, x):
-    tl.store(pm[0], x.to(pm[0].dtype.element_ty), mask=pm[1])
 
 
 @triton.jit

@@ -27,13 +27,7 @@ import triton.language as tl
 # addressing
 
 
-@triton.jit
-def _rows(ptr, t0, T, H, D, hd, c0, BC: tl.constexpr, BD: tl.constexpr):
-    """Pointers and mask: tokens t0 .. t0+BC, columns c0 .. c0+BD of a [B, T, H, D] tensor."""
-    rows = t0 + tl.arange(0, BC)
-    cols = c0 + tl.arange(0, BD)
-    base = ((hd // H).to(tl.int64) * T + rows[:, None].to(tl.int64)) * H + (hd % H)
-    return ptr + base * D + cols[None, :], (rows[:, None] < T) & (cols[None, :] < D)
+# {include rows}
 
 
 @triton.jit
@@ -58,16 +52,6 @@ def _st(ptr, hd, n, N, R, C, r0, c0, BR: tl.constexpr, BCOL: tl.constexpr):
 def _mat(ptr, hd, n, N, i, BC: tl.constexpr):
     """Pointers and mask: matrix i of chunk n of a [B*H, N, 4, BC, BC] workspace."""
     return _st(ptr, hd, n * 4 + i, N * 4, BC, BC, 0, 0, BC, BC)
-
-
-@triton.jit
-def _load(pm, ACC: tl.constexpr):
-    return tl.load(pm[0], mask=pm[1], other=0.0).to(ACC)
-
-
-@triton.jit
-def _store(pm, x):
-    tl.store(pm[0], x.to(pm[0].dtype.element_ty), mask=pm[1])
 
 
 @triton.jit

@@ -44,14 +44,7 @@ L2: tl.constexpr = True
 # addressing
 
 
-@triton.jit
-def _rows(ptr, t0, T, H, D, hd, c0, BC: tl.constexpr, BD: tl.constexpr):
-    """Pointers and mask: tokens t0 .. t0+BC, columns c0 .. c0+BD of a [B, T, H, D] tensor, for
-    the (batch, head) pair hd = b*H + h."""
-    rows = t0 + tl.arange(0, BC)
-    cols = c0 + tl.arange(0, BD)
-    base = ((hd // H).to(tl.int64) * T + rows[:, None].to(tl.int64)) * H + (hd % H)
-    return ptr + base * D + cols[None, :], (rows[:, None] < T) & (cols[None, :] < D)
+# {include rows}
 
 
 @triton.jit
@@ -91,16 +84,6 @@ def _lv(ptr, hd, n, N, i, BC: tl.constexpr, ACC: tl.constexpr):
 @triton.jit
 def _lm(ptr, hd, n, N, i, NM: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     return tl.load(_cm(ptr, hd, n, N, i, NM, BC)).to(ACC)
-
-
-@triton.jit
-def _load(pm, ACC: tl.constexpr):
-    return tl.load(pm[0], mask=pm[1], other=0.0).to(ACC)
-
-
-@triton.jit
-def _store(pm, x):
-    tl.store(pm[0], x.to(pm[0].dtype.element_ty), mask=pm[1])
 
 
 @triton.jit
