@@ -82,6 +82,22 @@ def _coefficients(alpha, beta):
     return _Coef(A, Da, Phi, c, Bc, Db)
 
 
+def _kernel_coefficients(eta, beta, alpha, C, T):
+    """What the Triton memories' wrappers build their per-chunk coefficients from: the chunks'
+    ``_Coef`` (alpha None: 1; beta None: no momentum), eta blocked ``[N, B, H, C]``, and ``at(x)`` /
+    ``row(X)``, a ``[N, B, H, C + 1]`` vector's / ``[N, B, H, C + 1, C]`` matrix's entry or row at
+    each chunk's end (C, or the last real token's row in a ragged last chunk)."""
+    B, _, H = eta.shape
+    N = -(-T // C)
+    co = _coefficients(_blocks(torch.ones_like(eta) if alpha is None else alpha, C, N, 1.0),
+                       None if beta is None else _blocks(beta, C, N, 1.0))
+    ends = torch.full((N,), C, device=eta.device)
+    ends[-1] = T - (N - 1) * C
+    at = lambda x: x.gather(-1, ends.view(N, 1, 1, 1).expand(N, B, H, 1)).squeeze(-1)  # noqa: E731
+    row = lambda X: X.gather(-2, ends.view(N, 1, 1, 1, 1).expand(N, B, H, 1, C)).squeeze(-2)  # noqa: E731
+    return co, _blocks(eta, C, N), at, row
+
+
 def _erase_solve(co, keys, erase):
     """``(K K^T, (I + L)^{-1})`` with ``L[r, m] = Da[r-1, m] erase_m (k_r . k_m)`` for ``m < r``."""
     C = keys.shape[-2]

@@ -213,15 +213,9 @@ def _coefficients(eta, beta, alpha, C, N, T):
     matrices ``(PhiE, Pab)`` ``[2, C, C]`` (``memory_core._Coef``: rows before each token's write,
     and the chunk-end row, the last real token's in a ragged last chunk; the columns of Phi and Db
     scaled by eta)."""
-    from nlc.backends.torch.memory_core import _blocks, _coefficients as coef
+    from nlc.backends.torch.memory_core import _kernel_coefficients
     B, _, H = eta.shape
-    co = coef(_blocks(torch.ones_like(eta) if alpha is None else alpha, C, N, 1.0),
-              None if beta is None else _blocks(beta, C, N, 1.0))
-    e = _blocks(eta, C, N)                                                  # [N, B, H, C]
-    ends = torch.full((N,), C, device=eta.device)
-    ends[-1] = T - (N - 1) * C
-    at = lambda x: x.gather(-1, ends.view(N, 1, 1, 1).expand(N, B, H, 1)).squeeze(-1)  # noqa: E731
-    row = lambda X: X.gather(-2, ends.view(N, 1, 1, 1, 1).expand(N, B, H, 1, C)).squeeze(-2)  # noqa: E731
+    co, e, at, row = _kernel_coefficients(eta, beta, alpha, C, T)          # e: eta [N, B, H, C]
     zero = torch.zeros_like(e)
     vecs = [co.A[..., :-1], zero if beta is None else co.c[..., :-1], row(co.Phi) * e,
             zero if beta is None else row(co.Db) * e, row(co.Da)]

@@ -61,6 +61,15 @@ def chunk_dplr_delta(q, k, w, log_a, u, e, h0):
     return _DPLRChunk.apply(q, k, w, log_a, u, e, h0)
 
 
+def _sizes(q, w):
+    """(B, T, H, K, V, N, NT, launch table, BV, kernels) of a call."""
+    B, T, H, K = q.shape
+    V = w.shape[-1]
+    N = -(-T // BC)
+    cfg = launch(K, V, q.dtype)
+    return B, T, H, K, V, N, N * BC, cfg, cfg["dplr_out"][0]["BV"], kernels(not q.is_cuda)
+
+
 def _go(mod, cfg, name, grid, *args, **flags):
     meta, stages, warps = cfg[name]
     getattr(mod, name)[grid](*args, **flags, **meta, num_stages=stages, num_warps=warps)
@@ -71,13 +80,7 @@ class _DPLRChunk(torch.autograd.Function):
     def forward(ctx, q, k, w, log_a, u, e, h0):
         q, k, w, log_a, u, e = (x.contiguous() for x in (q, k, w, log_a, u, e))
         h0 = None if h0 is None else h0.contiguous()
-        B, T, H, K = q.shape
-        V = w.shape[-1]
-        N = -(-T // BC)
-        NT = N * BC
-        cfg = launch(K, V, q.dtype)
-        BV = cfg["dplr_out"][0]["BV"]
-        mod = kernels(not q.is_cuda)
+        B, T, H, K, V, N, NT, cfg, BV, mod = _sizes(q, w)
         ws = lambda *shape: q.new_empty(B * H, *shape)  # noqa: E731
         mats, uz, wz, qs = ws(N, 4, BC, BC), ws(NT, V), ws(NT, K), ws(NT, K)
         mn, wr, hs = ws(N, K, K), ws(N, K, V), ws(N, K, V)
@@ -93,13 +96,7 @@ class _DPLRChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dhT):
         q, k, w, log_a, u, e, mats, uz, wz, qs, mn, hs = ctx.saved_tensors
-        B, T, H, K = q.shape
-        V = w.shape[-1]
-        N = -(-T // BC)
-        NT = N * BC
-        cfg = launch(K, V, q.dtype)
-        BV = cfg["dplr_out"][0]["BV"]
-        mod = kernels(not q.is_cuda)
+        B, T, H, K, V, N, NT, cfg, BV, mod = _sizes(q, w)
         do = (torch.zeros_like(w) if do is None else do).contiguous()
         dhs, dh0 = torch.empty_like(hs), q.new_empty(B, H, K, V)
         _go(mod, cfg, "dplr_state_bwd", (B * H, -(-V // BV)), mn, qs, do,

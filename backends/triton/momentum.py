@@ -76,15 +76,10 @@ def _coefficients(eta, beta, alpha, erase: bool, C: int, T: int):
     it, and the chunk-end row: the last real token's in a ragged last chunk), the scalars
     ``(aE, cE, bcE, 0)`` ``[4]`` and the matrices ``(PhiA, DaA, PhiB, DaB)`` ``[NM, C, C]`` (PhiA
     alone without the erase); Phi and the end rows of Phi and Db scaled by eta by column."""
-    from nlc.backends.torch.memory_core import _blocks, _coefficients as coef
+    from nlc.backends.torch.memory_core import _kernel_coefficients
     B, _, H = eta.shape
     N = -(-T // C)
-    co = coef(_blocks(torch.ones_like(eta) if alpha is None else alpha, C, N, 1.0), _blocks(beta, C, N, 1.0))
-    e = _blocks(eta, C, N)                                                  # [N, B, H, C]
-    ends = torch.full((N,), C, device=eta.device)
-    ends[-1] = T - (N - 1) * C
-    at = lambda x: x.gather(-1, ends.view(N, 1, 1, 1).expand(N, B, H, 1)).squeeze(-1)  # noqa: E731
-    row = lambda X: X.gather(-2, ends.view(N, 1, 1, 1, 1).expand(N, B, H, 1, C)).squeeze(-2)  # noqa: E731
+    co, e, at, row = _kernel_coefficients(eta, beta, alpha, C, T)          # e: eta [N, B, H, C]
     zero = torch.zeros_like(e)
     vecs = [co.A[..., 1:], co.c[..., 1:], co.A[..., :-1], co.c[..., :-1], row(co.Phi) * e, row(co.Db) * e,
             row(co.Da), zero]
