@@ -172,3 +172,12 @@ def test_canonical_dump_round_trips(path, tmp_path):
     out = tmp_path / path.name
     out.write_text(S.dump(spec))
     assert nlc.load(out) == spec
+
+
+def test_the_spec_language_readme_shows_the_shipped_titans():
+    """specs/README.md's worked example is specs/titans.yaml and .nl without their header comment,
+    so a reader who copies it gets the shipped model (it had drifted from the file once)."""
+    readme = (SPECS / "README.md").read_text()
+    for ext, fence in (("yaml", "```yaml\n"), ("nl", "```\n")):
+        body = "\n".join(ln for ln in (SPECS / f"titans.{ext}").read_text().splitlines() if not ln.startswith("#"))
+        assert fence + body.strip("\n") + "\n```" in readme, f"titans.{ext}"
