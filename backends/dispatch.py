@@ -41,6 +41,22 @@ def interpreter_ready() -> bool:
     return type(tl.sum).__name__ != "JITFunction"
 
 
+def _why_not_here(q) -> str | None:
+    """Why no Triton kernel can take tensors like ``q`` here (None: one can)."""
+    from nlc.backends.triton.delta import DTYPES
+    if q.dtype not in DTYPES:
+        return f"the Triton kernels take {', '.join(str(d) for d in DTYPES)}, not {q.dtype}"
+    if q.device.type not in ("cuda", "cpu"):
+        return f"the Triton kernels run on CUDA (or the CPU interpreter), not on {q.device.type}"
+    if triton_error():
+        return f"Triton is not usable here ({triton_error()})"
+    if not q.is_cuda and not interpreter_ready():
+        return ("CPU tensors run under Triton's interpreter, which must be chosen before triton is "
+                "imported: set TRITON_INTERPRET=1 in the environment (nlc does so itself when no GPU "
+                "is visible)")
+    return None
+
+
 def pick(op: str, backend: str, q, *, why_not: str | None = None) -> str:
     """"torch" or "triton" for an op on tensors like ``q``.
 
@@ -50,18 +66,7 @@ def pick(op: str, backend: str, q, *, why_not: str | None = None) -> str:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
         return "torch"
-    from nlc.backends.triton.delta import DTYPES
-    reason = why_not
-    if reason is None and q.dtype not in DTYPES:
-        reason = f"the Triton kernels take {', '.join(str(d) for d in DTYPES)}, not {q.dtype}"
-    elif reason is None and q.device.type not in ("cuda", "cpu"):
-        reason = f"the Triton kernels run on CUDA (or the CPU interpreter), not on {q.device.type}"
-    elif reason is None and triton_error():
-        reason = f"Triton is not usable here ({triton_error()})"
-    elif reason is None and not q.is_cuda and not interpreter_ready():
-        reason = ("CPU tensors run under Triton's interpreter, which must be chosen before triton is "
-                  "imported: set TRITON_INTERPRET=1 in the environment (nlc does so itself when no GPU "
-                  "is visible)")
+    reason = why_not or _why_not_here(q)
     if backend == "auto":
         return "triton" if reason is None and q.is_cuda else "torch"
     if reason is not None:

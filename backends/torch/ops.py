@@ -149,9 +149,8 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
     dplr = erase is not None or (b is not None and a is not None and a.dim() == 4)  # an erase in the DPLR form
     why = None
     if dplr and backend != "torch":
-        from nlc.backends.triton.plan import DPLR_MAX_K
-        if q.shape[-1] > DPLR_MAX_K:
-            why = f"the DPLR kernels take K up to {DPLR_MAX_K} (the state transition is one [K, K] tile)"
+        from nlc.backends.triton.dplr import supports
+        why = supports(q.shape[-1])
     return _run(q, k, w, a, None, b, scale, initial_state, output_final_state, mode, chunk_size,
                 u, e, backend=pick(op, backend, q, why_not=why))
 

@@ -78,8 +78,8 @@ def _coefficients(eta, beta, alpha, erase: bool, C: int, T: int):
     alone without the erase); Phi and the end rows of Phi and Db scaled by eta by column."""
     from nlc.backends.torch.memory_core import _kernel_coefficients
     B, _, H = eta.shape
-    N = -(-T // C)
     co, e, at, row = _kernel_coefficients(eta, beta, alpha, C, T)          # e: eta [N, B, H, C]
+    N = e.shape[0]
     zero = torch.zeros_like(e)
     vecs = [co.A[..., 1:], co.c[..., 1:], co.A[..., :-1], co.c[..., :-1], row(co.Phi) * e, row(co.Db) * e,
             row(co.Da), zero]

@@ -15,8 +15,8 @@ from nlc.expr import Call, Num
 from nlc.instance import instanced
 from nlc.rules import derive
 
-__all__ = ["Placement", "plan", "pow2", "delta_terms", "mlp_flags", "momentum_flags", "mlp_backward_fits", "header", "describe",
-           "kernel_levels", "AUTO_MLP", "AUTO_MLP_NO_GRAD", "AUTO_GENERATORS"]
+__all__ = ["Placement", "plan", "pow2", "delta_terms", "mlp_flags", "momentum_flags", "mlp_backward_fits", "header",
+           "describe", "kernel_levels", "AUTO_MLP", "AUTO_MLP_NO_GRAD", "AUTO_GENERATORS"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
 MLP_ACTIVATIONS = ("silu", "gelu")
