@@ -4,7 +4,8 @@
 # Each step has its own time limit so that one slow compile cannot eat the session.
 # Results land in $OUT (or ./gpu_out). Run from the repository root on the GPU machine:
 #   bash benchmarks/gpu_check.sh            (STEPS="tests bench models" by default)
-# Steps: tests, par_tests (one pytest process per id in $TESTS), bench, tune ($TUNE_ARGS), profile,
+# Steps: tests, par_tests (one pytest process per id in $TESTS), bench ($BENCH_ARGS, bfloat16 unless
+# they say otherwise), bench32 ($BENCH32_ARGS, float32), tune ($TUNE_ARGS), profile,
 # models, models_compiled ($COMPILED_SPECS under torch.compile), or any shell word.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -33,6 +34,7 @@ for step in $STEPS; do
     profile) timeout ${T_PROFILE:-200} python benchmarks/profile_gpu.py ${PROFILE_ARGS:-} ;;
     tests) timeout ${T_TESTS:-110} python -m pytest -x -p no:cacheprovider ${TESTS:-tests/backends/test_triton_delta.py} ${EXTRA_TESTS:-} 2>&1 | tail -15 ;;
     bench) timeout ${T_BENCH:-200} python benchmarks/kernels.py --fla .bench --out "$OUT/kernels_bf16.md" ${BENCH_ARGS:-} ;;
+    bench32) timeout ${T_BENCH32:-150} python benchmarks/kernels.py --dtype fp32 --out "$OUT/kernels_fp32.md" ${BENCH32_ARGS:-} ;;
     models) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
               --specs ${MODEL_SPECS:-transformer,gated_deltanet,titans,hope} --backend ${MODEL_BACKENDS:-torch,auto} ;;
     models_compiled) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \

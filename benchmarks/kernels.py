@@ -223,7 +223,7 @@ def main():
                    help="which rows: delta (nlc and fla), sdpa, mlp, momentum, dplr")
     args = p.parse_args()
     if args.toy:
-        args.T, args.H, args.K, args.dtype = [40], 2, 16, "fp32"
+        args.T, args.H, args.K = [40], 2, 16
     text = table(*rows(args), args)
     print(text)
     if args.out:

@@ -12,7 +12,8 @@ the launch configuration (tile constants, num_warps, num_stages) that ``delta.la
 chunk 64, momentum, retention, current read) and at Hope's M_mem (256 wide, erase, self target),
 whose wrapper casts every input to float32; the momentum matrix memory (skeleton 1c) at
 titans_linear's level (K = V = 64) and at K = V = 128 with and without the erase, chunk 64, float32;
-the DPLR form (skeleton 1d) at rwkv7's K = V = 64 and at 128, float32.
+the DPLR form (skeleton 1d) at rwkv7's K = V = 64 and at 128, float32. Skeletons 1c, 1d and 2 also
+with the TF32 products they take for 16-bit inputs (``plan.products``; float32 tiles either way).
 Run it without ``TRITON_INTERPRET``; a kernel that fails to compile is a row saying so.
 """
 from __future__ import annotations
@@ -107,37 +108,45 @@ def mlp_rows():
     gen = dict(hope, CURRENT=False)                  # hope.yaml's generators: read at the anchor, chunk 16
     # (name, flags, D, hidden, chunk): the shipped levels, then Hope's flags at the backward
     # kernel's tile bound (plan.MLP_BWD_TILE: chunk x width 4096)
-    for name, flags, D, hidden, C in (("mlp titans", titans, 64, 128, 64), ("mlp hope M_mem", hope, 256, 256, 64),
-                                      ("mlp hope generators", gen, 256, 256, 16),
-                                      ("mlp hope flags 64 x 64", hope, 64, 128, 64),
-                                      ("mlp hope flags 32 x 128", hope, 128, 128, 32)):
-        mod = template.load("mlp_chunk", flags, interpret=False)
-        W = [torch.empty(1, 1, D, hidden), torch.empty(1, 1, hidden, D)]
-        *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, C)
-        yield name, torch.float32, "mlp_chunk_fwd", mod.mlp_chunk_fwd, dict(cfg, BV=_pow2(D)), 1, warps
-        if mlp_backward_fits(C, D):   # wider levels take the torch backward (plan.MLP_BWD_TILE)
-            bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC")}, BV=_pow2(D), DETACH=False)
-            yield name, torch.float32, "mlp_chunk_bwd", mod.mlp_chunk_bwd, bwd, 1, warps
+    levels = (("mlp titans", titans, 64, 128, 64), ("mlp hope M_mem", hope, 256, 256, 64),
+              ("mlp hope generators", gen, 256, 256, 16), ("mlp hope flags 64 x 64", hope, 64, 128, 64),
+              ("mlp hope flags 32 x 128", hope, 128, 128, 32))
+    # float32 inputs ("tf32x3" products), then 16-bit inputs ("tf32"; the wrapper casts the inputs
+    # to float32, so the pointers are float32 either way)
+    for prec, only in (("tf32x3", None), ("tf32", None)):
+        for name, flags, D, hidden, C in levels:
+            if only is not None and name not in only:
+                continue
+            mod = template.load("mlp_chunk", flags, interpret=False)
+            W = [torch.empty(1, 1, D, hidden), torch.empty(1, 1, hidden, D)]
+            *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, C, prec)
+            label = name if prec == "tf32x3" else f"{name} (16-bit inputs: tf32)"
+            yield label, torch.float32, "mlp_chunk_fwd", mod.mlp_chunk_fwd, dict(cfg, BV=_pow2(D)), 1, warps
+            if mlp_backward_fits(C, D):   # wider levels take the torch backward (plan.MLP_BWD_TILE)
+                bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC")}, BV=_pow2(D), DETACH=False)
+                yield label, torch.float32, "mlp_chunk_bwd", mod.mlp_chunk_bwd, bwd, 1, warps
 
 
 def dplr_rows():
     from nlc.backends.triton.dplr import launch
     mod = template.load("dplr_chunk", {}, interpret=False)
     extra = {"dplr_state_fwd": {"HAS_H0": True}, "dplr_state_bwd": {"HAS_DHT": True}}
-    for K in (64, 128):                          # rwkv7.yaml's heads, then the benchmark's
-        for kern, (meta, stages, warps) in launch(K, K, torch.float32).items():
-            yield f"dplr K {K}", torch.float32, kern, getattr(mod, kern), dict(meta, **extra.get(kern, {})), stages, warps
+    for K, prec in itertools.product((64, 128), ("tf32x3", "tf32")):   # rwkv7.yaml's heads, the benchmark's
+        label = f"dplr K {K}" + ("" if prec == "tf32x3" else " (16-bit inputs: tf32)")
+        for kern, (meta, stages, warps) in launch(K, K, torch.float32, prec).items():
+            yield label, torch.float32, kern, getattr(mod, kern), dict(meta, **extra.get(kern, {})), stages, warps
 
 
 def momentum_rows():
     from nlc.backends.triton.momentum import launch, variant
     # (name, erase, K = V): titans_linear.yaml's memory level (K 64), then the benchmark's heads
-    for name, erase, K in (("momentum titans_linear", False, 64), ("momentum", False, 128),
-                           ("momentum ERASE", True, 128)):
+    for (name, erase, K), prec in itertools.product((("momentum titans_linear", False, 64), ("momentum", False, 128),
+                                                     ("momentum ERASE", True, 128)), ("tf32x3", "tf32")):
         mod = template.load("momentum_chunk", variant("l2", erase), interpret=False)
-        meta, warps = launch(K, K, torch.float32)
+        meta, warps = launch(K, K, torch.float32, prec)
+        label = f"{name} K {K}" + ("" if prec == "tf32x3" else " (16-bit inputs: tf32)")
         for kern in ("momentum_fwd", "momentum_bwd"):
-            yield f"{name} K {K}", torch.float32, kern, getattr(mod, kern), dict(meta, BC=64, NM=4 if erase else 1), 1, warps
+            yield label, torch.float32, kern, getattr(mod, kern), dict(meta, BC=64, NM=4 if erase else 1), 1, warps
 
 
 def _unpack(cfg):

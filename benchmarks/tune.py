@@ -1,7 +1,8 @@
-"""Sweep a Triton kernel family's launch choices on a GPU, float32 inputs: tl.dot's input
-precision and warps per program (and, for the deep memory, the hidden block BJ). For each choice:
-forward and forward + backward ms (do_bench) and the largest relative error of the output and of
-every input's gradient against the float64 torch form, all in one run.
+"""Sweep a Triton kernel family's launch choices on a GPU, float32 or bfloat16 inputs (--dtype):
+tl.dot's input precision and warps per program (and, for the deep memory, the hidden block BJ).
+For each choice: forward and forward + backward ms (do_bench) and the largest relative error of the
+output and of every input's gradient against the float64 torch form on the same input values, all
+in one run.
 
   --kernel mlp: Titans' memory level (D 64, hidden 128, chunk 64, H 16, B 1).
   --kernel delta: gated DeltaNet (K = V = 128, chunk 64, H 16, B 1), every kernel of the family.
@@ -12,7 +13,7 @@ Compiling is most of the cost, so the choices are first compiled side by side in
 processes (Triton's on-disk cache then serves the timing process), then timed one at a time; a
 choice whose compile fails or runs past --compile-s is left out of the table.
 
-    python benchmarks/tune.py --kernel mlp [--T 2048]                  # on a GPU
+    python benchmarks/tune.py --kernel mlp [--T 2048] [--dtype bf16]   # on a GPU
     TRITON_INTERPRET=1 python benchmarks/tune.py --kernel delta --toy   # CPU: the script itself
 """
 from __future__ import annotations
@@ -33,6 +34,15 @@ CHOICES = {
                  ("tf32", None, None)],
     "dplr": [("tf32x3", None, None), ("ieee", None, None), ("tf32x3", 8, None), ("tf32", None, None)],
 }
+# with bfloat16 inputs (plan.products: TF32 products), the shipped choice first; the deep memory's
+# BJ 32 fits Titans' level (216 KB of shared memory for the backward), not Hope's flags at 64 x 64
+CHOICES16 = {
+    "mlp": [("tf32", 4, 16), ("tf32", 4, 32), ("tf32x3", 4, 16), ("tf32", 8, 32)],
+    "delta": [(None, None, None), ("tf32", 4, None)],
+    "momentum": [("tf32", None, None), ("tf32x3", None, None), ("tf32", 8, None)],
+    "dplr": [("tf32", None, None), ("tf32x3", None, None), ("tf32", 8, None)],
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def use(kernel, choice):
@@ -42,8 +52,8 @@ def use(kernel, choice):
         from nlc.backends.triton import deep
         orig = deep.__dict__.setdefault("_config_shipped", deep._config)
 
-        def config(q, W, C):
-            D, hid, d_out, cfg, shipped = orig(q, W, C)
+        def config(q, W, C, shipped_prec=None):
+            D, hid, d_out, cfg, shipped = orig(q, W, C, shipped_prec)
             cfg.update(BJ=bj, PREC=prec if q.dtype != torch.float64 else "ieee")
             return D, hid, d_out, cfg, warps or shipped
         deep._config = config
@@ -51,17 +61,17 @@ def use(kernel, choice):
         from nlc.backends.triton import momentum
         orig = momentum.__dict__.setdefault("_launch_shipped", momentum.launch)
 
-        def launch(K, V, dtype):
-            meta, shipped = orig(K, V, dtype)
-            return (dict(meta, PREC=prec) if dtype == torch.float32 else meta), warps or shipped
+        def launch(K, V, dtype, shipped_prec=None):
+            meta, shipped = orig(K, V, dtype, shipped_prec)
+            return (dict(meta, PREC=prec) if dtype != torch.float64 else meta), warps or shipped
         momentum.launch = launch
     elif kernel == "dplr":
         from nlc.backends.triton import dplr
         orig = dplr.__dict__.setdefault("_launch_shipped", dplr.launch)
 
-        def launch(K, V, dtype):
-            cfg = orig(K, V, dtype)
-            if dtype != torch.float32:
+        def launch(K, V, dtype, shipped_prec=None):
+            cfg = orig(K, V, dtype, shipped_prec)
+            if dtype == torch.float64:
                 return cfg
             return {n: (dict(meta, PREC=prec), stages, warps or w) for n, (meta, stages, w) in cfg.items()}
         dplr.launch = launch
@@ -71,9 +81,10 @@ def use(kernel, choice):
 
         def launch(K, V, chunk_size, dtype, interpret=False):
             cfg = orig(K, V, chunk_size, dtype, interpret)
-            if dtype != torch.float32:
+            if dtype == torch.float64:
                 return cfg
-            return {n: (dict(meta, PREC=prec), stages, warps or w) for n, (meta, stages, w) in cfg.items()}
+            return {n: (dict(meta, PREC=prec or meta["PREC"]), stages, warps or w)
+                    for n, (meta, stages, w) in cfg.items()}
         delta.launch = launch
 
 
@@ -102,7 +113,7 @@ def call(kernel, x, backend):
 
 def compile_one(kernel, choice, args):
     use(kernel, choice)
-    call(kernel, inputs(kernel, args, torch.float32)[0], "triton").sum().backward()
+    call(kernel, inputs(kernel, args, DTYPES[args.dtype])[0], "triton").sum().backward()
     return choice
 
 
@@ -116,10 +127,12 @@ def main():
     p.add_argument("--T", type=int, default=2048)
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--compile-s", type=float, default=150, help="the compile phase's time limit")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--toy", action="store_true", help="tiny sizes on CPU under the interpreter")
     args = p.parse_args()
     args.device = "cpu" if args.toy else "cuda"
-    choices = CHOICES[args.kernel][:2] if args.toy else CHOICES[args.kernel]
+    table = (CHOICES if args.dtype == "fp32" else CHOICES16)[args.kernel]
+    choices = table[:2] if args.toy else table
     pool = mp.get_context("spawn").Pool(min(args.jobs, len(choices)))
     pending = [(c, pool.apply_async(compile_one, (args.kernel, c, args))) for c in choices]
     t0, ready = time.monotonic(), []
@@ -131,13 +144,13 @@ def main():
         except Exception as e:   # a compile error, a crash on the card, or past the limit
             print("left out", c, type(e).__name__, str(e)[:100], flush=True)
     pool.terminate()
-    x, shape = inputs(args.kernel, args, torch.float32)
+    x, shape = inputs(args.kernel, args, DTYPES[args.dtype])
     x64 = {n: t.detach().double().requires_grad_() for n, t in x.items()}
     o64 = call(args.kernel, x64, "torch")
     w = torch.randn_like(o64)
     ref = [o64.detach()] + list(torch.autograd.grad((o64 * w).sum(), list(x64.values())))
     timer = bench.timer(args.device)
-    print(f"{args.kernel}: {shape}, float32, {args.device}")
+    print(f"{args.kernel}: {shape}, {args.dtype} inputs, {args.device}")
     print("| products | warps | BJ | fwd ms | fwd+bwd ms | max rel err (output, grads) |\n"
           "| --- | ---: | ---: | ---: | ---: | ---: |")
     for c in [("torch", "", "")] + ready:

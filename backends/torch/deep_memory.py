@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from nlc.backends.torch.memory_core import (
     BEFORE_WRITE, _advance, _anchored, _blocks, _check_common, _check_offset, _chunk_slice, _coefficients,
-    _dtype, _erase_solve, _per_token, _read, _require, _unblock)
+    _dtype, _erase_solve, _inputs, _per_token, _read, _require, _unblock)
 from nlc.backends.torch.ops import check_tensor
 from nlc.backends.dispatch import pick
 
@@ -205,6 +205,7 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
             raise ValueError(f"{op}: the anchor must have the weights' shapes "
                              f"{[tuple(w.shape[-2:]) for w in W0]}, got {[tuple(a.shape[-2:]) for a in A0]}")
     dtype, out_dtype = _dtype(q, k, v, eta, beta, alpha, erase, *W0, *(S0 or ()), *(A0 or ())), q.dtype
+    inputs = _inputs(q, k, v, dtype)
     eta = _per_token(op, "eta", eta, q, dtype)
     beta = _per_token(op, "beta", beta, q, dtype)
     retain = alpha is not None
@@ -237,7 +238,8 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
             if anchor is not None:   # the rest of an open chunk, at its carried anchor: the torch core
                 o, W_, S_ = _mlp_chunk(*xs, cfg, st[0], st[1], chunk_size, current, anchor=anchor)
             elif kernel is not None:  # whole chunks, and a new open chunk: the kernel (alpha None: no retention)
-                o, W_, S_ = kernel(*xs[:5], xs[5] if retain else None, xs[6], cfg, st[0], st[1], chunk_size, current)
+                o, W_, S_ = kernel(*xs[:5], xs[5] if retain else None, xs[6], cfg, st[0], st[1], chunk_size, current,
+                                   inputs=inputs)
             else:
                 o, W_, S_ = _mlp_chunk(*xs, cfg, st[0], st[1], chunk_size, current)
             return o, (W_, S_)

@@ -37,7 +37,7 @@ import torch
 
 from nlc.backends.torch.memory_core import (
     AFTER_WRITE, MODES, OBJECTIVES, _advance, _anchored, _blocks, _check_common, _check_offset,
-    _chunk_slice, _coefficients, _dtype, _erase_solve, _per_token, _read, _require, _unblock)
+    _chunk_slice, _coefficients, _dtype, _erase_solve, _inputs, _per_token, _read, _require, _unblock)
 from nlc.backends.torch.deep_memory import (
     ACTIVATIONS, READS, MLPState, mlp_forward, mlp_memory, mlp_token_grads)
 from nlc.backends.torch.ops import check_tensor
@@ -145,6 +145,7 @@ def momentum_memory(q, k, v, eta, beta, alpha=None, erase=None, *, objective="l2
                 raise ValueError(f"{op}: {name} must have shape [B, H, K, V] = [{B}, {H}, {K}, {V}], "
                                  f"got {tuple(t.shape)}")
     dtype, out_dtype = _dtype(q, k, v, eta, beta, alpha, erase, M0, S0, A0), q.dtype
+    inputs = _inputs(q, k, v, dtype)
     eta, beta, alpha, erase = (_per_token(op, n, x, q, dtype) for n, x in
                                (("eta", eta), ("beta", beta), ("alpha", 1.0 if alpha is None else alpha),
                                 ("erase", erase)))
@@ -168,7 +169,7 @@ def momentum_memory(q, k, v, eta, beta, alpha=None, erase=None, *, objective="l2
         def piece(a, b, st, anchor):
             xs = [None if x is None else x[:, a:b] for x in toks]
             if kernel is not None and anchor is None:   # whole chunks, and a new open chunk
-                o, M_, S_ = kernel(*xs, objective, *st, chunk_size)
+                o, M_, S_ = kernel(*xs, objective, *st, chunk_size, inputs=inputs)
             else:                                       # (or the rest of an open chunk) on torch
                 o, M_, S_ = _momentum_chunk(*xs, objective, *st, chunk_size, anchor)
             return o, (M_, S_)

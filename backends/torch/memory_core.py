@@ -233,6 +233,13 @@ def _per_token(op, name, x, q, dtype):
     return x.to(dtype)
 
 
+def _inputs(q, k, v, dtype):
+    """The 16-bit dtype that q, k and v share, where the memory computes in float32 (None
+    otherwise): a Triton kernel takes its products in TF32 for such inputs (``plan.products``)."""
+    half = (torch.bfloat16, torch.float16)
+    return q.dtype if dtype == torch.float32 and q.dtype in half and k.dtype == v.dtype == q.dtype else None
+
+
 def _dtype(*tensors):
     dtype = torch.float32
     for t in tensors:

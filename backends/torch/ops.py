@@ -175,10 +175,11 @@ def _run(q, k, w, a, log_a, b, scale, initial_state, output_final_state, mode, c
     dplr = u is not None or (a is not None and a.dim() == 4)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    # 16-bit q, k, w reach the Triton kernels as they are (16-bit operands, float32 accumulation);
-    # everything else, and every torch path, computes in float32 or wider
-    half = q.dtype if (backend == "triton" and mode == "chunk" and not dplr and q.dtype in HALF
-                       and k.dtype == q.dtype) else None
+    # 16-bit q, k, w reach the Triton kernels as they are (their products take 16-bit operands or
+    # TF32, with float32 accumulation); everything else, and every torch path, computes in float32
+    # or wider
+    half = q.dtype if (backend == "triton" and mode == "chunk" and q.dtype in HALF
+                       and k.dtype == q.dtype and dtype == torch.float32) else None
     k16, w16 = k, w
     q, k, w, a, log_a, b, u, e, h0 = (None if t is None else t.to(dtype)
                                       for t in (q, k, w, a, log_a, b, u, e, initial_state))

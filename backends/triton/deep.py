@@ -7,8 +7,8 @@
 Forward: one Triton kernel, one program per (batch, head) walking the chunks; it writes every
 chunk's anchor weights (and momenta), which are also its working state (chunk n reads stack n and
 writes stack n + 1), and takes the hidden layer 16 units at a time. Backward: one Triton kernel
-(``parts/mlp_chunk_bwd.py``) walking the chunks in reverse, each recomputed from its saved anchor,
-its vector-Jacobian product by hand (the erase's triangular solve and a self-generated target's
+(``parts/mlp_chunk_bwd.py``) walking the chunks in reverse, each recomputed from its saved anchor
+and the error and read products the forward saved for it, its vector-Jacobian product by hand (the erase's triangular solve and a self-generated target's
 own path included); the decay coefficients it needs are built here with torch from eta, beta and
 alpha, and their cotangents go back through that small graph (:func:`_backward`). Its tiles are
 [chunk, width]: levels whose chunk x width passes ``plan.MLP_BWD_TILE`` (an H100's shared memory)
@@ -24,7 +24,7 @@ import torch
 from nlc.backends.torch.deep_memory import _backward_kernel_takes, _mlp_chunk
 from nlc.backends.triton import template
 from nlc.backends.triton.plan import MLP_ACTIVATIONS as ACTIVATIONS, MLP_CHUNKS as CHUNKS, MLP_MAX_DIM as MAX_DIM
-from nlc.backends.triton.plan import pow2 as _pow2
+from nlc.backends.triton.plan import pow2 as _pow2, products
 
 __all__ = ["chunk_mlp_memory", "supports", "variant", "kernels", "CHUNKS", "ACTIVATIONS", "MAX_DIM"]
 
@@ -56,9 +56,11 @@ def supports(cfg, W, chunk_size) -> str | None:
     return None
 
 
-def chunk_mlp_memory(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current):
+def chunk_mlp_memory(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current, *, inputs=None):
     """As ``deep_memory._mlp_chunk``: tensors in one float dtype, per-token scalars ``[B, T, H]``
     (alpha may be None: no retention), W (and S) ``[W1, W2]`` each ``[B, H, d_out, d_in]``.
+    ``inputs``: the dtype the caller's q, k, v came in before it cast them (default: q's), which
+    sets the products' precision (``plan.products``: 16-bit inputs take TF32 products).
     Returns ``(o [B, T, H, d_out], [W1, W2], [S1, S2] or None)``."""
     why = supports(cfg, W, C)
     if why is not None:
@@ -68,31 +70,38 @@ def chunk_mlp_memory(q, k, v, eta, beta, alpha, erase, cfg, W, S, C, current):
     B, T, H, _ = q.shape
     if T == 0:
         return q.new_zeros(B, 0, H, W[0].shape[-2]), list(W), S
-    out = _MLPChunk.apply(cfg, int(C), bool(current), q, k, v, eta, beta, alpha, erase,
+    prec = products(q.dtype if inputs is None or q.dtype == torch.float64 else inputs)
+    out = _MLPChunk.apply(cfg, int(C), bool(current), prec, q, k, v, eta, beta, alpha, erase,
                           W[0], W[1], *(S if S is not None else (None, None)))
     return out[0], list(out[1:3]), (list(out[3:5]) if S is not None else None)
 
 
-def _config(q, W, C):
+def _config(q, W, C, prec=None):
+    """(D, hidden, d_out, the kernels' constants, warps); ``prec`` default: ``products(q.dtype)``."""
     import triton.language as tl
     d_out, hid, D = W[0].shape[-2], W[0].shape[-1], W[1].shape[-1]
     f64 = q.dtype == torch.float64
-    # BJ: the hidden block the kernel walks h in. Products: float64 exact ("ieee", FMA loops);
-    # float32 as three TF32 tensor-core products ("tf32x3": error ~1e-6, float32's order), 4 warps.
-    # Measured on an H100 (benchmarks/tune.py --kernel mlp, Titans' level at T 2048): forward + backward
-    # 29.7 ms against 138 ms with ieee at 16 warps (the best ieee choice) and 121 ms for the torch
-    # form; tf32x3 at 8 or 16 warps made an illegal memory access there (Triton 3.6), 4 did not.
+    prec = prec or products(q.dtype)
+    # BJ: the hidden block the kernel walks h in. Products (prec, plan.products): float64 exact
+    # ("ieee", FMA loops); float32 as three TF32 tensor-core products ("tf32x3": error ~1e-6,
+    # float32's order); 16-bit inputs TF32 ("tf32"); 4 warps, BJ 16. Measured on an H100
+    # (benchmarks/tune.py --kernel mlp, Titans' level at T 2048, float32 inputs): forward + backward
+    # 29.7 ms with tf32x3 (BJ 16), 15.3 ms with tf32 at BJ 32, against 138 ms with ieee at 16 warps
+    # (the best ieee choice) and 121 ms for the torch form; tf32x3 at 8 or 16 warps and tf32 at 8
+    # with BJ 16 made an illegal memory access there (Triton 3.6), 4 warps did not. BJ 32 is not
+    # taken: ptxas for sm_90 gives the backward with Hope's flags at chunk x width 64 x 64 256 KB
+    # of shared memory with it (an H100 has 227 KB), 98 KB with BJ 16.
     cfg = dict(BC=C, BD=_pow2(D), BH=_pow2(hid), BO=_pow2(d_out), BJ=16,
-               ACC=tl.float64 if f64 else tl.float32, PREC="ieee" if f64 else "tf32x3")
+               ACC=tl.float64 if f64 else tl.float32, PREC=prec)
     return D, hid, d_out, cfg, ((16 if C == 64 else 8) if f64 else 4)
 
 
 class _MLPChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, C, current, q, k, v, eta, beta, alpha, erase, W1, W2, S1, S2):
+    def forward(ctx, cfg, C, current, prec, q, k, v, eta, beta, alpha, erase, W1, W2, S1, S2):
         B, T, H, _ = q.shape
         N = -(-T // C)
-        D, hid, d_out, kc, warps = _config(q, (W1, W2), C)
+        D, hid, d_out, kc, warps = _config(q, (W1, W2), C, prec)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         flags = variant(cfg, beta is not None, alpha is not None, erase is not None, current)
         mod = kernels(flags, interpret=not q.is_cuda)
@@ -106,24 +115,25 @@ class _MLPChunk(torch.autograd.Function):
         o = q_.new_empty(B, T, H, d_out)
         finals = [torch.empty_like(m) for m in mats]
         anchors = [q_.new_empty(B * H, N, *m.shape[-2:]) for m in mats]
-        e_ws = q_.new_empty(B * H, C, kc["BO"])             # the kernel's per-program workspaces
-        m_ws = q_.new_empty(B * H, 4, C, C)
+        errs = q_.new_empty(B * H, N, C, kc["BO"])          # every chunk's err, and XK: for the backward
+        xk = q_.new_empty(B * H, N, C, C) if current else dummy
+        m_ws = q_.new_empty(B * H, 4, C, C)                 # the kernel's per-program workspace
         pad = lambda xs: xs + [dummy] * (4 - len(xs))  # noqa: E731
         or_d = lambda x: dummy if x is None else x  # noqa: E731
         mod.mlp_chunk_fwd[(B * H,)](
             q_, k_, v_, eta_, or_d(beta_), or_d(alpha_), or_d(erase_), *pad(mats), o, *pad(finals),
-            *pad(anchors), e_ws, m_ws, T, H, D, hid, d_out, v.shape[-1], N,
+            *pad(anchors), errs, xk, m_ws, T, H, D, hid, d_out, v.shape[-1], N,
             BV=_pow2(v.shape[-1]), num_warps=warps, num_stages=1, **kc)
-        ctx.save_for_backward(q, k, v, eta, beta, alpha, erase, *anchors)
-        ctx.meta = (cfg, C, current, B, H)
+        ctx.save_for_backward(q, k, v, eta, beta, alpha, erase, errs, xk, *anchors)
+        ctx.meta = (cfg, C, current, B, H, prec)
         outs = [o] + [f.reshape(B, H, *f.shape[-2:]) for f in finals]
         return tuple(x.to(q.dtype) for x in outs)
 
     @staticmethod
     def backward(ctx, do, *dstate):
         saved = ctx.saved_tensors
-        fits = _backward_kernel_takes(ctx.meta[1], saved[0], saved[7:8], saved[2])   # q, W1's anchor stack, v
-        return (None, None, None, *(_backward if fits else _recompute_backward)(ctx, do, dstate))
+        fits = _backward_kernel_takes(ctx.meta[1], saved[0], saved[9:10], saved[2])   # q, W1's anchor stack, v
+        return (None, None, None, None, *(_backward if fits else _recompute_backward)(ctx, do, dstate))
 
 
 def _backward(ctx, do, dstate):
@@ -131,12 +141,12 @@ def _backward(ctx, do, dstate):
     torch from eta, beta and alpha (under autograd), the kernel's reverse pass over the chunks,
     and the coefficients' cotangents sent back through their graph to eta, beta and alpha.
     Returns the gradients of (q, k, v, eta, beta, alpha, erase, W1, W2, S1, S2)."""
-    q, k, v, eta, beta, alpha, erase, *anchors = ctx.saved_tensors
-    cfg, C, current, B, H = ctx.meta
-    need = ctx.needs_input_grad[3:10]                   # q, k, v, eta, beta, alpha, erase
+    q, k, v, eta, beta, alpha, erase, errs, xk, *anchors = ctx.saved_tensors
+    cfg, C, current, B, H, prec = ctx.meta
+    need = ctx.needs_input_grad[4:11]                   # q, k, v, eta, beta, alpha, erase
     T, N = q.shape[1], anchors[0].shape[1]
     W = [a[:, 0].reshape(B, H, *a.shape[-2:]) for a in anchors[:2]]
-    D, hid, d_out, kc, warps = _config(q, W, C)
+    D, hid, d_out, kc, warps = _config(q, W, C, prec)
     kc.pop("BH")
     acc = anchors[0].dtype
     flags = variant(cfg, beta is not None, alpha is not None, erase is not None, current)
@@ -154,12 +164,12 @@ def _backward(ctx, do, dstate):
     dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
     derase = dummy if erase is None else torch.empty_like(erase_)
     dcv, dcs, dcm = torch.zeros_like(cv), torch.zeros_like(cs), torch.zeros_like(cm)
-    e_ws = q_.new_empty(B * H, 2, C, kc["BO"])
+    e_ws = q_.new_empty(B * H, 1, C, kc["BO"])
     m_ws = q_.new_empty(B * H, 6, C, C)
     pad = lambda xs: list(xs) + [dummy] * (4 - len(xs))  # noqa: E731
     mod.mlp_chunk_bwd[(B * H,)](
         q_, k_, v_, dummy if erase is None else erase_, do_, c(cv), c(cs), c(cm), *pad(anchors), *pad(dmats),
-        dq, dk, dv, derase, dcv, dcs, dcm, e_ws, m_ws, T, H, D, hid, d_out, v.shape[-1], N,
+        dq, dk, dv, derase, dcv, dcs, dcm, errs, xk, e_ws, m_ws, T, H, D, hid, d_out, v.shape[-1], N,
         BV=_pow2(v.shape[-1]), DETACH=bool(cfg[2]), num_warps=warps, num_stages=1, **kc)
     wrt = [(x, i) for i, x in enumerate(scal) if x is not None and x.requires_grad]
     dscal = [None, None, None]
@@ -180,12 +190,12 @@ def _recompute_backward(ctx, do, dstate):
     """The backward of levels too wide for the kernel's tiles: chunk by chunk in reverse, each
     recomputed from its saved anchor by the torch chunk code under autograd, carrying the gradient
     of the chunk-end state; memory is one chunk's graph at a time. Same result as the kernel."""
-    q, k, v, eta, beta, alpha, erase, *anchors = ctx.saved_tensors
-    cfg, C, current, B, H = ctx.meta
+    q, k, v, eta, beta, alpha, erase, _, _, *anchors = ctx.saved_tensors
+    cfg, C, current, B, H, _ = ctx.meta
     T, N = q.shape[1], anchors[0].shape[1]
     anchors = [a.to(q.dtype).reshape(B, H, N, *a.shape[-2:]) for a in anchors]
     inputs = [q, k, v, eta, beta, alpha, erase]
-    need = ctx.needs_input_grad[3:10]
+    need = ctx.needs_input_grad[4:11]
     grads = [torch.zeros_like(x) if x is not None and nd else None for x, nd in zip(inputs, need)]
     carry = [torch.zeros_like(a[:, :, 0]) if g is None else g for a, g in zip(anchors, dstate)]
     for n in reversed(range(N)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from nlc.backends.triton import template
-from nlc.backends.triton.plan import DPLR_MAX_K as MAX_K, pow2 as _pow2
+from nlc.backends.triton.plan import DPLR_MAX_K as MAX_K, pow2 as _pow2, products
 
 __all__ = ["chunk_dplr_delta", "launch", "supports", "MAX_K"]
 
@@ -27,17 +27,18 @@ def supports(K: int) -> str | None:
     return None
 
 
-def launch(K: int, V: int, dtype) -> dict:
+def launch(K: int, V: int, dtype, prec: str | None = None) -> dict:
     """Tile constants: chunks of BC = 16, the per-channel products BKS = 16 channels at a time,
     the key dimension whole (BK), BV value columns, 4 warps. {kernel name: (constexpr dict,
-    num_stages, num_warps)}, as ``delta.launch``. Products: float64 exact ("ieee"); float32 as
-    three TF32 products ("tf32x3", float32's order of error), as the deep and momentum memories:
+    num_stages, num_warps)}, as ``delta.launch``. Products (``prec``, default
+    ``plan.products(dtype)``): float64 exact ("ieee"); float32 as three TF32 products ("tf32x3",
+    float32's order of error), as the deep and momentum memories; 16-bit inputs "tf32".
     ptxas for sm_90 gave the state passes with "ieee" 32 registers and 6 KB of spills at K = 64
     (20 KB at 128), with "tf32x3" 255 registers and under 0.1 KB (2.7 KB). Untimed on a card."""
     import triton.language as tl
     f64 = dtype == torch.float64
     meta = dict(BC=BC, BK=_pow2(K), BV=min(_pow2(V), 32), ACC=tl.float64 if f64 else tl.float32,
-                PREC="ieee" if f64 else "tf32x3")
+                PREC=prec or products(dtype))
     chunk = dict(meta, BKS=16)
     state = {k: v for k, v in meta.items() if k != "BC"}
     return {"dplr_prep": (chunk, 1, 4), "dplr_state_fwd": (state, 1, 4), "dplr_out": (meta, 1, 4),
@@ -58,15 +59,19 @@ def chunk_dplr_delta(q, k, w, log_a, u, e, h0):
     if T == 0:
         h = h0 if h0 is not None else q.new_zeros(B, H, K, w.shape[-1])
         return q.new_zeros(B, 0, H, w.shape[-1]), h
-    return _DPLRChunk.apply(q, k, w, log_a, u, e, h0)
+    prec = products(q.dtype)
+    if q.dtype in (torch.bfloat16, torch.float16):   # 16-bit inputs: float32 tiles, TF32 products
+        q, k, w, log_a, u, e = (x.float() for x in (q, k, w, log_a, u, e))
+        h0 = None if h0 is None else h0.float()
+    return _DPLRChunk.apply(prec, q, k, w, log_a, u, e, h0)
 
 
-def _sizes(q, w):
+def _sizes(q, w, prec):
     """(B, T, H, K, V, N, NT, launch table, BV, kernels) of a call."""
     B, T, H, K = q.shape
     V = w.shape[-1]
     N = -(-T // BC)
-    cfg = launch(K, V, q.dtype)
+    cfg = launch(K, V, q.dtype, prec)
     return B, T, H, K, V, N, N * BC, cfg, cfg["dplr_out"][0]["BV"], kernels(not q.is_cuda)
 
 
@@ -77,10 +82,10 @@ def _go(mod, cfg, name, grid, *args, **flags):
 
 class _DPLRChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, w, log_a, u, e, h0):
+    def forward(ctx, prec, q, k, w, log_a, u, e, h0):
         q, k, w, log_a, u, e = (x.contiguous() for x in (q, k, w, log_a, u, e))
         h0 = None if h0 is None else h0.contiguous()
-        B, T, H, K, V, N, NT, cfg, BV, mod = _sizes(q, w)
+        B, T, H, K, V, N, NT, cfg, BV, mod = _sizes(q, w, prec)
         ws = lambda *shape: q.new_empty(B * H, *shape)  # noqa: E731
         mats, uz, wz, qs = ws(N, 4, BC, BC), ws(NT, V), ws(NT, K), ws(NT, K)
         mn, wr, hs = ws(N, K, K), ws(N, K, V), ws(N, K, V)
@@ -90,13 +95,13 @@ class _DPLRChunk(torch.autograd.Function):
             K, V, N, HAS_H0=h0 is not None)
         _go(mod, cfg, "dplr_out", (N, B * H, -(-V // BV)), w, mats, uz, qs, hs, o, T, H, K, V, N, NT)
         ctx.save_for_backward(q, k, w, log_a, u, e, mats, uz, wz, qs, mn, hs)
-        ctx.has_h0 = h0 is not None
+        ctx.has_h0, ctx.prec = h0 is not None, prec
         return o, hT
 
     @staticmethod
     def backward(ctx, do, dhT):
         q, k, w, log_a, u, e, mats, uz, wz, qs, mn, hs = ctx.saved_tensors
-        B, T, H, K, V, N, NT, cfg, BV, mod = _sizes(q, w)
+        B, T, H, K, V, N, NT, cfg, BV, mod = _sizes(q, w, ctx.prec)
         do = (torch.zeros_like(w) if do is None else do).contiguous()
         dhs, dh0 = torch.empty_like(hs), q.new_empty(B, H, K, V)
         _go(mod, cfg, "dplr_state_bwd", (B * H, -(-V // BV)), mn, qs, do,
@@ -106,4 +111,4 @@ class _DPLRChunk(torch.autograd.Function):
         dw = torch.empty_like(w)
         _go(mod, cfg, "dplr_chunk_bwd", (N, B * H), q, k, u, e, w, log_a, do, mats, uz, wz, hs, dhs, y, d, g,
             dq, dk, du, de, dw, dla, T, H, K, V, N, NT)
-        return dq, dk, dw, dla, du, de, (dh0 if ctx.has_h0 else None)
+        return None, dq, dk, dw, dla, du, de, (dh0 if ctx.has_h0 else None)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from nlc.backends.triton import template
-from nlc.backends.triton.plan import MOMENTUM_CHUNKS as CHUNKS, MOMENTUM_MAX_DIM as MAX_DIM, pow2 as _pow2
+from nlc.backends.triton.plan import MOMENTUM_CHUNKS as CHUNKS, MOMENTUM_MAX_DIM as MAX_DIM, pow2 as _pow2, products
 
 __all__ = ["chunk_momentum_memory", "supports", "variant", "kernels", "launch", "CHUNKS", "MAX_DIM"]
 
@@ -42,23 +42,26 @@ def supports(K: int, V: int, chunk_size: int) -> str | None:
     return None
 
 
-def launch(K: int, V: int, dtype) -> tuple[dict, int]:
+def launch(K: int, V: int, dtype, prec: str | None = None) -> tuple[dict, int]:
     """The kernels' tile constants and warps: the whole key dimension (BK) and BV value columns per
-    program, 4 warps. Products: float64 exact ("ieee", FMA loops); float32 as three TF32 tensor-core
-    products ("tf32x3", error of float32's order), as the deep memory's kernels (an H100 ran those
-    4.6x faster than with "ieee"). ptxas for sm_90 (titans_linear's K = V = 64, chunk 64): with
+    program, 4 warps. Products (``prec``, default ``plan.products(dtype)``): float64 exact ("ieee",
+    FMA loops); float32 as three TF32 tensor-core products ("tf32x3", error of float32's order), as
+    the deep memory's kernels (an H100 ran those 4.6x faster than with "ieee"); 16-bit inputs
+    "tf32". ptxas for sm_90 (titans_linear's K = V = 64, chunk 64): with
     "ieee" the backward spills 65 KB (forward 22 KB), with "tf32x3" 5.7 KB (1.4 KB). Untimed on a
     card: ``benchmarks/tune.py --kernel momentum`` sweeps the choices there."""
     import triton.language as tl
     BK = _pow2(K)
     f64 = dtype == torch.float64
     return dict(BK=BK, BV=min(_pow2(V), 32 if BK <= 64 else 16), ACC=tl.float64 if f64 else tl.float32,
-                PREC="ieee" if f64 else "tf32x3"), 4
+                PREC=prec or products(dtype)), 4
 
 
-def chunk_momentum_memory(q, k, v, eta, beta, alpha, erase, objective, M, S, C):
+def chunk_momentum_memory(q, k, v, eta, beta, alpha, erase, objective, M, S, C, *, inputs=None):
     """As ``memories._momentum_chunk`` without an anchor: tensors in one float dtype, per-token
-    scalars ``[B, T, H]`` (alpha None: no retention), M and S ``[B, H, K, V]``.
+    scalars ``[B, T, H]`` (alpha None: no retention), M and S ``[B, H, K, V]``. ``inputs``: the
+    dtype the caller's q, k, v came in before it cast them (default: q's), which sets the products'
+    precision (``plan.products``: 16-bit inputs take TF32 products).
     Returns ``(o [B, T, H, V], M, S)``."""
     B, T, H, K = q.shape
     why = supports(K, v.shape[-1], C)
@@ -67,7 +70,8 @@ def chunk_momentum_memory(q, k, v, eta, beta, alpha, erase, objective, M, S, C):
     if T == 0:
         return q.new_zeros(B, 0, H, v.shape[-1]), M, S
     cv, cs, cm = _coefficients(eta, beta, alpha, erase is not None, C, T)
-    return _MomentumChunk.apply(objective == "l2", C, q, k, v, erase, cv, cs, cm, M, S)
+    prec = products(q.dtype if inputs is None or q.dtype == torch.float64 else inputs)
+    return _MomentumChunk.apply(objective == "l2", C, prec, q, k, v, erase, cv, cs, cm, M, S)
 
 
 def _coefficients(eta, beta, alpha, erase: bool, C: int, T: int):
@@ -94,10 +98,10 @@ def _coefficients(eta, beta, alpha, erase: bool, C: int, T: int):
 
 class _MomentumChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, l2, C, q, k, v, erase, cv, cs, cm, M0, S0):
+    def forward(ctx, l2, C, prec, q, k, v, erase, cv, cs, cm, M0, S0):
         B, T, H, K = q.shape
         V, N = v.shape[-1], cv.shape[1]
-        kc, warps = launch(K, V, q.dtype)
+        kc, warps = launch(K, V, q.dtype, prec)
         mod = kernels(variant("l2" if l2 else "dot", erase is not None), interpret=not q.is_cuda)
         c = lambda x: x.contiguous()  # noqa: E731
         q, k, v, cv, cs, cm = map(c, (q, k, v, cv, cs, cm))
@@ -111,16 +115,16 @@ class _MomentumChunk(torch.autograd.Function):
         mod.momentum_fwd[grid](q, k, v, e, cv, cs, cm, m0, s0, o, mT, sT, ms, ss, T, H, K, V, N,
                                BC=C, NM=cm.shape[2], num_warps=warps, num_stages=1, **kc)
         ctx.save_for_backward(q, k, v, erase, cv, cs, cm, ms, ss)
-        ctx.meta = (l2, C)
+        ctx.meta = (l2, C, prec)
         return o, mT.reshape(B, H, K, V), sT.reshape(B, H, K, V)
 
     @staticmethod
     def backward(ctx, do, dMT, dST):
         q, k, v, erase, cv, cs, cm, ms, ss = ctx.saved_tensors
-        l2, C = ctx.meta
+        l2, C, prec = ctx.meta
         B, T, H, K = q.shape
         V, N, BH = v.shape[-1], cv.shape[1], ms.shape[0]
-        kc, warps = launch(K, V, q.dtype)
+        kc, warps = launch(K, V, q.dtype, prec)
         NV = -(-V // kc["BV"])
         mod = kernels(variant("l2" if l2 else "dot", erase is not None), interpret=not q.is_cuda)
         z = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous()  # noqa: E731
@@ -134,5 +138,5 @@ class _MomentumChunk(torch.autograd.Function):
         mod.momentum_bwd[(BH, NV)](q, k, v, q.new_zeros(1) if erase is None else erase, do, cv, cs, cm, ms, ss,
                                    dmT, dsT, dq, dk, dv, de, dcv, dcs, dcm, dm0, ds0, T, H, K, V, N, BH,
                                    BC=C, NM=cm.shape[2], num_warps=warps, num_stages=1, **kc)
-        return (None, None, dq.sum(0), dk.sum(0), dv, None if erase is None else de.sum(0),
+        return (None, None, None, dq.sum(0), dk.sum(0), dv, None if erase is None else de.sum(0),
                 dcv.sum(0), dcs.sum(0), dcm.sum(0), dm0.reshape(B, H, K, V), ds0.reshape(B, H, K, V))

@@ -15,7 +15,7 @@ from nlc.expr import Call, Num
 from nlc.instance import instanced
 from nlc.rules import derive
 
-__all__ = ["Placement", "plan", "pow2", "delta_terms", "mlp_flags", "momentum_flags", "mlp_backward_fits", "header",
+__all__ = ["Placement", "plan", "pow2", "products", "delta_terms", "mlp_flags", "momentum_flags", "mlp_backward_fits", "header",
            "describe", "kernel_levels", "AUTO_MLP", "AUTO_MLP_NO_GRAD", "AUTO_GENERATORS"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
@@ -51,6 +51,25 @@ def pow2(n: int, lo: int = 16) -> int:
     while p < n:
         p *= 2
     return p
+
+
+PRODUCTS = ("The kernels accumulate in float32 (float64 for float64 inputs) and take their products by the "
+            "inputs' dtype: float64 exact (`ieee`); float32 as three TF32 products (`tf32x3`, float32's order "
+            "of error; `ieee` in `delta_chunk` and `diag_chunk`); bfloat16 and float16 as TF32 (`tf32`, finer "
+            "than bfloat16's own rounding; `delta_chunk` multiplies the inputs themselves as 16-bit operands).")
+
+
+def products(inputs, float32: str = "tf32x3") -> str:
+    """The precision of a kernel's ``tl.dot`` products for inputs of this dtype (a torch dtype or
+    its name), one rule for every skeleton: float64 exact ("ieee", FMA loops); float32 ``float32``
+    ("tf32x3", three TF32 tensor-core products, an error of float32's order, for skeletons 1c, 1d
+    and 2; skeletons 1 and 1b still pass "ieee"); 16-bit inputs "tf32", whose 10-bit mantissa is
+    as fine as float16's and finer than bfloat16's 7 bits, so the products add less error than
+    the inputs' own rounding (accumulation stays float32). The interpreter ignores the choice."""
+    name = str(inputs).rsplit(".", 1)[-1]
+    if name == "float64":
+        return "ieee"
+    return float32 if name == "float32" else "tf32"
 
 
 def mlp_backward_fits(chunk: int, *widths: int) -> bool:
@@ -248,5 +267,5 @@ def describe(spec: S.ModelSpec, backend: str) -> str:
         flows = f"Fused flows (one Triton kernel each, skeleton `flow_prologue`{on}): {'; '.join(fused)}."
     else:
         flows = "No flow has the fused form (`f(...(conv(proj(x))))`): flows run as torch ops."
-    out += ["", flows, "Every other flow runs as torch ops; projections are torch matmuls.", ""]
+    out += ["", flows, "Every other flow runs as torch ops; projections are torch matmuls.", "", PRODUCTS, ""]
     return "\n".join(out)

@@ -23,6 +23,8 @@ from nlc.backends.triton.plan import mlp_backward_fits, plan
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# the products of float32 inputs and of 16-bit ones (plan.products), for skeletons 1c, 1d and 2
+PRECS = ("tf32x3", "tf32")
 INPUTS = {"q_ptr", "k_ptr", "w_ptr", "la_ptr", "b_ptr", "h0_ptr"}   # the caller's tensors, in its dtype
 
 
@@ -87,28 +89,31 @@ def main(everything: bool):
         elif p.skeleton == "dplr_chunk":       # at the spec's head size (--all: 128 too)
             from nlc.backends.triton.dplr import launch as dplr_launch
             extra = {"dplr_state_fwd": {"HAS_H0": True}, "dplr_state_bwd": {"HAS_DHT": True}}
-            for name, (meta, stages, warps) in dplr_launch(128 if everything else D, 128 if everything else D,
-                                                           torch.float32).items():
-                print(json.dumps({"variant": variant, "kernel": name,
-                                  "smem": compile_smem(getattr(mod, name), dict(meta, **extra.get(name, {})), stages,
-                                                       warps)}), flush=True)
+            for prec in PRECS[:2 if everything else 1]:
+                for name, (meta, stages, warps) in dplr_launch(128 if everything else D, 128 if everything else D,
+                                                               torch.float32, prec).items():
+                    print(json.dumps({"variant": f"{variant} {prec}", "kernel": name,
+                                      "smem": compile_smem(getattr(mod, name), dict(meta, **extra.get(name, {})),
+                                                           stages, warps)}), flush=True)
         elif p.skeleton == "momentum_chunk":   # at the spec's head size (--all: 128 too) and chunk
             from nlc.backends.triton.momentum import launch as momentum_launch
-            meta, warps = momentum_launch(128 if everything else D, 128 if everything else D, torch.float32)
-            meta = dict(meta, BC=chunk, NM=4 if p.flags["ERASE"] else 1)
-            for name in ("momentum_fwd", "momentum_bwd"):
-                print(json.dumps({"variant": variant, "kernel": name,
-                                  "smem": compile_smem(getattr(mod, name), meta, 1, warps)}), flush=True)
+            for prec in PRECS[:2 if everything else 1]:
+                meta, warps = momentum_launch(128 if everything else D, 128 if everything else D, torch.float32, prec)
+                meta = dict(meta, BC=chunk, NM=4 if p.flags["ERASE"] else 1)
+                for name in ("momentum_fwd", "momentum_bwd"):
+                    print(json.dumps({"variant": f"{variant} {prec}", "kernel": name,
+                                      "smem": compile_smem(getattr(mod, name), meta, 1, warps)}), flush=True)
         else:                              # at the spec's own sizes
             W = [torch.empty(1, 1, d_out, hidden), torch.empty(1, 1, hidden, D)]
-            *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, chunk)
-            cfg = dict(cfg, BV=_pow2(D if p.flags["SELF_TARGET"] else d_out))
-            print(json.dumps({"variant": variant, "kernel": "mlp_chunk_fwd",
-                              "smem": compile_smem(mod.mlp_chunk_fwd, cfg, 1, warps)}), flush=True)
-            if mlp_backward_fits(chunk, D, d_out):   # wider levels take the torch backward
-                bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC", "BV")}, DETACH=False)
-                print(json.dumps({"variant": variant, "kernel": "mlp_chunk_bwd",
-                                  "smem": compile_smem(mod.mlp_chunk_bwd, bwd, 1, warps)}), flush=True)
+            for prec in PRECS[:2 if everything else 1]:
+                *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, chunk, prec)
+                cfg = dict(cfg, BV=_pow2(D if p.flags["SELF_TARGET"] else d_out))
+                print(json.dumps({"variant": f"{variant} {prec}", "kernel": "mlp_chunk_fwd",
+                                  "smem": compile_smem(mod.mlp_chunk_fwd, cfg, 1, warps)}), flush=True)
+                if mlp_backward_fits(chunk, D, d_out):   # wider levels take the torch backward
+                    bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC", "BV")}, DETACH=False)
+                    print(json.dumps({"variant": f"{variant} {prec}", "kernel": "mlp_chunk_bwd",
+                                      "smem": compile_smem(mod.mlp_chunk_bwd, bwd, 1, warps)}), flush=True)
 
 
 def prologues(everything: bool):

@@ -94,8 +94,9 @@ def leaves(case, B=2, T=21, H=2, D=16, hid=32, seed=0, dtype=torch.float64):
     return {n: None if t is None else t.to(DEVICE).requires_grad_() for n, t in x.items()}
 
 
-def run(x, case, backend="triton", mode="chunk", chunk_size=16):
-    """``mlp_memory`` on the case's leaves; backend "triton" swaps its chunk core for the kernel's."""
+def run(x, case, backend="triton", mode="chunk", chunk_size=16, dispatch=False):
+    """``mlp_memory`` on the case's leaves; backend "triton" swaps its chunk core for the kernel's
+    (``dispatch``: ``mlp_memory`` picks the kernel itself, as a model's call does)."""
     c = CASES[case]
     S = (x["S1"], x["S2"]) if "S1" in x else None
     kw = dict(objective=c.get("objective", "l2"), self_target=c["self_target"],
@@ -103,7 +104,7 @@ def run(x, case, backend="triton", mode="chunk", chunk_size=16):
               residual=c["residual"], read=c["read"], mode=mode, chunk_size=chunk_size)
     args = (x["q"], x["k"], x["v"], x["eta"], x["beta"], x["alpha"], x["erase"])
     state = dm.MLPState((x["W1"], x["W2"]), S)
-    if backend == "triton":
+    if backend == "triton" and not dispatch:
         with mock.patch.object(dm, "_mlp_chunk", deep.chunk_mlp_memory):
             o, st = dm.mlp_memory(*args, initial_state=state, **kw)
     else:
@@ -171,6 +172,28 @@ def test_triton_mlp_chunk_sizes(chunk_size, T):
     """The shipped chunk 64 (titans, hope memory) and 32; one ragged chunk after a full one."""
     got, want = both("titans" if chunk_size == 64 else "hope_memory", chunk_size=chunk_size, T=T, B=1, H=1)
     compare(got, want, TOL64, TOL64)
+
+
+def test_unnormalised_keys_with_the_erase_at_chunk_64():
+    """The erase's triangular solve at the largest chunk with keys of norm 4, as unnormalised
+    random keys in 16 dimensions (eps |k|^2 up to 7.9, past the 2 where the erase stops being a
+    contraction): (I + L)^-1 reaches about 3e3, growing with the chunk as the recurrence itself
+    does. float64 against the torch chunk form at 1e-9; float32 against the float64 reference at
+    the issue's 1e-4 / 1e-3."""
+    x = leaves("hope_memory", T=70, B=1, H=1, seed=7)
+    with torch.no_grad():
+        x["k"].mul_(4.0)
+    k, eps, a = x["k"][0, :64, 0].detach(), x["erase"][0, :64, 0].detach(), x["alpha"][0, :64, 0].detach()
+    la = torch.cat([a.new_zeros(1), a.log().cumsum(0)])          # Pab[t, m] = prod_{m < j < t} alpha_j
+    Pab = torch.tril((la[:-1, None] - la[None, 1:]).exp(), -1)
+    Tinv = torch.linalg.inv(torch.eye(64, dtype=k.dtype) + Pab * eps[None, :] * (k @ k.T))
+    assert Tinv.abs().max() > 1e3                                 # the solve is stressed, not near I
+    got, want = run(x, "hope_memory", chunk_size=64), run(x, "hope_memory", "torch", chunk_size=64)
+    want = (want, grads(want, x, "unnormalised"))
+    compare((got, grads(got, x, "unnormalised")), want, TOL64, TOL64)
+    x32 = {n: None if t is None else t.detach().float().requires_grad_() for n, t in x.items()}
+    got32 = run(x32, "hope_memory", chunk_size=64)
+    compare((got32, grads(got32, x32, "unnormalised")), want, 1e-4, 1e-3)
 
 
 def test_triton_mlp_short_and_wide():

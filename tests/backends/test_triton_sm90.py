@@ -6,7 +6,8 @@ take), so this holds the launch configurations of ``delta.launch`` and ``deep._c
 card: the generalized delta kernels at the benchmark's K = V = 128 (the widest tiles nlc
 launches), the DPLR, momentum-memory and deep-memory kernels at the shipped levels' own sizes, the flow prologue. By
 default the widest variant of each skeleton (about 3 minutes on 2 cores with a cold Triton cache,
-seconds with a warm one); ``NLC_SM90_ALL=1`` compiles every variant in float32 and bfloat16.
+seconds with a warm one); ``NLC_SM90_ALL=1`` compiles every variant in float32 and bfloat16 (for
+skeletons 1c, 1d and 2: with the TF32 products of 16-bit inputs too).
 """
 from __future__ import annotations
 

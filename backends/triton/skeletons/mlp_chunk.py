@@ -150,14 +150,17 @@ if ERASE:  # the UT transform's inverse, blockwise (as skeleton 1's delta_prep)
 @triton.jit
 def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
                   w1_ptr, w2_ptr, s1_ptr, s2_ptr, o_ptr, w1o_ptr, w2o_ptr, s1o_ptr, s2o_ptr,
-                  w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, e_ws_ptr, m_ws_ptr, T, H, D, HID, DO, DV, N,
+                  w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, e_ws_ptr, xk_ptr, m_ws_ptr, T, H, D, HID, DO, DV, N,
                   BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr,
                   BV: tl.constexpr, BJ: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Grid (B*H,): the sequential pass over chunks; writes o, every chunk's anchor weights (and
     momenta) to the stacks, and the final weights (and momenta). BJ: the hidden block. The
     workspaces hold the chunk's operands that every hidden block multiplies by: err [BC, BO]
-    (e_ws) and the [BC, BC] matrices (m_ws); loaded where used, like q and k, not kept live
-    across the hidden loops (as dot operands they would take most of the registers)."""
+    (e_ws, [B*H, N, BC, BO]: every chunk's, kept for the backward) and the [BC, BC] matrices
+    (m_ws); loaded where used, like q and k, not kept live across the hidden loops (as dot
+    operands they would take most of the registers). CURRENT: every chunk's XK = x ak^T (the
+    read's hidden activations against the keys', summed over the hidden layer) to xk
+    [B*H, N, BC, BC], for the backward."""
     hd = tl.program_id(0)
     r = tl.arange(0, BC)
     for j0 in range(0, HID, BJ):  # the initial state is chunk 0's anchor
@@ -202,7 +205,7 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             err = y - tau                                               # G1 = eta err
         else:
             err = -tau
-        _store(_ws(e_ws_ptr, hd, 0, 1, BC, BO), err, True)
+        _store(_ws(e_ws_ptr, hd, n, N, BC, BO), err, True)
         # decay coefficients: after token t's write (rows t) and before it (rows t - 1); of the
         # "after" forms only row t_end (the chunk end) is needed
         if RETAIN:
@@ -251,7 +254,7 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             pk = tl.dot(k, _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC), input_precision=PREC)
             ak, dak = _act(pk)                                          # [BC, BJ]
             H1T = tl.trans(_load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC))
-            g2 = tl.dot(_load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC), H1T, input_precision=PREC) * dak
+            g2 = tl.dot(_load(_ws(e_ws_ptr, hd, n, N, BC, BO), ACC), H1T, input_precision=PREC) * dak
             tl.debug_barrier()                                          # G2 = eta g2 (keys k)
             if ERASE:
                 rhs = Ab[:, None] * pk - tl.dot(_load(_ws(m_ws_ptr, hd, 2, 4, BC, BC), ACC), eta[:, None] * g2, input_precision=PREC)
@@ -285,7 +288,7 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             # the block's chunk-end weights (and momenta), one matrix at a time, stored at once:
             # H <- A H - K^T (Phi_e G [+ Pa_e eps Z]) - c S,   S <- Bc S + K^T (Pb_e G)
             H1 = a_e * _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
-            H1 -= tl.dot(tl.trans(ak), phi_e[:, None] * _load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC), input_precision=PREC)
+            H1 -= tl.dot(tl.trans(ak), phi_e[:, None] * _load(_ws(e_ws_ptr, hd, n, N, BC, BO), ACC), input_precision=PREC)
             if MOMENTUM:
                 H1 -= c_e * _load(_mat(s1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
             _store(_mat(w1s_ptr, hd, n + 1, N, DO, HID, j0, 0, BJ, BO), H1, more)
@@ -293,7 +296,7 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             tl.debug_barrier()
             if MOMENTUM:
                 S1 = bc_e * _load(_mat(s1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
-                S1 += tl.dot(tl.trans(ak), db_e[:, None] * _load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC), input_precision=PREC)
+                S1 += tl.dot(tl.trans(ak), db_e[:, None] * _load(_ws(e_ws_ptr, hd, n, N, BC, BO), ACC), input_precision=PREC)
                 _store(_mat(s1s_ptr, hd, n + 1, N, DO, HID, j0, 0, BJ, BO), S1, more)
                 _store(_mat(s1o_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), S1, fin)
                 tl.debug_barrier()
@@ -315,7 +318,8 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
                 tl.debug_barrier()
         # the read's output layer: o = A_b (x H1) - c_b (x S1) - (x ak^T * Phi_b) G1
         if CURRENT:
-            o -= tl.dot(XK * Phib * eta[None, :], _load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC), input_precision=PREC)
+            _store(_ws(xk_ptr, hd, n, N, BC, BC), XK, True)
+            o -= tl.dot(XK * Phib * eta[None, :], _load(_ws(e_ws_ptr, hd, n, N, BC, BO), ACC), input_precision=PREC)
         if RESIDUAL:
             o += _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
         _store(_rows(o_ptr, t0, T, H, DO, hd, BC, BO), o, True)

@@ -17,11 +17,11 @@
 #     CURRENT: p = Ab (q H2) - (q k^T * PhiE) g2 - cb (q S2) [- (q k^T * Pab) bZ],  x = act(p)
 #              o = Ab (x H1) - cb (x S1) - (x ak^T * PhiE) err [+ q]
 #     else:    o = act(q H2) H1 [+ q]
-# (a vector times a matrix scales its rows). Passes over the hidden blocks, BJ units each:
-# A) err; B) (CURRENT) XK = x ak^T; C) everything but err's own paths through y and tau, and the
-# anchor's cotangents, written block by block; D) those paths (L2: y; SELF_TARGET unless DETACH:
-# tau). Coefficient cotangents go to dcv, dcs, dcm; the wrapper sends them through the
-# coefficients' torch graph.
+# (a vector times a matrix scales its rows). err and (CURRENT) XK = x ak^T come from the forward,
+# which keeps every chunk's. Passes over the hidden blocks, BJ units each: C) everything but err's
+# own paths through y and tau, and the anchor's cotangents, written block by block; D) those
+# paths (L2: y; SELF_TARGET unless DETACH: tau). Coefficient cotangents go to dcv, dcs, dcm; the
+# wrapper sends them through the coefficients' torch graph.
 import triton
 import triton.language as tl
 from mlp_chunk import CURRENT, ERASE, GELU, L2, MOMENTUM, RESIDUAL, SELF_TARGET  # noqa: F401  its flags
@@ -62,15 +62,16 @@ def _ms(ptr, hd, s, BC: tl.constexpr):
 @triton.jit
 def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr,
                   w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,
-                  dq_ptr, dk_ptr, dv_ptr, derase_ptr, dcv_ptr, dcs_ptr, dcm_ptr, e_ws_ptr, m_ws_ptr,
+                  dq_ptr, dk_ptr, dv_ptr, derase_ptr, dcv_ptr, dcs_ptr, dcm_ptr, es_ptr, xk_ptr, e_ws_ptr, m_ws_ptr,
                   T, H, D, HID, DO, DV, N,
                   BC: tl.constexpr, BD: tl.constexpr, BO: tl.constexpr, BV: tl.constexpr, BJ: tl.constexpr,
                   DETACH: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Grid (B*H,): the reverse pass over chunks. dw1 .. ds2 [B*H, R, C] (paper orientation) hold
-    the cotangent of the final state on entry and of the initial state on exit. Workspaces: e_ws
-    [B*H, 2, BC, BO] (err, then its cotangent), m_ws [B*H, 6, BC, BC] (q k^T * PhiE, dXK,
-    k k^T * PhiE, the erase's (I + L)^-1, q k^T * Pab). DETACH: no outer gradient through a
-    self-generated target."""
+    the cotangent of the final state on entry and of the initial state on exit. From the forward:
+    es [B*H, N, BC, BO] every chunk's err, xk [B*H, N, BC, BC] (CURRENT) every chunk's XK.
+    Workspaces: e_ws [B*H, 1, BC, BO] (err's cotangent), m_ws [B*H, 6, BC, BC] (q k^T * PhiE,
+    dXK, k k^T * PhiE, the erase's (I + L)^-1, q k^T * Pab). DETACH: no outer gradient through
+    a self-generated target."""
     hd = tl.program_id(0)
     r = tl.arange(0, BC)
     for i in range(0, N):
@@ -85,32 +86,7 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             dbE = tl.load(_vec(cv_ptr, hd, n, N, 3, 5, BC)).to(ACC)
             c_e = tl.load(cs_ptr + (hd.to(tl.int64) * N + n) * 4 + 1).to(ACC)
             bc_e = tl.load(cs_ptr + (hd.to(tl.int64) * N + n) * 4 + 2).to(ACC)
-        # A) err = y - tau at the anchor
-        if L2:
-            y = tl.zeros([BC, BO], dtype=ACC)
-        tau = tl.zeros([BC, BO], dtype=ACC)
-        if L2 or SELF_TARGET:
-            for j0 in range(0, HID, BJ):
-                H1 = _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
-                H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
-                if L2:
-                    k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
-                    y += tl.dot(_act(tl.dot(k, H2, input_precision=PREC))[0], H1, input_precision=PREC)
-                if SELF_TARGET:
-                    v = _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BV), ACC)
-                    tau += tl.dot(_act(tl.dot(v, H2, input_precision=PREC))[0], H1, input_precision=PREC)
-        if SELF_TARGET:
-            if RESIDUAL:
-                tau += _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BV), ACC)
-        else:
-            tau = _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BV), ACC)
-        if L2:
-            if RESIDUAL:
-                y += _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
-            err = y - tau
-        else:
-            err = -tau
-        _store(_ws(e_ws_ptr, hd, 0, 2, BC, BO), err, True)
+        err = _load(_ws(es_ptr, hd, n, N, BC, BO), ACC)                 # y - tau at the anchor
         dO = _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BO), ACC)
         k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
         q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
@@ -127,30 +103,10 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             if ERASE:
                 _store(_ms(m_ws_ptr, hd, 4, BC), QK * Pab, True)
         tl.debug_barrier()
-        # B) the current read's output layer: XK = x ak^T, summed over the hidden blocks
+        # the current read's output layer: XK = x ak^T, summed over the hidden blocks
         derr = tl.zeros([BC, BO], dtype=ACC)
         if CURRENT:
-            XK = tl.zeros([BC, BC], dtype=ACC)
-            for j0 in range(0, HID, BJ):
-                k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
-                q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
-                H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
-                pk = tl.dot(k, H2, input_precision=PREC)
-                ak, dak = _act(pk)
-                g2 = tl.dot(err, tl.trans(_load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)),
-                            input_precision=PREC) * dak
-                p = Ab[:, None] * tl.dot(q, H2, input_precision=PREC)
-                p -= tl.dot(_load(_ms(m_ws_ptr, hd, 0, BC), ACC), g2, input_precision=PREC)
-                if MOMENTUM:
-                    S2 = _load(_mat(s2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
-                    p -= cb[:, None] * tl.dot(q, S2, input_precision=PREC)
-                if ERASE:
-                    rhs = Ab[:, None] * pk - tl.dot(_load(_ms(m_ws_ptr, hd, 2, BC), ACC), g2, input_precision=PREC)
-                    if MOMENTUM:
-                        rhs -= cb[:, None] * tl.dot(k, S2, input_precision=PREC)
-                    bZ = eps[:, None] * tl.dot(_load(_ms(m_ws_ptr, hd, 3, BC), ACC), rhs, input_precision=PREC)
-                    p -= tl.dot(_load(_ms(m_ws_ptr, hd, 4, BC), ACC), bZ, input_precision=PREC)
-                XK += tl.dot(_act(p)[0], tl.trans(ak), input_precision=PREC)
+            XK = _load(_ws(xk_ptr, hd, n, N, BC, BC), ACC)
             dOE = tl.dot(dO, tl.trans(err), input_precision=PREC)           # dO err^T
             _store(_ms(m_ws_ptr, hd, 1, BC), -dOE * PhiE, True)             # dXK
             derr -= tl.dot(tl.trans(XK * PhiE), dO, input_precision=PREC)
@@ -333,7 +289,7 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
         if RESIDUAL:
             dq += dO
         # D) err's own paths: through y = act(k H2) H1 [+ k] (L2) and tau = act(v H2) H1 [+ v]
-        _store(_ws(e_ws_ptr, hd, 1, 2, BC, BO), derr, True)
+        _store(_ws(e_ws_ptr, hd, 0, 1, BC, BO), derr, True)
         if SELF_TARGET:                      # tau = act(v H2) H1 [+ v]: its residual path here
             dv = tl.zeros([BC, BV], dtype=ACC)
             if RESIDUAL:
@@ -349,7 +305,7 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             for j0 in range(0, HID, BJ):
                 H1T = tl.trans(_load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC))
                 H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
-                dy = _load(_ws(e_ws_ptr, hd, 1, 2, BC, BO), ACC)
+                dy = _load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC)
                 nH1 = _load(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC)
                 nH2 = _load(_mat(dw2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC)
                 if L2:
