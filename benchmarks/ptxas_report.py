@@ -86,6 +86,11 @@ def delta_rows(dtypes):
                 if hasattr(mod, kern):
                     meta, stages, warps = _unpack(cfg)
                     yield name, dtype, kern, getattr(mod, kern), dict(meta, **extra.get(kern, {})), stages, warps
+        for kern, cfg in launch(128, 128, 64, torch.float32).items():   # float32 with the other skeletons' products
+            if hasattr(mod, kern):
+                meta, stages, warps = _unpack(cfg)
+                yield (f"{name} (tf32x3)", torch.float32, kern, getattr(mod, kern),
+                       dict(meta, PREC="tf32x3", **extra.get(kern, {})), stages, warps)
 
 
 def diag_rows(dtypes):
@@ -96,6 +101,9 @@ def diag_rows(dtypes):
         for kern, cfg in launch(128, 128, dtype).items():
             meta, stages, warps = _unpack(cfg)
             yield "diag", dtype, kern, getattr(mod, kern), dict(meta, **extra.get(kern, {})), stages, warps
+    for kern, cfg in launch(128, 128, torch.float32).items():   # float32 with the other skeletons' products
+        meta, stages, warps = _unpack(cfg)
+        yield "diag (tf32x3)", torch.float32, kern, getattr(mod, kern), dict(meta, PREC="tf32x3", **extra.get(kern, {})), stages, warps
 
 
 def mlp_rows():
