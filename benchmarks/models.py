@@ -2,7 +2,7 @@
 token (a benchmark, not a test).
 
     .venv/bin/python benchmarks/models.py [--T 4096] [--threads 1,2] [--specs transformer,titans,hope]
-                                          [--compile] [--flush-denormal] [--ops-T 256] [--no-ops]
+                                          [--compile] [--flush-denormal] [--ops-T 256] [--no-ops] [--ops-split]
                                           [--device cpu|cuda] [--backend torch,auto]
 
 --device cuda runs on the GPU (threads are then irrelevant); --backend takes one or several of
@@ -87,6 +87,36 @@ def bench(model, B: int, T: int, repeats: int) -> float:
     return B * T / statistics.median(times)
 
 
+def ops_by_call(name: str, T: int) -> dict:
+    """Aten ops per token of one eager forward + backward (batch 1), split by who dispatches them:
+    the CMS's in-context gradient (``cms_step``), the generators' updates and reads, the rest of
+    the forward, and the backward."""
+    from unittest import mock
+
+    from nlc.backends.torch import cms, lib
+    model = model_of(name)
+    ids = tokens(model, 1, T)
+    count = OpCount()
+    split = {"cms_step": 0, "update_generators": 0, "read_generators": 0}
+
+    def tagged(module, fn_name):
+        real = getattr(module, fn_name)
+
+        def call(*a, **kw):
+            before = count.n
+            out = real(*a, **kw)
+            split[fn_name] += count.n - before
+            return out
+        return mock.patch.object(module, fn_name, call)
+    with tagged(cms, "cms_step"), tagged(lib, "update_generators"), tagged(lib, "read_generators"), count:
+        logits, _ = model(ids)
+        forward = count.n
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    split["rest of the forward"] = forward - sum(split.values())
+    split["backward"] = count.n - forward
+    return {k: v / T for k, v in split.items()}
+
+
 def ops_per_token(model, T: int) -> tuple[float, float]:
     """Aten ops per token of the forward, and of forward + backward, eager, batch 1."""
     ids = tokens(model, 1, T)
@@ -124,6 +154,8 @@ def main():
     ap.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     ap.add_argument("--ops-T", type=int, default=256, help="tokens of the op-count run")
     ap.add_argument("--no-ops", action="store_true", help="skip the op count")
+    ap.add_argument("--ops-split", action="store_true",
+                    help="also split each spec's op count by call (CMS step, generators, rest, backward)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default="torch", help="torch, triton, auto, or several: torch,auto")
     args = ap.parse_args()
@@ -161,6 +193,11 @@ def main():
                 fwd, both = ops_per_token(model, args.ops_T)
                 print(f"| {name} | {fwd:,.0f} | {both:,.0f} |", flush=True)
         print(f"(eager, T={args.ops_T}, B=1)")
+        if args.ops_split:
+            for name in names:
+                if model_of(name) is not None:
+                    split = ops_by_call(name, args.ops_T)
+                    print(f"{name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in split.items()), flush=True)
 
 
 if __name__ == "__main__":
