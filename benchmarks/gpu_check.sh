@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh            (STEPS="tests bench models" by default)
 # Steps: tests, par_tests (one pytest process per id in $TESTS), bench ($BENCH_ARGS, bfloat16 unless
 # they say otherwise), bench32 ($BENCH32_ARGS, float32), tune ($TUNE_ARGS), profile,
-# models, models_compiled ($COMPILED_SPECS under torch.compile), or any shell word.
+# models, models_compiled ($COMPILED_SPECS under torch.compile), graphs ($GRAPH_SPECS' forward +
+# backward captured as one CUDA graph), or any shell word.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-tests bench models}
@@ -37,6 +38,8 @@ for step in $STEPS; do
     bench32) timeout ${T_BENCH32:-150} python benchmarks/kernels.py --dtype fp32 --out "$OUT/kernels_fp32.md" ${BENCH32_ARGS:-} ;;
     models) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
               --specs ${MODEL_SPECS:-transformer,gated_deltanet,titans,hope} --backend ${MODEL_BACKENDS:-torch,auto} ;;
+    graphs) timeout ${T_GRAPHS:-150} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
+              --cuda-graphs --specs ${GRAPH_SPECS:-transformer,titans,hope} --backend torch ;;   # one CUDA graph per step
     models_compiled) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
               --compile --specs ${COMPILED_SPECS:-hope} --backend torch ;;   # the scans' hot loops under torch.compile
     *) timeout ${T_OTHER:-100} bash -c "$step" ;;

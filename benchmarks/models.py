@@ -3,10 +3,13 @@ token (a benchmark, not a test).
 
     .venv/bin/python benchmarks/models.py [--T 4096] [--threads 1,2] [--specs transformer,titans,hope]
                                           [--compile] [--flush-denormal] [--ops-T 256] [--no-ops] [--ops-split]
-                                          [--device cpu|cuda] [--backend torch,auto]
+                                          [--device cpu|cuda] [--backend torch,auto] [--cuda-graphs]
 
 --device cuda runs on the GPU (threads are then irrelevant); --backend takes one or several of
 torch, triton, auto (nlc.compile(spec, backend=...)), each timed in turn beside the others.
+--cuda-graphs (GPU only) also times each row's forward + backward captured as one CUDA graph and
+replayed, and prints how far the replayed gradients are from an eager step's: what graph capture
+would buy a launch-bound model (Hope), measured before nlc train offers it.
 
 Every spec is compiled at its shipped size (d_model 256, 4 layers) and run on the same random
 tokens, float32, batch --B; tokens per second of one forward + backward (median of --repeats after
@@ -87,6 +90,50 @@ def bench(model, B: int, T: int, repeats: int) -> float:
     return B * T / statistics.median(times)
 
 
+def graphed(model, ids):
+    """One forward + backward of ``model`` on ``ids`` captured as a CUDA graph (PyTorch's
+    partial-network capture: the gradients are the graph's outputs, the optimizer would run after
+    each replay). Returns (replay, the largest relative difference of the replayed gradients from
+    an eager step's): a capture that is not the same computation shows there."""
+    def backward():
+        logits, _ = model(ids)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    backward()
+    want = [None if p.grad is None else p.grad.clone() for p in params]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                 # warm-up off the capture stream, as PyTorch asks
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    err = max(((p.grad - w).norm() / w.norm().clamp_min(1e-30)).item()
+              for p, w in zip(params, want) if w is not None)
+    return graph.replay, err
+
+
+def bench_graphed(model, B: int, T: int, repeats: int) -> tuple[float, float]:
+    """Tokens/s of replaying a captured forward + backward, and the gradients' difference."""
+    ids = tokens(model, B, T)
+    replay, err = graphed(model, ids)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return B * T / statistics.median(times), err
+
+
 def ops_by_call(name: str, T: int) -> dict:
     """Aten ops per token of one eager forward + backward (batch 1), split by who dispatches them:
     the CMS's in-context gradient (``cms_step``), the generators' updates and reads, the rest of
@@ -154,11 +201,15 @@ def main():
     ap.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     ap.add_argument("--ops-T", type=int, default=256, help="tokens of the op-count run")
     ap.add_argument("--no-ops", action="store_true", help="skip the op count")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time each spec's forward + backward captured as one CUDA graph (--device cuda)")
     ap.add_argument("--ops-split", action="store_true",
                     help="also split each spec's op count by call (CMS step, generators, rest, backward)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default="torch", help="torch, triton, auto, or several: torch,auto")
     args = ap.parse_args()
+    if args.cuda_graphs and args.device != "cuda":
+        ap.error("--cuda-graphs needs --device cuda (CUDA graphs capture GPU work)")
     torch.manual_seed(0)
     if args.flush_denormal:
         torch.set_flush_denormal(True)
@@ -184,6 +235,15 @@ def main():
                 base = tps if name == "transformer" and base is None else base
                 ratio = f"{tps / base:.3f}" if base else ""
                 print(f"| {name} | {backend} | {threads} | {tps:,.0f} | {ratio} |", flush=True)
+                if args.cuda_graphs:
+                    try:
+                        tps, err = bench_graphed(model, args.B, args.T, args.repeats)
+                        ratio = f"{tps / base:.3f}" if base else ""
+                        print(f"| {name} | {backend}, one CUDA graph (gradients {err:.1e} from eager) | {threads} "
+                              f"| {tps:,.0f} | {ratio} |", flush=True)
+                    except Exception as e:  # what cannot be captured says so, in the table
+                        print(f"| {name} | {backend}, one CUDA graph | {threads} | {type(e).__name__}: "
+                              f"{str(e)[:80]} | |", flush=True)
     if not args.no_ops:
         torch.set_num_threads(1)
         print("\n| spec | aten ops / token, forward | forward + backward |\n| --- | ---: | ---: |")

@@ -6,9 +6,10 @@
 
 Forward: one Triton kernel, one program per (batch, head) walking the chunks; it writes every
 chunk's anchor weights (and momenta), which are also its working state (chunk n reads stack n and
-writes stack n + 1), and takes the hidden layer 16 units at a time. Backward: one Triton kernel
-(``parts/mlp_chunk_bwd.py``) walking the chunks in reverse, each recomputed from its saved anchor
-and the error and read products the forward saved for it, its vector-Jacobian product by hand (the erase's triangular solve and a self-generated target's
+writes stack n + 1), and takes the hidden layer 16 units at a time; it also keeps each chunk's
+error and (current read) ``XK`` for the backward. Backward: one Triton kernel
+(``parts/mlp_chunk_bwd.py``) walking the chunks in reverse, each recomputed from its saved anchor,
+its vector-Jacobian product by hand (the erase's triangular solve and a self-generated target's
 own path included); the decay coefficients it needs are built here with torch from eta, beta and
 alpha, and their cotangents go back through that small graph (:func:`_backward`). Its tiles are
 [chunk, width]: levels whose chunk x width passes ``plan.MLP_BWD_TILE`` (an H100's shared memory)
