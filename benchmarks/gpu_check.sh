@@ -37,7 +37,7 @@ for step in $STEPS; do
     bench) timeout ${T_BENCH:-200} python benchmarks/kernels.py --fla .bench --out "$OUT/kernels_bf16.md" ${BENCH_ARGS:-} ;;
     bench32) timeout ${T_BENCH32:-150} python benchmarks/kernels.py --dtype fp32 --out "$OUT/kernels_fp32.md" ${BENCH32_ARGS:-} ;;
     models) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
-              --specs ${MODEL_SPECS:-transformer,gated_deltanet,titans,hope} --backend ${MODEL_BACKENDS:-torch,auto} ;;
+              --specs ${MODEL_SPECS:-transformer,gated_deltanet,titans,hope} --backend ${MODEL_BACKENDS:-torch,auto} ${MODEL_ARGS:-} ;;
     graphs) timeout ${T_GRAPHS:-150} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \
               --cuda-graphs --specs ${GRAPH_SPECS:-transformer,titans,hope} --backend torch ;;   # one CUDA graph per step
     models_compiled) timeout ${T_MODELS:-100} python benchmarks/models.py --device cuda --T 4096 --repeats 3 --no-ops \

@@ -4,6 +4,7 @@ token (a benchmark, not a test).
     .venv/bin/python benchmarks/models.py [--T 4096] [--threads 1,2] [--specs transformer,titans,hope]
                                           [--compile] [--flush-denormal] [--ops-T 256] [--no-ops] [--ops-split]
                                           [--device cpu|cuda] [--backend torch,auto] [--cuda-graphs]
+                                          [--precision float32|bf16]
 
 --device cuda runs on the GPU (threads are then irrelevant); --backend takes one or several of
 torch, triton, auto (nlc.compile(spec, backend=...)), each timed in turn beside the others.
@@ -61,9 +62,19 @@ def model_of(name: str, compile: bool = False, backend: str = "torch", device: s
         return None
 
 
+PRECISION = ["float32"]     # --precision: bf16 runs the model under autocast, as nlc train --precision bf16
+
+
+def forward(model, ids):
+    if PRECISION[0] == "bf16":
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            return model(ids)
+    return model(ids)
+
+
 def step(model, ids):
-    logits, _ = model(ids)
-    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    logits, _ = forward(model, ids)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -96,8 +107,8 @@ def graphed(model, ids):
     each replay). Returns (replay, the largest relative difference of the replayed gradients from
     an eager step's): a capture that is not the same computation shows there."""
     def backward():
-        logits, _ = model(ids)
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        logits, _ = forward(model, ids)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
     backward()
@@ -201,6 +212,8 @@ def main():
     ap.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     ap.add_argument("--ops-T", type=int, default=256, help="tokens of the op-count run")
     ap.add_argument("--no-ops", action="store_true", help="skip the op count")
+    ap.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                    help="bf16: the model under torch.autocast, as nlc train --precision bf16")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also time each spec's forward + backward captured as one CUDA graph (--device cuda)")
     ap.add_argument("--ops-split", action="store_true",
@@ -211,11 +224,13 @@ def main():
     if args.cuda_graphs and args.device != "cuda":
         ap.error("--cuda-graphs needs --device cuda (CUDA graphs capture GPU work)")
     torch.manual_seed(0)
+    PRECISION[0] = args.precision
     if args.flush_denormal:
         torch.set_flush_denormal(True)
     names = args.specs.split(",")
     print(f"{machine(args.device)}")
-    print(f"B={args.B}, T={args.T}, float32, forward+backward, median of {args.repeats}, {args.device}"
+    print(f"B={args.B}, T={args.T}, {'bf16 autocast' if args.precision == 'bf16' else 'float32'}, forward+backward, "
+          f"median of {args.repeats}, {args.device}"
           + (", torch.compile" if args.compile else "") + (", denormals flushed" if args.flush_denormal else "") + "\n")
     print("| spec | backend | threads | tokens/s | x transformer |\n| --- | --- | ---: | ---: | ---: |")
     threads_list = [torch.get_num_threads()] if args.device == "cuda" else list(map(int, args.threads.split(",")))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -179,12 +179,22 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], progress, held: ExitSta
         with torch.no_grad():
             for i in range(cfg.eval_batches):
                 x, y = data.batch("val", i, cfg.batch)
-                logits = model(x.to(device))[0]
+                with amp():
+                    logits = model(x.to(device))[0]
                 losses.append(loss_of(logits, y).item())
                 r, c = correct(logits, y.to(device))
                 right, counted = right + r, counted + c
         model.train()
         return sum(losses) / len(losses), right / max(counted, 1)
+
+    def amp():   # --precision bf16: autocast around the model (the memories' recurrences opt out)
+        if cfg.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def under_amp(fn, *args):
+        with amp():
+            return fn(*args)
 
     def loss_of(logits, y, reduction="mean"):
         return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE,
@@ -239,7 +249,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], progress, held: ExitSta
             x, y = data.batch("train", step, cfg.batch)
             xs, ys, counted = distributed.shard(x, y, world)   # this rank's rows (all of them in one process)
             try:   # the global batch's mean loss (under torchrun, this rank's share of it)
-                logits, states = net(xs.to(device))[:2]
+                with amp():
+                    logits, states = net(xs.to(device))[:2]
                 loss = loss_of(logits, ys, "sum") / counted
             except ValueError as e:  # an op's precondition, such as a retention gate that reached 0
                 raise Diverged(f"step {step + 1}: {e}. The run has probably diverged (try a lower learning "
@@ -250,7 +261,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], progress, held: ExitSta
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf).item()
             # before the optimizer step: a NaN loss or gradient never reaches the parameters (every rank agrees)
             if distributed.anyone(not (math.isfinite(norm) and math.isfinite(loss.item())), world, device):
-                bad = diverge.culprit(model, states, rerun=lambda: model(xs.to(device)))
+                bad = diverge.culprit(model, states, rerun=lambda: under_amp(model, xs.to(device)))
                 raise Diverged(diverge.message(step + 1, loss.item(), norm, bad,
                                                checkpoint.latest(out) if world.main else None))
             schedule.apply(optimizer, base_lr, cfg.lr_schedule, step, cfg.steps, cfg.warmup)   # a function of the step

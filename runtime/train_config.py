@@ -71,6 +71,12 @@ class TrainConfig(BaseModel):
                             "they are the faster, torch otherwise; `nlc explain SPEC` lists which), torch, or "
                             "triton (the kernels wherever they serve; on a CPU under Triton's interpreter: slow)",
         **_cli(metavar="auto|torch|triton"))
+    precision: Literal["float32", "bf16"] = Field(
+        "float32", description="float32 [default], or bf16: mixed precision, torch.autocast to bfloat16 around the "
+                               "model (projections, attention, MLPs and the memories' reads in bfloat16; every "
+                               "memory's recurrence in float32, its Triton kernels taking 16-bit q, k, v with TF32 "
+                               "products); the weights and the optimizer stay float32",
+        **_cli(metavar="float32|bf16"))
     tensorboard: bool = Field(False, description="also log the scalars (loss, lr, tokens/s, eval loss and "
                                                  "accuracy) for TensorBoard, in OUT/tensorboard; needs `pip "
                                                  "install tensorboard`")

@@ -23,6 +23,7 @@ from nlc.backends.torch.memory_core import (
     _dtype, _erase_solve, _inputs, _per_token, _read, _require, _unblock)
 from nlc.backends.torch.ops import check_tensor
 from nlc.backends.dispatch import pick
+from nlc.backends.torch.precision import full_precision
 
 __all__ = ["mlp_memory", "MLPState", "ACTIVATIONS", "READS", "mlp_forward", "mlp_token_grads"]
 
@@ -105,6 +106,7 @@ def mlp_token_grads(err, weights, inputs, pre, activation="silu"):
     return deltas
 
 
+@full_precision
 def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state, objective="l2",
                self_target=False, detach_target=False, activation="silu", residual=True,
                read="anchor", output_final_state=True, mode="chunk", chunk_size=64, backend="auto"):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from nlc.backends.torch.compile import hot
 from nlc.backends.torch.deep_memory import MLPState, mlp_forward, mlp_memory, mlp_token_grads
 from nlc.backends.torch.memory_core import _anchored, _check_offset, _coefficients, _erase_solve
+from nlc.backends.torch.precision import full_precision
 
 __all__ = ["Generators", "generators", "read_generators", "read_generator", "update_generators", "save_generators",
            "spans", "reference"]
@@ -178,6 +179,7 @@ def _split(gens: Generators) -> list[MLPState]:
             for w, m, a in zip(ws, ms, As)]
 
 
+@full_precision
 def update_generators(gens: Generators, k, v, eta, beta=None, alpha=None, erase=None, *, objective="l2",
                       self_target=False, detach_target=False, chunk_size=64, mode="chunk",
                       backend="auto") -> Generators:

@@ -42,6 +42,7 @@ from nlc.backends.torch.deep_memory import (
     ACTIVATIONS, READS, MLPState, mlp_forward, mlp_memory, mlp_token_grads)
 from nlc.backends.torch.ops import check_tensor
 from nlc.backends.dispatch import pick
+from nlc.backends.torch.precision import full_precision
 
 __all__ = ["momentum_memory", "mlp_memory", "MomentumState", "MLPState", "ACTIVATIONS", "READS",
            "mlp_forward", "mlp_token_grads", "cms_chain", "cms_init", "cms_fast_weights", "cms_step",
@@ -83,6 +84,7 @@ class MomentumState(_Pair):
 # momentum memory
 
 
+@full_precision
 def momentum_memory(q, k, v, eta, beta, alpha=None, erase=None, *, objective="l2", scale=None,
                     initial_state=None, output_final_state=True, mode="chunk", chunk_size=64, backend="auto"):
     r"""A matrix memory per head with Titans momentum, a forget gate and an optional DGD erase.

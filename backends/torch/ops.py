@@ -41,6 +41,7 @@ import torch
 from nlc.backends.torch.chunk import chunk_generalized_delta
 from nlc.backends.torch.chunk_dplr import chunk_dplr_delta
 from nlc.backends.dispatch import pick
+from nlc.backends.torch.precision import full_precision
 
 __all__ = ["linear_attn", "delta_rule", "gated_delta_rule", "generalized_delta", "MODES",
            "LOG_A_MIN", "A_MIN"]
@@ -50,6 +51,7 @@ LOG_A_MIN = -30.0                 # floor of every log-retention (see the module
 A_MIN = math.exp(LOG_A_MIN)       # ~ 9.4e-14: floor of every retention
 
 
+@full_precision
 def linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=True,
                 mode="chunk", chunk_size=64, backend="auto"):
     r"""Linear attention: :math:`h_t = h_{t-1} + k_t v_t^\top` (``a = 1, b = 0, w = v``).
@@ -72,6 +74,7 @@ def linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=True
                 backend=pick("linear_attn", backend, q))
 
 
+@full_precision
 def delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=True,
                mode="chunk", chunk_size=64, backend="auto"):
     r"""DeltaNet: :math:`h_t = (I - \beta_t k_t k_t^\top) h_{t-1} + \beta_t k_t v_t^\top`.
@@ -85,6 +88,7 @@ def delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state
                 backend=pick("delta_rule", backend, q))
 
 
+@full_precision
 def gated_delta_rule(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=True,
                      mode="chunk", chunk_size=64, backend="auto"):
     r"""Gated DeltaNet (fla convention):
@@ -103,6 +107,7 @@ def gated_delta_rule(q, k, v, beta, g, scale=None, initial_state=None, output_fi
                 backend=pick("gated_delta_rule", backend, q))
 
 
+@full_precision
 def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output_final_state=True,
                       mode="chunk", chunk_size=64, *, erase=None, backend="auto"):
     r"""The family: :math:`h_t = a_t h_{t-1} - b_t k_t (k_t^\top h_{t-1}) + k_t w_t^\top`,
