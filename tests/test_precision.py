@@ -90,6 +90,7 @@ def test_models_learn_in_mixed_precision(tmp_path, name):
     s = run(tmp_path, spec=f"specs/{name}.yaml", steps=40, batch=8, context=64, task="copy", log_every=10,
             precision="bf16", sets=("model.d_model=32", "model.layers=2", "model.heads=2", "lr=3e-3"))
     assert s["last_loss"] < s["first_loss"] - 2.0 and s["last_val"] < s["first_val"] - 2.0, s["log"]
+    assert any(ln.startswith("note: --precision bf16 on a CPU") for ln in s["log"])
 
 
 def test_an_unknown_precision_is_a_located_mistake():
