@@ -33,31 +33,15 @@ ERASE: tl.constexpr = True
 # {include rows}
 
 
+# {include workspace}
+
+
 @triton.jit
 def _scalars(ptr, t0, T, H, hd, BC: tl.constexpr):
     """Per-token scalars t0 .. t0+BC of a [B, T, H] tensor; 0 past T (the identity step)."""
     rows = t0 + tl.arange(0, BC)
     offs = ((hd // H).to(tl.int64) * T + rows.to(tl.int64)) * H + (hd % H)
     return tl.load(ptr + offs, mask=rows < T, other=0.0)
-
-
-@triton.jit
-def _ws(ptr, hd, n, NT, D, c0, BC: tl.constexpr, BD: tl.constexpr):
-    """Pointers and mask: chunk n, columns c0 .. c0+BD of a per-head workspace [B*H, NT, D]."""
-    rows = n * BC + tl.arange(0, BC)
-    cols = c0 + tl.arange(0, BD)
-    offs = (hd.to(tl.int64) * NT + rows[:, None].to(tl.int64)) * D + cols[None, :]
-    return ptr + offs, (rows[:, None] < NT) & (cols[None, :] < D)
-
-
-@triton.jit
-def _st(ptr, hd, n, N, K, V, v0, BK: tl.constexpr, BV: tl.constexpr, k0=0):
-    """Pointers and mask: rows k0 .. k0+BK, columns v0 .. v0+BV of state n of a [B*H, N, K, V]
-    stack."""
-    rk = k0 + tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
-    base = (hd.to(tl.int64) * N + n) * K * V
-    return ptr + base + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
 
 
 @triton.jit

@@ -19,15 +19,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _st(ptr, hd, n, N, K, V, k0, v0, BK: tl.constexpr, BV: tl.constexpr):
-    """Pointers and mask: rows k0 .. k0+BK, columns v0 .. v0+BV of state n of a [B*H, N, K, V] stack."""
-    rk = k0 + tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
-    base = (hd.to(tl.int64) * N + n) * K * V
-    return ptr + base + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
-
-
-@triton.jit
 def _decays(la_ptr, t0, T, H, K, hd, k0, BC: tl.constexpr, BKS: tl.constexpr, ACC: tl.constexpr):
     """G (the per-channel cumsum of log a in the chunk, [BC, BKS]) and G at the chunk end [BKS]."""
     la = _load(_rows(la_ptr, t0, T, H, K, hd, k0, BC, BKS), ACC)
@@ -56,17 +47,17 @@ def diag_state_fwd(k_ptr, w_ptr, la_ptr, h0_ptr, hs_ptr, hT_ptr, T, H, K, V, N, 
     k0 = tl.program_id(1) * BK
     v0 = tl.program_id(2) * BV
     if HAS_H0:
-        h = _load(_st(h0_ptr, hd, 0, 1, K, V, k0, v0, BK, BV), ACC)
+        h = _load(_st(h0_ptr, hd, 0, 1, K, V, v0, BK, BV, k0), ACC)
     else:
         h = tl.zeros([BK, BV], dtype=ACC)
     for n in range(N):
         t0 = n * BC
-        _store(_st(hs_ptr, hd, n, N, K, V, k0, v0, BK, BV), h)
+        _store(_st(hs_ptr, hd, n, N, K, V, v0, BK, BV, k0), h)
         G, g_end = _decays(la_ptr, t0, T, H, K, hd, k0, BC, BK, ACC)
         kd = _load(_rows(k_ptr, t0, T, H, K, hd, k0, BC, BK), ACC) * tl.exp(g_end[None, :] - G)
         w = _load(_rows(w_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
         h = tl.exp(g_end)[:, None] * h + tl.dot(tl.trans(kd), w, input_precision=PREC)
-    _store(_st(hT_ptr, hd, 0, 1, K, V, k0, v0, BK, BV), h)
+    _store(_st(hT_ptr, hd, 0, 1, K, V, v0, BK, BV, k0), h)
 
 
 @triton.jit
@@ -85,7 +76,7 @@ def diag_out(q_ptr, k_ptr, w_ptr, la_ptr, hs_ptr, o_ptr, T, H, K, V, N,
         G, g_end = _decays(la_ptr, t0, T, H, K, hd, k0, BC, BKS, ACC)
         E, Ak = _intra(q, k, G, BC)
         A += Ak
-        h = _load(_st(hs_ptr, hd, n, N, K, V, k0, v0, BKS, BV), ACC)
+        h = _load(_st(hs_ptr, hd, n, N, K, V, v0, BKS, BV, k0), ACC)
         o += tl.dot(q * tl.exp(G), h, input_precision=PREC)
     w = _load(_rows(w_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
     _store(_rows(o_ptr, t0, T, H, V, hd, v0, BC, BV), o + tl.dot(A, w, input_precision=PREC))
@@ -105,18 +96,18 @@ def diag_state_bwd(q_ptr, la_ptr, do_ptr, dhT_ptr, dhs_ptr, dh0_ptr, T, H, K, V,
     k0 = tl.program_id(1) * BK
     v0 = tl.program_id(2) * BV
     if HAS_DHT:
-        dh = _load(_st(dhT_ptr, hd, 0, 1, K, V, k0, v0, BK, BV), ACC)
+        dh = _load(_st(dhT_ptr, hd, 0, 1, K, V, v0, BK, BV, k0), ACC)
     else:
         dh = tl.zeros([BK, BV], dtype=ACC)
     for m in range(N):
         n = N - 1 - m
         t0 = n * BC
-        _store(_st(dhs_ptr, hd, n, N, K, V, k0, v0, BK, BV), dh)
+        _store(_st(dhs_ptr, hd, n, N, K, V, v0, BK, BV, k0), dh)
         G, g_end = _decays(la_ptr, t0, T, H, K, hd, k0, BC, BK, ACC)
         qd = _load(_rows(q_ptr, t0, T, H, K, hd, k0, BC, BK), ACC) * tl.exp(G)
         do = _load(_rows(do_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
         dh = tl.exp(g_end)[:, None] * dh + tl.dot(tl.trans(qd), do, input_precision=PREC)
-    _store(_st(dh0_ptr, hd, 0, 1, K, V, k0, v0, BK, BV), dh)
+    _store(_st(dh0_ptr, hd, 0, 1, K, V, v0, BK, BV, k0), dh)
 
 
 @triton.jit
@@ -142,7 +133,7 @@ def diag_dw(q_ptr, k_ptr, la_ptr, dhs_ptr, do_ptr, dw_ptr, dA_ptr, w_ptr, T, H, 
         for k0 in range(0, K, BKS):
             k = _load(_rows(k_ptr, t0, T, H, K, hd, k0, BC, BKS), ACC)
             G, g_end = _decays(la_ptr, t0, T, H, K, hd, k0, BC, BKS, ACC)
-            dh = _load(_st(dhs_ptr, hd, n, N, K, V, k0, v0, BKS, BV), ACC)
+            dh = _load(_st(dhs_ptr, hd, n, N, K, V, v0, BKS, BV, k0), ACC)
             dw += tl.dot(k * tl.exp(g_end[None, :] - G), dh, input_precision=PREC)
         _store(_rows(dw_ptr, t0, T, H, V, hd, v0, BC, BV), dw)
         dA += tl.dot(do, tl.trans(w), input_precision=PREC)
@@ -174,8 +165,8 @@ def diag_dqk(q_ptr, k_ptr, w_ptr, la_ptr, hs_ptr, dhs_ptr, do_ptr, dA_ptr, dq_pt
     for v0 in range(0, V, BV):
         do = _load(_rows(do_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
         w = _load(_rows(w_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
-        h = _load(_st(hs_ptr, hd, n, N, K, V, k0, v0, BKS, BV), ACC)
-        dh = _load(_st(dhs_ptr, hd, n, N, K, V, k0, v0, BKS, BV), ACC)
+        h = _load(_st(hs_ptr, hd, n, N, K, V, v0, BKS, BV, k0), ACC)
+        dh = _load(_st(dhs_ptr, hd, n, N, K, V, v0, BKS, BV, k0), ACC)
         dqd += tl.dot(do, tl.trans(h), input_precision=PREC)
         dkd += tl.dot(w, tl.trans(dh), input_precision=PREC)
         deE += tl.sum(h * dh, 1)

@@ -30,28 +30,13 @@ import triton.language as tl
 # {include rows}
 
 
-@triton.jit
-def _ws(ptr, hd, n, NT, D, c0, BC: tl.constexpr, BD: tl.constexpr):
-    """Pointers and mask: chunk n, columns c0 .. c0+BD of a per-head workspace [B*H, NT, D]."""
-    rows = n * BC + tl.arange(0, BC)
-    cols = c0 + tl.arange(0, BD)
-    offs = (hd.to(tl.int64) * NT + rows[:, None].to(tl.int64)) * D + cols[None, :]
-    return ptr + offs, (rows[:, None] < NT) & (cols[None, :] < D)
-
-
-@triton.jit
-def _st(ptr, hd, n, N, R, C, r0, c0, BR: tl.constexpr, BCOL: tl.constexpr):
-    """Pointers and mask: rows r0 .. r0+BR, columns c0 .. c0+BCOL of matrix n of a [B*H, N, R, C] stack."""
-    rr = r0 + tl.arange(0, BR)
-    cc = c0 + tl.arange(0, BCOL)
-    base = (hd.to(tl.int64) * N + n) * R * C
-    return ptr + base + rr[:, None] * C + cc[None, :], (rr[:, None] < R) & (cc[None, :] < C)
+# {include workspace}
 
 
 @triton.jit
 def _mat(ptr, hd, n, N, i, BC: tl.constexpr):
     """Pointers and mask: matrix i of chunk n of a [B*H, N, 4, BC, BC] workspace."""
-    return _st(ptr, hd, n * 4 + i, N * 4, BC, BC, 0, 0, BC, BC)
+    return _st(ptr, hd, n * 4 + i, N * 4, BC, BC, 0, BC, BC)
 
 
 @triton.jit
@@ -130,12 +115,12 @@ def dplr_prep(q_ptr, k_ptr, u_ptr, e_ptr, w_ptr, la_ptr, mat_ptr, uz_ptr, wz_ptr
     kt = _load(_rows(k_ptr, t0, T, H, K, hd, 0, BC, BK), ACC) * dec
     rk = tl.arange(0, BK)
     Mn = tl.where(rk[:, None] == rk[None, :], tl.exp(gE)[:, None], 0.0) - _dot(tl.trans(ut), Wz, PREC)
-    _store(_st(mn_ptr, hd, n, N, K, K, 0, 0, BK, BK), Mn)
+    _store(_st(mn_ptr, hd, n, N, K, K, 0, BK, BK), Mn)
     for v0 in range(0, V, BV):
         w = _load(_rows(w_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
         Uz = _dot(Tinv, _dot(Aek, w, PREC), PREC)
         _store(_ws(uz_ptr, hd, n, NT, V, v0, BC, BV), Uz)
-        _store(_st(wr_ptr, hd, n, N, K, V, 0, v0, BK, BV), _dot(tl.trans(kt), w, PREC) - _dot(tl.trans(ut), Uz, PREC))
+        _store(_st(wr_ptr, hd, n, N, K, V, v0, BK, BV), _dot(tl.trans(kt), w, PREC) - _dot(tl.trans(ut), Uz, PREC))
 
 
 @triton.jit
@@ -145,14 +130,14 @@ def dplr_state_fwd(mn_ptr, wr_ptr, h0_ptr, hs_ptr, hT_ptr, K, V, N, HAS_H0: tl.c
     hd = tl.program_id(0)
     v0 = tl.program_id(1) * BV
     if HAS_H0:
-        h = _load(_st(h0_ptr, hd, 0, 1, K, V, 0, v0, BK, BV), ACC)
+        h = _load(_st(h0_ptr, hd, 0, 1, K, V, v0, BK, BV), ACC)
     else:
         h = tl.zeros([BK, BV], dtype=ACC)
     for n in range(N):
-        _store(_st(hs_ptr, hd, n, N, K, V, 0, v0, BK, BV), h)
-        h = _dot(_load(_st(mn_ptr, hd, n, N, K, K, 0, 0, BK, BK), ACC), h, PREC) \
-            + _load(_st(wr_ptr, hd, n, N, K, V, 0, v0, BK, BV), ACC)
-    _store(_st(hT_ptr, hd, 0, 1, K, V, 0, v0, BK, BV), h)
+        _store(_st(hs_ptr, hd, n, N, K, V, v0, BK, BV), h)
+        h = _dot(_load(_st(mn_ptr, hd, n, N, K, K, 0, BK, BK), ACC), h, PREC) \
+            + _load(_st(wr_ptr, hd, n, N, K, V, v0, BK, BV), ACC)
+    _store(_st(hT_ptr, hd, 0, 1, K, V, v0, BK, BV), h)
 
 
 @triton.jit
@@ -165,7 +150,7 @@ def dplr_out(w_ptr, mat_ptr, uz_ptr, qs_ptr, hs_ptr, o_ptr, T, H, K, V, N, NT, B
     t0 = n * BC
     o = _dot(_load(_mat(mat_ptr, hd, n, N, 0, BC), ACC), _load(_rows(w_ptr, t0, T, H, V, hd, v0, BC, BV), ACC), PREC)
     o -= _dot(_load(_mat(mat_ptr, hd, n, N, 1, BC), ACC), _load(_ws(uz_ptr, hd, n, NT, V, v0, BC, BV), ACC), PREC)
-    o += _dot(_load(_ws(qs_ptr, hd, n, NT, K, 0, BC, BK), ACC), _load(_st(hs_ptr, hd, n, N, K, V, 0, v0, BK, BV), ACC),
+    o += _dot(_load(_ws(qs_ptr, hd, n, NT, K, 0, BC, BK), ACC), _load(_st(hs_ptr, hd, n, N, K, V, v0, BK, BV), ACC),
               PREC)
     _store(_rows(o_ptr, t0, T, H, V, hd, v0, BC, BV), o)
 
@@ -182,16 +167,16 @@ def dplr_state_bwd(mn_ptr, qs_ptr, do_ptr, dhT_ptr, dhs_ptr, dh0_ptr, T, H, K, V
     hd = tl.program_id(0)
     v0 = tl.program_id(1) * BV
     if HAS_DHT:
-        dh = _load(_st(dhT_ptr, hd, 0, 1, K, V, 0, v0, BK, BV), ACC)
+        dh = _load(_st(dhT_ptr, hd, 0, 1, K, V, v0, BK, BV), ACC)
     else:
         dh = tl.zeros([BK, BV], dtype=ACC)
     for m in range(N):
         n = N - 1 - m
-        _store(_st(dhs_ptr, hd, n, N, K, V, 0, v0, BK, BV), dh)
-        dh = _dot(tl.trans(_load(_st(mn_ptr, hd, n, N, K, K, 0, 0, BK, BK), ACC)), dh, PREC) \
+        _store(_st(dhs_ptr, hd, n, N, K, V, v0, BK, BV), dh)
+        dh = _dot(tl.trans(_load(_st(mn_ptr, hd, n, N, K, K, 0, BK, BK), ACC)), dh, PREC) \
             + _dot(tl.trans(_load(_ws(qs_ptr, hd, n, NT, K, 0, BC, BK), ACC)),
                    _load(_rows(do_ptr, n * BC, T, H, V, hd, v0, BC, BV), ACC), PREC)
-    _store(_st(dh0_ptr, hd, 0, 1, K, V, 0, v0, BK, BV), dh)
+    _store(_st(dh0_ptr, hd, 0, 1, K, V, v0, BK, BV), dh)
 
 
 @triton.jit
@@ -225,7 +210,7 @@ def dplr_chunk_bwd(q_ptr, k_ptr, u_ptr, e_ptr, w_ptr, la_ptr, do_ptr, mat_ptr, u
         do = _load(_rows(do_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
         w = _load(_rows(w_ptr, t0, T, H, V, hd, v0, BC, BV), ACC)
         Uz = _load(_ws(uz_ptr, hd, n, NT, V, v0, BC, BV), ACC)
-        dh1 = _load(_st(dhs_ptr, hd, n, N, K, V, 0, v0, BK, BV), ACC)
+        dh1 = _load(_st(dhs_ptr, hd, n, N, K, V, v0, BK, BV), ACC)
         dPk += _dot(do, tl.trans(w), PREC)
         dPu -= _dot(do, tl.trans(Uz), PREC)
         dR1 = _dot(tl.trans(Tinv), -_dot(tl.trans(Pu), do, PREC) - _dot(ut, dh1, PREC), PREC)
@@ -233,7 +218,7 @@ def dplr_chunk_bwd(q_ptr, k_ptr, u_ptr, e_ptr, w_ptr, la_ptr, do_ptr, mat_ptr, u
         dAeu -= _dot(dR1, tl.trans(Uz), PREC)
         dw = _dot(tl.trans(Pk), do, PREC) + _dot(tl.trans(Aek), dR1, PREC) + _dot(kt, dh1, PREC)
         _store(_rows(dw_ptr, t0, T, H, V, hd, v0, BC, BV), dw)
-        h = _load(_st(hs_ptr, hd, n, N, K, V, 0, v0, BK, BV), ACC)
+        h = _load(_st(hs_ptr, hd, n, N, K, V, v0, BK, BV), ACC)
         _store(_ws(y_ptr, hd, n, NT, V, v0, BC, BV), Uz + _dot(Wz, h, PREC))
         _store(_ws(d_ptr, hd, n, NT, V, v0, BC, BV), _dot(ut, dh1, PREC))
     tl.debug_barrier()
@@ -243,8 +228,8 @@ def dplr_chunk_bwd(q_ptr, k_ptr, u_ptr, e_ptr, w_ptr, la_ptr, do_ptr, mat_ptr, u
         dut = tl.zeros([BC, BKS], dtype=ACC)
         dWz = tl.zeros([BC, BKS], dtype=ACC)
         for v0 in range(0, V, BV):
-            hb = _load(_st(hs_ptr, hd, n, N, K, V, k0, v0, BKS, BV), ACC)
-            dhb = _load(_st(dhs_ptr, hd, n, N, K, V, k0, v0, BKS, BV), ACC)
+            hb = _load(_st(hs_ptr, hd, n, N, K, V, v0, BKS, BV, k0), ACC)
+            dhb = _load(_st(dhs_ptr, hd, n, N, K, V, v0, BKS, BV, k0), ACC)
             dqs += _dot(_load(_rows(do_ptr, t0, T, H, V, hd, v0, BC, BV), ACC), tl.trans(hb), PREC)
             dkt += _dot(_load(_rows(w_ptr, t0, T, H, V, hd, v0, BC, BV), ACC), tl.trans(dhb), PREC)
             dut -= _dot(_load(_ws(y_ptr, hd, n, NT, V, v0, BC, BV), ACC), tl.trans(dhb), PREC)
@@ -293,8 +278,8 @@ def dplr_chunk_bwd(q_ptr, k_ptr, u_ptr, e_ptr, w_ptr, la_ptr, do_ptr, mat_ptr, u
         dG -= s
         dgM = tl.zeros([BKS], dtype=ACC)                 # diag(dMn) = rowsum(dh1 * h)
         for v0 in range(0, V, BV):
-            dgM += tl.sum(_load(_st(hs_ptr, hd, n, N, K, V, k0, v0, BKS, BV), ACC)
-                         * _load(_st(dhs_ptr, hd, n, N, K, V, k0, v0, BKS, BV), ACC), 1)
+            dgM += tl.sum(_load(_st(hs_ptr, hd, n, N, K, V, v0, BKS, BV, k0), ACC)
+                         * _load(_st(dhs_ptr, hd, n, N, K, V, v0, BKS, BV, k0), ACC), 1)
         dgE = tl.sum(s, 0) + dgM * tl.exp(gEb)
         de += dEt * eGp
         dGp += dEt * e * eGp

@@ -55,15 +55,6 @@ def _toks(ptr, t0, T, H, hd, BC: tl.constexpr):
 
 
 @triton.jit
-def _st(ptr, hd, n, N, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
-    """Pointers and mask: columns v0 .. v0+BV of state n of a [B*H, N, K, V] stack."""
-    rk = tl.arange(0, BK)
-    rv = v0 + tl.arange(0, BV)
-    base = (hd.to(tl.int64) * N + n) * K * V
-    return ptr + base + rk[:, None] * V + rv[None, :], (rk[:, None] < K) & (rv[None, :] < V)
-
-
-@triton.jit
 def _vec(ptr, hd, n, N, i, BC: tl.constexpr):
     """Pointers: vector i of chunk n of a [B*H, N, 8, BC] tensor."""
     return ptr + ((hd.to(tl.int64) * N + n) * 8 + i) * BC + tl.arange(0, BC)
