@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nlc.backends.torch.ops import check_tensor
+from nlc.backends.torch.ops import HALF, check_tensor
 
 MODES = ("chunk", "recurrent")
 OBJECTIVES = ("l2", "dot")
@@ -236,8 +236,7 @@ def _per_token(op, name, x, q, dtype):
 def _inputs(q, k, v, dtype):
     """The 16-bit dtype that q, k and v share, where the memory computes in float32 (None
     otherwise): a Triton kernel takes its products in TF32 for such inputs (``plan.products``)."""
-    half = (torch.bfloat16, torch.float16)
-    return q.dtype if dtype == torch.float32 and q.dtype in half and k.dtype == v.dtype == q.dtype else None
+    return q.dtype if dtype == torch.float32 and q.dtype in HALF and k.dtype == v.dtype == q.dtype else None
 
 
 def _dtype(*tensors):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from nlc.backends.triton import template
-from nlc.backends.triton.plan import pow2 as _pow2
+from nlc.backends.triton.plan import pow2 as _pow2, products
 
 __all__ = ["chunk_generalized_delta", "DTYPES", "variant", "kernels", "launch"]
 
@@ -57,7 +57,7 @@ def launch(K: int, V: int, chunk_size: int, dtype, interpret: bool = False) -> d
     BK, BV = _pow2(K), _pow2(V)
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     base = dict(BC=min(64, _pow2(chunk_size)), BK=BK, BV=BV, ACC=acc,
-                PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+                PREC=products(dtype, float32="ieee"),
                 DT=acc if interpret else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, acc))
     bvs = min(BV, 32 if BK >= 128 else 64)
     split = dict(base, BV=bvs)

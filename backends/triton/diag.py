@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from nlc.backends.triton import template
-from nlc.backends.triton.plan import pow2 as _pow2
+from nlc.backends.triton.plan import pow2 as _pow2, products
 
 __all__ = ["chunk_diag_delta", "launch"]
 
@@ -24,7 +24,7 @@ def launch(K: int, V: int, dtype) -> dict:
     {kernel name: (constexpr dict, num_stages, num_warps)}, as ``delta.launch``."""
     import triton.language as tl
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    prec = products(dtype, float32="ieee")
     BK, BV = min(_pow2(K), 64), min(_pow2(V), 64)
     state = dict(BC=BC, BK=BK, BV=BV, ACC=acc, PREC=prec)
     chunk = dict(BC=BC, BKS=16, BV=BV, ACC=acc, PREC=prec)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from nlc.backends.torch.ops import HALF
 from nlc.backends.triton import template
 from nlc.backends.triton.plan import DPLR_MAX_K as MAX_K, pow2 as _pow2, products
 
@@ -60,7 +61,7 @@ def chunk_dplr_delta(q, k, w, log_a, u, e, h0):
         h = h0 if h0 is not None else q.new_zeros(B, H, K, w.shape[-1])
         return q.new_zeros(B, 0, H, w.shape[-1]), h
     prec = products(q.dtype)
-    if q.dtype in (torch.bfloat16, torch.float16):   # 16-bit inputs: float32 tiles, TF32 products
+    if q.dtype in HALF:                              # 16-bit inputs: float32 tiles, TF32 products
         q, k, w, log_a, u, e = (x.float() for x in (q, k, w, log_a, u, e))
         h0 = None if h0 is None else h0.float()
     return _DPLRChunk.apply(prec, q, k, w, log_a, u, e, h0)
