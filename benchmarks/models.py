@@ -145,14 +145,13 @@ def bench_graphed(model, B: int, T: int, repeats: int) -> tuple[float, float]:
     return B * T / statistics.median(times), err
 
 
-def ops_by_call(name: str, T: int) -> dict:
+def ops_by_call(model, T: int) -> dict:
     """Aten ops per token of one eager forward + backward (batch 1), split by who dispatches them:
     the CMS's in-context gradient (``cms_step``), the generators' updates and reads, the rest of
     the forward, and the backward."""
     from unittest import mock
 
     from nlc.backends.torch import cms, lib
-    model = model_of(name)
     ids = tokens(model, 1, T)
     count = OpCount()
     split = {"cms_step": 0, "update_generators": 0, "read_generators": 0}
@@ -262,17 +261,17 @@ def main():
     if not args.no_ops:
         torch.set_num_threads(1)
         print("\n| spec | aten ops / token, forward | forward + backward |\n| --- | ---: | ---: |")
+        splits = []
         for name in names:
             model = model_of(name)
             if model is not None:
                 fwd, both = ops_per_token(model, args.ops_T)
                 print(f"| {name} | {fwd:,.0f} | {both:,.0f} |", flush=True)
+                if args.ops_split:   # the same model, counted again by call
+                    splits.append((name, ops_by_call(model, args.ops_T)))
         print(f"(eager, T={args.ops_T}, B=1)")
-        if args.ops_split:
-            for name in names:
-                if model_of(name) is not None:
-                    split = ops_by_call(name, args.ops_T)
-                    print(f"{name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in split.items()), flush=True)
+        for name, split in splits:
+            print(f"{name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in split.items()), flush=True)
 
 
 if __name__ == "__main__":
