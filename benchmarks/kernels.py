@@ -103,6 +103,22 @@ def mlp_rows(B, T, args, dtype, device):
     return {f"mlp memory (titans) {b}": (lambda b=b: mlp_call(x, b)) for b in ("triton", "torch")}
 
 
+def mlp_wide_rows(B, T, args, dtype, device):
+    """Hope's M_mem level: 256-wide heads (H / 4 of them), hidden 256, retention, the DGD erase, a
+    self-generated target, read at the current weights, chunk 64 (the backward kernel takes it in
+    64-wide slices); Triton vs nlc's torch form."""
+    from nlc.backends.torch.memories import mlp_memory
+    D = min(256, 2 * args.K)                      # 256 at the benchmark's K = 128
+    x = mlp_inputs(B, T, max(1, args.H // 4), D, D, dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    erase = (0.5 * torch.rand(x["eta"].shape, generator=gen)).to(device=device, dtype=dtype).requires_grad_()
+
+    def call(b):
+        return mlp_memory(x["q"], x["k"], x["v"], x["eta"], None, x["alpha"], erase, initial_state=(x["W1"], x["W2"]),
+                          self_target=True, read="current", chunk_size=64, backend=b)[0]
+    return {f"mlp memory (hope M_mem) {b}": (lambda b=b: call(b)) for b in ("triton", "torch")}
+
+
 def dplr_rows(B, T, args, dtype, device):
     """The DPLR form (RWKV-7's) at the benchmark's K = V, H; Triton vs nlc's torch form."""
     x = dplr_inputs(B, T, args.H, args.K, dtype, device)
@@ -149,24 +165,27 @@ def rows(args):
     bench = timer(device)
     fla, fla_why = load_fla(args.fla) if args.fla else (None, "not requested (--fla DIR)")
     B, H, K, V = 1, args.H, args.K, args.K
+    want = set(args.rows.split(","))
     out = []
     for T in args.T:
         x = inputs(B, T, H, K, V, dtype, device)
         qkv = [x[n] for n in ("q", "k", "v")]
         impls = {}
-        if "delta" in args.rows:
+        if "delta" in want:
             impls["nlc triton"] = lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="triton")[0]
             impls["nlc torch chunk"] = lambda: ops.gated_delta_rule(*qkv, x["beta"], x["g"], backend="torch")[0]
             if fla is not None:
                 impls["fla chunk_gated_delta_rule"] = lambda: fla(*qkv, x["g"], x["beta"], output_final_state=True)[0]
-        if "sdpa" in args.rows:
+        if "sdpa" in want:
             sdpa_in = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in qkv]
             impls["torch SDPA (causal softmax)"] = lambda: F.scaled_dot_product_attention(*sdpa_in, is_causal=True)
-        if "mlp" in args.rows:
+        if "mlp" in want:
             impls.update(mlp_rows(B, T, args, dtype, device))
-        if "momentum" in args.rows:
+        if "mlp_wide" in want:
+            impls.update(mlp_wide_rows(B, T, args, dtype, device))
+        if "momentum" in want:
             impls.update(momentum_rows(B, T, args, dtype, device))
-        if "dplr" in args.rows:
+        if "dplr" in want:
             impls.update(dplr_rows(B, T, args, dtype, device))
         io_bytes = (2 * B * T * H * K + 2 * B * T * H * V + 2 * B * T * H) * x["q"].element_size()
         for name, fn in impls.items():
@@ -219,9 +238,13 @@ def main():
     p.add_argument("--fla", default=None, help="directory holding fla/ (flash-linear-attention's source)")
     p.add_argument("--toy", action="store_true", help="tiny sizes on CPU: checks the script, not speed")
     p.add_argument("--out", default=None, help="also write the table to this file")
-    p.add_argument("--rows", default="delta,sdpa,mlp,momentum,dplr",
-                   help="which rows: delta (nlc and fla), sdpa, mlp, momentum, dplr")
+    p.add_argument("--rows", default="delta,sdpa,mlp,mlp_wide,momentum,dplr",
+                   help="which rows: delta (nlc and fla), sdpa, mlp (Titans' level), mlp_wide (Hope's M_mem), "
+                        "momentum, dplr")
     args = p.parse_args()
+    unknown = set(args.rows.split(",")) - {"delta", "sdpa", "mlp", "mlp_wide", "momentum", "dplr"}
+    if unknown:
+        p.error(f"unknown rows {', '.join(sorted(unknown))}")
     if args.toy:
         args.T, args.H, args.K = [40], 2, 16
     text = table(*rows(args), args)

@@ -108,7 +108,7 @@ def diag_rows(dtypes):
 
 def mlp_rows():
     from nlc.backends.triton.deep import _config, _pow2
-    from nlc.backends.triton.plan import mlp_backward_fits
+    from nlc.backends.triton.plan import mlp_slice
     titans = dict(MOMENTUM=True, RETAIN=True, ERASE=False, SELF_TARGET=False, RESIDUAL=True, CURRENT=True,
                   L2=True, GELU=False)               # titans.yaml's memory level: D 64, hidden 128
     hope = dict(MOMENTUM=False, RETAIN=True, ERASE=True, SELF_TARGET=True, RESIDUAL=True, CURRENT=True,
@@ -130,9 +130,8 @@ def mlp_rows():
             *_, cfg, warps = _config(torch.empty(1, 1, 1, D), W, C, prec)
             label = name if prec == "tf32x3" else f"{name} (16-bit inputs: tf32)"
             yield label, torch.float32, "mlp_chunk_fwd", mod.mlp_chunk_fwd, dict(cfg, BV=_pow2(D)), 1, warps
-            if mlp_backward_fits(C, D):   # wider levels take the torch backward (plan.MLP_BWD_TILE)
-                bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC")}, BV=_pow2(D), DETACH=False)
-                yield label, torch.float32, "mlp_chunk_bwd", mod.mlp_chunk_bwd, bwd, 1, warps
+            bwd = dict({k: cfg[k] for k in ("BC", "BO", "BJ", "ACC", "PREC")}, BK=mlp_slice(C, D), DETACH=False)
+            yield label, torch.float32, "mlp_chunk_bwd", mod.mlp_chunk_bwd, bwd, 1, warps
 
 
 def dplr_rows():

@@ -130,8 +130,6 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
         for name, p in placement.items():
             where = (f"Triton, skeleton {p['skeleton']} -> {p['file']}" if p["runs_on"] == "triton"
                      else f"torch ({p['why']})")
-            if "backward" in p:
-                where += f"; {p['backward']}"
             if backend == "auto" and "auto" in p:
                 where += f" ({p['auto']})"
             typer.echo(f"level {name}: {where}")

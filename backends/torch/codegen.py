@@ -214,6 +214,4 @@ def _kernel_files(spec, source_name):
                            "file": f"kernels/{name}.py"}
         if p.auto():
             placement[name]["auto"] = p.auto()
-        if p.backward:
-            placement[name]["backward"] = p.backward
     return files, placement

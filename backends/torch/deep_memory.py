@@ -155,10 +155,9 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
             masked matmuls over each chunk (README "Memories"), no loop over tokens.
         backend: who runs ``mode="chunk"``: ``"torch"``, ``"triton"`` (skeleton 2,
             ``nlc.backends.triton.deep``: depth 2, silu or gelu, chunk 16, 32 or 64, sizes up to
-            256) or ``"auto"`` (Triton for CUDA tensors that it takes, torch otherwise; under
-            autograd only where the backward kernel takes the level too, ``plan.mlp_backward_fits``:
-            on an H100 Titans' level runs forward + backward 4.1x faster on the kernels than on
-            the torch form, while a chunk-by-chunk torch recompute backward ran 2.6x slower). A state
+            256) or ``"auto"`` (Triton for CUDA tensors that it takes, torch otherwise: on an H100
+            Titans' level ran forward + backward 4.1x faster on the kernels than on the torch
+            form). A state
             with an offset > 0 runs the rest of its open chunk on torch, the chunks after it on
             the kernel.
 
@@ -226,9 +225,6 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
         offset = (offset + T) % chunk_size
     else:
         kernel = None
-        if backend == "auto" and _needs_grad(q, k, v, eta, beta, alpha, erase, *W, *(S or ()), *(A or ())) \
-                and not _backward_kernel_takes(chunk_size, q, W, v):
-            backend = "torch"   # training through the kernel with the torch recompute backward: slower
         if backend != "torch":
             from nlc.backends.triton import deep
             if pick(op, backend, q, why_not=deep.supports(cfg, W, chunk_size)) == "triton":
@@ -249,18 +245,6 @@ def mlp_memory(q, k, v, eta, beta=None, alpha=None, erase=None, *, initial_state
         o, (W, S), A, offset = _anchored(piece, T, chunk_size, offset, A, (W, S))
     state = MLPState(tuple(W), None if S is None else tuple(S), None if A is None else tuple(A), offset)
     return o.to(out_dtype), (state if output_final_state else None)
-
-
-def _backward_kernel_takes(chunk_size: int, q, W, v) -> bool:
-    """Whether the deep memory's backward kernel takes a level of these sizes (else ``auto``
-    trains it on torch). ``W[0]`` is ``[.., d_out, hidden]``."""
-    from nlc.backends.triton.plan import mlp_backward_fits
-    return mlp_backward_fits(chunk_size, q.shape[-1], W[0].shape[-2], v.shape[-1])
-
-
-def _needs_grad(*xs) -> bool:
-    """Whether autograd will want a gradient through any of ``xs`` (Nones skipped)."""
-    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
 
 
 def _mlp_errors(k, v, anchor, cfg):

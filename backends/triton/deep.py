@@ -12,8 +12,9 @@ error and (current read) ``XK`` for the backward. Backward: one Triton kernel
 its vector-Jacobian product by hand (the erase's triangular solve and a self-generated target's
 own path included); the decay coefficients it needs are built here with torch from eta, beta and
 alpha, and their cotangents go back through that small graph (:func:`_backward`). Its tiles are
-[chunk, width]: levels whose chunk x width passes ``plan.MLP_BWD_TILE`` (an H100's shared memory)
-take :func:`_recompute_backward`, each chunk recomputed by the torch chunk code under autograd.
+[chunk, slice]: it takes D, d_out and v's columns a slice at a time (``plan.mlp_slice``: chunk x
+slice within ``plan.MLP_BWD_TILE``, an H100's shared memory), so it serves every level the
+forward serves.
 
 The chunk size is the kernel's tile and, for the MLP memory, part of the semantics (gradients at
 each chunk's anchor): the kernel takes exactly 16, 32 or 64 and raises otherwise.
@@ -22,10 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from nlc.backends.torch.deep_memory import _backward_kernel_takes, _mlp_chunk
 from nlc.backends.triton import template
 from nlc.backends.triton.plan import MLP_ACTIVATIONS as ACTIVATIONS, MLP_CHUNKS as CHUNKS, MLP_MAX_DIM as MAX_DIM
-from nlc.backends.triton.plan import pow2 as _pow2, products
+from nlc.backends.triton.plan import mlp_slice, pow2 as _pow2, products
 
 __all__ = ["chunk_mlp_memory", "supports", "variant", "kernels", "CHUNKS", "ACTIVATIONS", "MAX_DIM"]
 
@@ -90,8 +90,9 @@ def _config(q, W, C, prec=None):
     # 29.7 ms with tf32x3 (BJ 16), 15.3 ms with tf32 at BJ 32, against 138 ms with ieee at 16 warps
     # (the best ieee choice) and 121 ms for the torch form; tf32x3 at 8 or 16 warps and tf32 at 8
     # with BJ 16 made an illegal memory access there (Triton 3.6), 4 warps did not. BJ 32 is not
-    # taken: ptxas for sm_90 gives the backward with Hope's flags at chunk x width 64 x 64 256 KB
-    # of shared memory with it (an H100 has 227 KB), 98 KB with BJ 16.
+    # taken until a card times it against 16 with the same products (tune.py --kernel mlp): with
+    # [chunk, width] tiles the backward needed 256 KB of shared memory with it at Hope's flags 64 x
+    # 64 (an H100 has 227 KB); in slices it needs 131,072 B with tf32 (ptxas for sm_90).
     cfg = dict(BC=C, BD=_pow2(D), BH=_pow2(hid), BO=_pow2(d_out), BJ=16,
                ACC=tl.float64 if f64 else tl.float32, PREC=prec)
     return D, hid, d_out, cfg, ((16 if C == 64 else 8) if f64 else 4)
@@ -132,9 +133,7 @@ class _MLPChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, *dstate):
-        saved = ctx.saved_tensors
-        fits = _backward_kernel_takes(ctx.meta[1], saved[0], saved[9:10], saved[2])   # q, W1's anchor stack, v
-        return (None, None, None, None, *(_backward if fits else _recompute_backward)(ctx, do, dstate))
+        return (None, None, None, None, *_backward(ctx, do, dstate))
 
 
 def _backward(ctx, do, dstate):
@@ -148,7 +147,7 @@ def _backward(ctx, do, dstate):
     T, N = q.shape[1], anchors[0].shape[1]
     W = [a[:, 0].reshape(B, H, *a.shape[-2:]) for a in anchors[:2]]
     D, hid, d_out, kc, warps = _config(q, W, C, prec)
-    kc.pop("BH")
+    kc = {k: kc[k] for k in ("BC", "BO", "BJ", "ACC", "PREC")}
     acc = anchors[0].dtype
     flags = variant(cfg, beta is not None, alpha is not None, erase is not None, current)
     mod = kernels(flags, interpret=not q.is_cuda)
@@ -165,13 +164,13 @@ def _backward(ctx, do, dstate):
     dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
     derase = dummy if erase is None else torch.empty_like(erase_)
     dcv, dcs, dcm = torch.zeros_like(cv), torch.zeros_like(cs), torch.zeros_like(cm)
-    e_ws = q_.new_empty(B * H, 1, C, kc["BO"])
+    e_ws = q_.new_empty(B * H, 3, C, kc["BO"])        # err's cotangent, ak^T dH1e, ak^T dS1e
     m_ws = q_.new_empty(B * H, 6, C, C)
     pad = lambda xs: list(xs) + [dummy] * (4 - len(xs))  # noqa: E731
     mod.mlp_chunk_bwd[(B * H,)](
         q_, k_, v_, dummy if erase is None else erase_, do_, c(cv), c(cs), c(cm), *pad(anchors), *pad(dmats),
         dq, dk, dv, derase, dcv, dcs, dcm, errs, xk, e_ws, m_ws, T, H, D, hid, d_out, v.shape[-1], N,
-        BV=_pow2(v.shape[-1]), DETACH=bool(cfg[2]), num_warps=warps, num_stages=1, **kc)
+        BK=mlp_slice(C, D, d_out, v.shape[-1]), DETACH=bool(cfg[2]), num_warps=warps, num_stages=1, **kc)
     wrt = [(x, i) for i, x in enumerate(scal) if x is not None and x.requires_grad]
     dscal = [None, None, None]
     if wrt:
@@ -185,37 +184,6 @@ def _backward(ctx, do, dstate):
              for x, g, nd in zip(ins, [dq, dk, dv, *dscal, None if erase is None else derase], need)]
     mats = [m.reshape(B, H, *m.shape[-2:]).to(q.dtype) for m in dmats]
     return (*grads, *(mats + [None] * (4 - len(mats))))
-
-
-def _recompute_backward(ctx, do, dstate):
-    """The backward of levels too wide for the kernel's tiles: chunk by chunk in reverse, each
-    recomputed from its saved anchor by the torch chunk code under autograd, carrying the gradient
-    of the chunk-end state; memory is one chunk's graph at a time. Same result as the kernel."""
-    q, k, v, eta, beta, alpha, erase, _, _, *anchors = ctx.saved_tensors
-    cfg, C, current, B, H, _ = ctx.meta
-    T, N = q.shape[1], anchors[0].shape[1]
-    anchors = [a.to(q.dtype).reshape(B, H, N, *a.shape[-2:]) for a in anchors]
-    inputs = [q, k, v, eta, beta, alpha, erase]
-    need = ctx.needs_input_grad[4:11]
-    grads = [torch.zeros_like(x) if x is not None and nd else None for x, nd in zip(inputs, need)]
-    carry = [torch.zeros_like(a[:, :, 0]) if g is None else g for a, g in zip(anchors, dstate)]
-    for n in reversed(range(N)):
-        sl = slice(n * C, min(T, (n + 1) * C))
-        with torch.enable_grad():
-            xs = [None if x is None else x[:, sl].detach().requires_grad_(bool(nd)) for x, nd in zip(inputs, need)]
-            st = [a[:, :, n].detach().requires_grad_() for a in anchors]
-            a_ = torch.ones_like(xs[3]) if alpha is None else xs[5]
-            o, Wn, Sn = _mlp_chunk(*xs[:5], a_, xs[6], cfg, st[:2], st[2:] or None, C, current)
-            wrt = [x for x in xs if x is not None and x.requires_grad] + st
-            gout = [torch.zeros_like(o) if do is None else do[:, sl], *carry]
-            g = list(torch.autograd.grad([o, *Wn, *(Sn or ())], wrt, gout, allow_unused=True))
-        for i, x in enumerate(xs):
-            if x is not None and x.requires_grad:
-                gi = g.pop(0)
-                if gi is not None:
-                    grads[i][:, sl] = gi
-        carry = [torch.zeros_like(s) if gi is None else gi for s, gi in zip(st, g)]
-    return (*grads, *(carry + [None] * (4 - len(carry))))
 
 
 def _coefficients(eta, beta, alpha, C, N, T):

@@ -15,18 +15,18 @@ from nlc.expr import Call, Num
 from nlc.instance import instanced
 from nlc.rules import derive
 
-__all__ = ["Placement", "plan", "pow2", "products", "delta_terms", "mlp_flags", "momentum_flags", "mlp_backward_fits", "header",
-           "describe", "kernel_levels", "AUTO_MLP", "AUTO_MLP_NO_GRAD", "AUTO_GENERATORS"]
+__all__ = ["Placement", "plan", "pow2", "products", "delta_terms", "mlp_flags", "momentum_flags", "mlp_slice", "header",
+           "describe", "kernel_levels", "AUTO_MLP", "AUTO_GENERATORS"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
 MLP_ACTIVATIONS = ("silu", "gelu")
 MLP_MAX_DIM = 256
-# The backward kernel keeps [chunk, width] tiles (width: the widest of D, d_out and v's) on chip.
-# ptxas for sm_90 with Hope's flags (an H100 has 227 KB of shared memory): float64 ("ieee"
-# products, 16 warps) 209 KB at 64 x 64, 152 KB at 32 x 128, 153 KB at 16 x 256, but 319 KB at
-# 64 x 128; float32 ("tf32x3", 4 warps) 98, 51, 51 and 164 KB, and 295 KB at 64 x 256. The bound
-# holds for both dtypes; no shipped level lies between it and float32's (only Hope's M_mem, 64 x
-# 256, is over). Wider levels take the torch backward (each chunk recomputed from its anchor).
+# The backward kernel's tiles are [chunk, slice]: it takes D, d_out and v's columns a slice at a
+# time (mlp_slice), chunk x slice within this bound. ptxas for sm_90 with Hope's flags when the
+# tiles were [chunk, width] (an H100 has 227 KB of shared memory): float64 ("ieee" products, 16
+# warps) 209 KB at 64 x 64, 152 KB at 32 x 128, 153 KB at 16 x 256, but 319 KB at 64 x 128;
+# float32 ("tf32x3", 4 warps) 98, 51, 51 and 164 KB, and 295 KB at 64 x 256 (Hope's M_mem: 98 KB
+# in 64-wide slices).
 MLP_BWD_TILE = 64 * 64
 MOMENTUM_CHUNKS = (16, 32, 64)  # skeleton 1c's tiles: the momentum memory's chunk is semantics too
 MOMENTUM_MAX_DIM = 256
@@ -40,9 +40,6 @@ AUTO_MLP = ("with backend auto, forward and backward kernels for CUDA tensors, t
 # small calls are launch-bound on a GPU.
 AUTO_GENERATORS = ("with backend auto, the stacked torch scan (one update of every generator per chunk); "
                    "backend triton runs this kernel per generator per chunk, which dispatches more ops")
-AUTO_MLP_NO_GRAD = ("with backend auto, only where no gradient is wanted (evaluation, sampling); training runs "
-                    "the torch form: this level's backward would be the chunk-by-chunk torch recompute, which "
-                    "ran 2.6x slower than the torch form on an H100")
 
 
 def pow2(n: int, lo: int = 16) -> int:
@@ -72,9 +69,10 @@ def products(inputs, float32: str = "tf32x3") -> str:
     return float32 if name == "float32" else "tf32"
 
 
-def mlp_backward_fits(chunk: int, *widths: int) -> bool:
-    """Whether the deep memory's backward kernel takes a level of this chunk and these widths."""
-    return chunk * pow2(max(widths)) <= MLP_BWD_TILE
+def mlp_slice(chunk: int, *widths: int) -> int:
+    """The deep memory's backward kernel's slice: how many columns of D, d_out and v it takes at a
+    time (all of them where chunk x width is within ``MLP_BWD_TILE``)."""
+    return min(pow2(max(widths)), max(16, MLP_BWD_TILE // chunk))
 
 
 @dataclass(frozen=True)
@@ -83,14 +81,13 @@ class Placement:
     skeleton: str | None            # None: runs on torch
     flags: dict = field(default_factory=dict)
     why: str = ""                   # what runs instead, and why (skeleton None)
-    backward: str = ""              # how the gradient is taken, where that is not the skeleton's own kernel
     generator: bool = False         # read inside other levels' flows (outside the block), updated per chunk
 
     def auto(self) -> str:
         """What ``backend="auto"`` does with this level beyond "kernels on CUDA", or ''."""
         if self.skeleton != "mlp_chunk":
             return ""
-        return AUTO_GENERATORS if self.generator else AUTO_MLP_NO_GRAD if self.backward else AUTO_MLP
+        return AUTO_GENERATORS if self.generator else AUTO_MLP
 
     def describe(self) -> str:
         if self.skeleton is None:
@@ -140,8 +137,7 @@ def plan(spec: S.ModelSpec) -> dict[str, Placement]:
         else:
             why, flags = mlp_flags(spec, name, d)
             p = Placement(name, None, why=why) if why else Placement(
-                name, "mlp_chunk", flags, backward=mlp_backward_note(spec, name),
-                generator=name not in spec.model.block)
+                name, "mlp_chunk", flags, generator=name not in spec.model.block)
         out[name] = p
     return out
 
@@ -187,17 +183,6 @@ def momentum_flags(spec, name: str, d) -> tuple[str | None, dict]:
     return None, {"ERASE": d.erase is not None, "L2": d.loss == "l2"}
 
 
-def mlp_backward_note(spec, name: str) -> str:
-    """'' where the backward kernel serves the level, else what takes the gradient and why."""
-    lv = spec.levels[name]
-    K = spec.model.d_model // spec.model.heads
-    width = 1 if lv.out == "scalar" else K
-    if mlp_backward_fits(lv.chunk_size(), K, width):
-        return ""
-    return (f"backward on torch, each chunk recomputed from its anchor: the backward kernel takes chunk x width "
-            f"up to {MLP_BWD_TILE} (an H100's shared memory), this level has {lv.chunk_size()} x {max(K, width)}")
-
-
 def header(spec_name: str, source: str, level: str, rule: str, p: Placement, sha: str) -> str:
     """The comment block on top of a level's generated kernel file."""
     flags = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in sorted(p.flags.items()))
@@ -232,14 +217,10 @@ def describe(spec: S.ModelSpec, backend: str) -> str:
         if p.skeleton is None:
             out.append(f"| `{name}` | torch: {p.why} |")
             continue
-        text = p.describe() + (f": the forward kernel; {p.backward}" if p.backward
-                               else ": forward and backward kernels")
+        text = p.describe() + ": forward and backward kernels"
         if backend == "auto" and p.generator:
             text = ("torch: the stacked scan of every generator, one update per chunk (`auto` does not run "
                     f"{p.describe()} per generator per chunk: more launches than the stacked scan)")
-        elif backend == "auto" and p.backward:
-            text += ("; under autograd `auto` runs the torch form instead (that recompute backward ran 2.6x "
-                     "slower than the torch form on an H100), the kernel where no gradient is wanted")
         if p.generator:
             text += "; its reads (a generator's output, at each chunk's anchor) are torch matmuls"
         out.append(f"| `{name}` | {text} |")

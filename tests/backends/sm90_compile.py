@@ -18,7 +18,7 @@ from triton.compiler import ASTSource
 
 import nlc
 from nlc.backends.triton import template
-from nlc.backends.triton.plan import mlp_backward_fits, plan
+from nlc.backends.triton.plan import mlp_slice, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,10 +110,10 @@ def main(everything: bool):
                 cfg = dict(cfg, BV=_pow2(D if p.flags["SELF_TARGET"] else d_out))
                 print(json.dumps({"variant": f"{variant} {prec}", "kernel": "mlp_chunk_fwd",
                                   "smem": compile_smem(mod.mlp_chunk_fwd, cfg, 1, warps)}), flush=True)
-                if mlp_backward_fits(chunk, D, d_out):   # wider levels take the torch backward
-                    bwd = dict({k: cfg[k] for k in ("BC", "BD", "BO", "BJ", "ACC", "PREC", "BV")}, DETACH=False)
-                    print(json.dumps({"variant": f"{variant} {prec}", "kernel": "mlp_chunk_bwd",
-                                      "smem": compile_smem(mod.mlp_chunk_bwd, bwd, 1, warps)}), flush=True)
+                bwd = dict({k: cfg[k] for k in ("BC", "BO", "BJ", "ACC", "PREC")}, DETACH=False,
+                           BK=mlp_slice(chunk, D, d_out))
+                print(json.dumps({"variant": f"{variant} {prec}", "kernel": "mlp_chunk_bwd",
+                                  "smem": compile_smem(mod.mlp_chunk_bwd, bwd, 1, warps)}), flush=True)
 
 
 def prologues(everything: bool):

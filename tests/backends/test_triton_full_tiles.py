@@ -1,5 +1,6 @@
 """Every kernel family at the benchmark's tiles, compiled on a GPU: K = V = 128 at chunk 64 (the
-deep memory at Titans' sizes, D 64, hidden 128), two chunks and a ragged one, float32 against the
+deep memory at Titans' sizes, D 64, hidden 128, and at Hope's M_mem's, one 256-wide head, hidden
+256, whose backward runs in 64-wide slices), two chunks and a ragged one, float32 against the
 float64 torch form (the issue's 1e-4 on outputs and states, 1e-3 on gradients) and bfloat16 against
 the float32 torch form on the same rounded values (relative RMSE under 5e-3).
 
@@ -53,6 +54,11 @@ def _draw(name: str) -> dict:
                  alpha=rand(B, T, H, lo=0.7, hi=1.0), M=0.5 * randn(B, H, K, K), S=0.1 * randn(B, H, K, K))
         if name == "momentum_erase":
             x["erase"] = rand(B, T, H, lo=0.05, hi=0.5)
+    elif name == "hope_memory":                             # Hope's M_mem: one 256-wide head, hidden 256
+        D = 256
+        x = dict(q=randn(B, T, 1, D), k=unit(B, T, 1, D), v=randn(B, T, 1, D), eta=rand(B, T, 1, lo=0.05, hi=0.6),
+                 alpha=rand(B, T, 1, lo=0.7, hi=1.0), erase=rand(B, T, 1, lo=0.05, hi=0.5),
+                 W1=0.6 * randn(B, 1, D, D) / D ** 0.5, W2=0.6 * randn(B, 1, D, D) / D ** 0.5)
     else:                                                   # Titans' memory level: D 64, hidden 128
         D = 64
         x = dict(q=randn(B, T, H, D), k=unit(B, T, H, D), v=randn(B, T, H, D), eta=rand(B, T, H, lo=0.05, hi=0.6),
@@ -76,6 +82,11 @@ def _run(name: str, x: dict, backend: str) -> list:
         o, st = mem.momentum_memory(x["q"], x["k"], x["v"], x["eta"], x["beta"], x["alpha"], x.get("erase"),
                                     initial_state=(x["M"], x["S"]), chunk_size=64, backend=backend)
         return [o, st.M, st.S]
+    if name == "hope_memory":
+        o, st = dm.mlp_memory(x["q"], x["k"], x["v"], x["eta"], None, x["alpha"], x["erase"],
+                              initial_state=dm.MLPState((x["W1"], x["W2"])), self_target=True, read="current",
+                              chunk_size=64, backend=backend)
+        return [o, *st.weights]
     o, st = dm.mlp_memory(x["q"], x["k"], x["v"], x["eta"], x["beta"], x["alpha"], None,
                           initial_state=dm.MLPState((x["W1"], x["W2"]), (x["S1"], x["S2"])), read="current",
                           chunk_size=64, backend=backend)
@@ -91,7 +102,8 @@ def _with_grads(name: str, x: dict, backend: str) -> tuple[list, list]:
     return [t.detach() for t in outs], list(torch.autograd.grad(loss, list(x.values())))
 
 
-FAMILIES = ["linear_attn", "delta_rule", "gated_delta_rule", "gla", "dplr", "momentum", "momentum_erase", "titans"]
+FAMILIES = ["linear_attn", "delta_rule", "gated_delta_rule", "gla", "dplr", "momentum", "momentum_erase", "titans",
+            "hope_memory"]
 HALF = {"dplr": ("q", "k", "w"), "gla": ("q", "k", "w")}      # what a 16-bit caller hands over
 
 

@@ -1,5 +1,5 @@
 # Skeleton 2: the deep (MLP) memory of Titans / Hope, depth 2, chunked: the forward here, the
-# backward from parts/mlp_chunk_bwd.py.
+# backward from parts/mlp_chunk_bwd.py (and parts/mlp_err_paths.py).
 #
 #     M(z) = [z +] W1 act(W2 z)        W1 [d_out, h] (output side), W2 [h, D] (input side)
 #
@@ -54,11 +54,11 @@ GELU: tl.constexpr = True
 
 
 @triton.jit
-def _rows(ptr, t0, T, H, D, hd, BC: tl.constexpr, BD: tl.constexpr):
-    """Pointers and mask: tokens t0 .. t0+BC, columns 0 .. BD of a [B, T, H, D] tensor, for the
-    (batch, head) pair hd = b*H + h."""
+def _rows(ptr, t0, T, H, D, hd, BC: tl.constexpr, BD: tl.constexpr, c0=0):
+    """Pointers and mask: tokens t0 .. t0+BC, columns c0 .. c0+BD of a [B, T, H, D] tensor, for
+    the (batch, head) pair hd = b*H + h."""
     rows = t0 + tl.arange(0, BC)
-    cols = tl.arange(0, BD)
+    cols = c0 + tl.arange(0, BD)
     base = ((hd // H).to(tl.int64) * T + rows[:, None].to(tl.int64)) * H + (hd % H)
     return ptr + base * D + cols[None, :], (rows[:, None] < T) & (cols[None, :] < D)
 
@@ -327,3 +327,6 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
 
 
 # {include mlp_chunk_bwd}
+
+if L2 or SELF_TARGET:  # the backward's second walk: err's own paths
+    # {include mlp_err_paths}

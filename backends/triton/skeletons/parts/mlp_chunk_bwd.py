@@ -18,14 +18,24 @@
 #              o = Ab (x H1) - cb (x S1) - (x ak^T * PhiE) err [+ q]
 #     else:    o = act(q H2) H1 [+ q]
 # (a vector times a matrix scales its rows). err and (CURRENT) XK = x ak^T come from the forward,
-# which keeps every chunk's. Passes over the hidden blocks, BJ units each: C) everything but err's
-# own paths through y and tau, and the anchor's cotangents, written block by block; D) those
-# paths (L2: y; SELF_TARGET unless DETACH: tau). Coefficient cotangents go to dcv, dcs, dcm; the
-# wrapper sends them through the coefficients' torch graph.
+# which keeps every chunk's.
+#
+# Tiles: no tile is wider than BK columns (the slice; plan.mlp_slice keeps BC x BK within the
+# H100's shared memory), so a 256-wide level runs as 64-wide slices at chunk 64. The hidden layer
+# is walked BJ units at a time, as in the forward; per hidden block, 1) the [BC, BJ] products
+# (k H2, err H1^T, ...) are summed over the slices of D and d_out, 2) the block's own algebra runs
+# on [BC, BJ] and [BC, BC] tiles, 3) the block's anchor cotangents are written slice by slice,
+# and the chunk's sums over the hidden layer (dq, dk, dv in their output rows; err's cotangent
+# and ak^T dH1e, ak^T dS1e in the workspace e_ws) are read, added to and written back slice by
+# slice. After the hidden blocks: the [BC, BC] cotangents (q k^T's, k k^T's, the triangular
+# inverse's), then err's own paths through y (L2) and tau (SELF_TARGET unless DETACH) in a second
+# walk over the hidden blocks (parts/mlp_err_paths.py). Coefficient cotangents go to dcv, dcs, dcm; the wrapper sends them
+# through the coefficients' torch graph. A barrier separates every slice's reads from its writes.
 import triton
 import triton.language as tl
 from mlp_chunk import CURRENT, ERASE, GELU, L2, MOMENTUM, RESIDUAL, SELF_TARGET  # noqa: F401  its flags
 from mlp_chunk import _act, _load, _mat, _rows, _scalars, _store, _unit_lower_inv, _ws  # and helpers
+from mlp_err_paths import _err_paths  # the second walk (included after this part where the level has it)
 
 
 @triton.jit
@@ -60,18 +70,29 @@ def _ms(ptr, hd, s, BC: tl.constexpr):
 
 
 @triton.jit
+def _sl(ptr, hd, s, S, u0, BO: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Pointers and mask: columns u0 .. u0+BK of slot s of a [B*H, S, BC, BO] tensor (the
+    forward's err stack, or the e_ws workspace)."""
+    rr = tl.arange(0, BC)
+    cc = u0 + tl.arange(0, BK)
+    base = (hd.to(tl.int64) * S + s) * BC * BO
+    return ptr + base + rr[:, None] * BO + cc[None, :], (rr[:, None] < BC) & (cc[None, :] < BO)
+
+
+@triton.jit
 def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr,
                   w1s_ptr, w2s_ptr, s1s_ptr, s2s_ptr, dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,
                   dq_ptr, dk_ptr, dv_ptr, derase_ptr, dcv_ptr, dcs_ptr, dcm_ptr, es_ptr, xk_ptr, e_ws_ptr, m_ws_ptr,
                   T, H, D, HID, DO, DV, N,
-                  BC: tl.constexpr, BD: tl.constexpr, BO: tl.constexpr, BV: tl.constexpr, BJ: tl.constexpr,
+                  BC: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
                   DETACH: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Grid (B*H,): the reverse pass over chunks. dw1 .. ds2 [B*H, R, C] (paper orientation) hold
-    the cotangent of the final state on entry and of the initial state on exit. From the forward:
-    es [B*H, N, BC, BO] every chunk's err, xk [B*H, N, BC, BC] (CURRENT) every chunk's XK.
-    Workspaces: e_ws [B*H, 1, BC, BO] (err's cotangent), m_ws [B*H, 6, BC, BC] (q k^T * PhiE,
-    dXK, k k^T * PhiE, the erase's (I + L)^-1, q k^T * Pab). DETACH: no outer gradient through
-    a self-generated target."""
+    the cotangent of the final state on entry and of the initial state on exit; dq, dk, dv are
+    also the chunk's accumulators. From the forward: es [B*H, N, BC, BO] every chunk's err, xk
+    [B*H, N, BC, BC] (CURRENT) every chunk's XK. Workspaces: e_ws [B*H, 3, BC, BO] (err's
+    cotangent, ak^T dH1e and ak^T dS1e summed over the hidden layer), m_ws [B*H, 6, BC, BC]
+    (q k^T * PhiE, dXK, k k^T * PhiE, the erase's (I + L)^-1, q k^T * Pab). DETACH: no outer
+    gradient through a self-generated target."""
     hd = tl.program_id(0)
     r = tl.arange(0, BC)
     for i in range(0, N):
@@ -86,43 +107,55 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             dbE = tl.load(_vec(cv_ptr, hd, n, N, 3, 5, BC)).to(ACC)
             c_e = tl.load(cs_ptr + (hd.to(tl.int64) * N + n) * 4 + 1).to(ACC)
             bc_e = tl.load(cs_ptr + (hd.to(tl.int64) * N + n) * 4 + 2).to(ACC)
-        err = _load(_ws(es_ptr, hd, n, N, BC, BO), ACC)                 # y - tau at the anchor
-        dO = _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BO), ACC)
-        k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
-        q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
+        # the chunk's [BC, BC] products over D (k k^T, q k^T), and its accumulators zeroed
+        if ERASE:
+            KK = tl.zeros([BC, BC], dtype=ACC)
+        if CURRENT:
+            QK = tl.zeros([BC, BC], dtype=ACC)
+        for s0 in range(0, D, BK):
+            ks = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+            if ERASE:
+                KK += tl.dot(ks, tl.trans(ks), input_precision=PREC)
+            if CURRENT:
+                QK += tl.dot(_load(_rows(q_ptr, t0, T, H, D, hd, BC, BK, s0), ACC), tl.trans(ks), input_precision=PREC)
+            _store(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), tl.zeros([BC, BK], dtype=ACC), True)
+            _store(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), tl.zeros([BC, BK], dtype=ACC), True)
         if ERASE:                            # the UT transform of the erase on H2
             eps = _scalars(erase_ptr, t0, T, H, hd, BC, 0.0, 0).to(ACC)
             pa_e = tl.load(_vec(cv_ptr, hd, n, N, 4, 5, BC)).to(ACC)
             Pab = tl.load(_cc(cm_ptr, hd, n, N, 1, BC)).to(ACC)
-            KK = tl.dot(k, tl.trans(k), input_precision=PREC)
             _store(_ms(m_ws_ptr, hd, 2, BC), KK * PhiE, True)
             _store(_ms(m_ws_ptr, hd, 3, BC), _unit_lower_inv(Pab * eps[None, :] * KK, BC, ACC, PREC), True)
+        # the current read's output layer (XK = x ak^T, summed over the hidden layer): err's
+        # cotangent starts as -(XK * PhiE)^T dO
         if CURRENT:
-            QK = tl.dot(q, tl.trans(k), input_precision=PREC)
             _store(_ms(m_ws_ptr, hd, 0, BC), QK * PhiE, True)
             if ERASE:
                 _store(_ms(m_ws_ptr, hd, 4, BC), QK * Pab, True)
-        tl.debug_barrier()
-        # the current read's output layer: XK = x ak^T, summed over the hidden blocks
-        derr = tl.zeros([BC, BO], dtype=ACC)
-        if CURRENT:
             XK = _load(_ws(xk_ptr, hd, n, N, BC, BC), ACC)
-            dOE = tl.dot(dO, tl.trans(err), input_precision=PREC)           # dO err^T
+            dOE = tl.zeros([BC, BC], dtype=ACC)                            # dO err^T
+        for u0 in range(0, DO, BK):
+            zero = tl.zeros([BC, BK], dtype=ACC)
+            if CURRENT:
+                dOu = _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BK, u0), ACC)
+                dOE += tl.dot(dOu, tl.trans(_load(_sl(es_ptr, hd, n, N, u0, BO, BC, BK), ACC)), input_precision=PREC)
+                _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), -tl.dot(tl.trans(XK * PhiE), dOu, input_precision=PREC), True)
+            else:
+                _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), zero, True)
+            _store(_sl(e_ws_ptr, hd, 1, 3, u0, BO, BC, BK), zero, True)
+            if MOMENTUM:
+                _store(_sl(e_ws_ptr, hd, 2, 3, u0, BO, BC, BK), zero, True)
+        if CURRENT:
             _store(_ms(m_ws_ptr, hd, 1, BC), -dOE * PhiE, True)             # dXK
-            derr -= tl.dot(tl.trans(XK * PhiE), dO, input_precision=PREC)
             dPhi = -dOE * XK
-            tl.debug_barrier()
         else:
             dPhi = tl.zeros([BC, BC], dtype=ACC)
-        # C) per hidden block: the state's, the read's, the erase's and g2's cotangents
-        dk = tl.zeros([BC, BD], dtype=ACC)
-        dq = tl.zeros([BC, BD], dtype=ACC)
-        AKd1 = tl.zeros([BC, BO], dtype=ACC)                                # sum_j ak_j dH1e_j
+        tl.debug_barrier()
+        # per hidden block: the state's, the read's, the erase's and g2's cotangents
         dAb = tl.zeros([BC], dtype=ACC)
         dphiE = tl.zeros([BC], dtype=ACC)
         da_e = tl.sum(tl.zeros([BC], dtype=ACC), 0)
         if MOMENTUM:
-            AKs1 = tl.zeros([BC, BO], dtype=ACC)                            # sum_j ak_j dS1e_j
             dcb = tl.zeros([BC], dtype=ACC)
             ddbE = tl.zeros([BC], dtype=ACC)
             dc_e = da_e
@@ -137,93 +170,99 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             if CURRENT:
                 dQZs = tl.zeros([BC, BC], dtype=ACC)                        # sum_j dp_j bZ_j^T
         for j0 in range(0, HID, BJ):
-            k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
-            q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
-            H1 = _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)   # [BJ, BO]
-            H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)    # [BD, BJ]
-            pk = tl.dot(k, H2, input_precision=PREC)
-            ak, dak, ddak = _act2(pk)
-            e2 = tl.dot(err, tl.trans(H1), input_precision=PREC)
-            g2 = e2 * dak
-            dH1e = _load(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC)
-            dH2e = _load(_mat(dw2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC)
-            nH1 = a_e * dH1e                                                # the anchor's cotangents
-            nH2 = a_e * dH2e
-            da_e += tl.sum(tl.sum(dH1e * H1, 1), 0) + tl.sum(tl.sum(dH2e * H2, 1), 0)
+            # 1) the block's [BC, BJ] products, summed over the slices of D, then of d_out
+            pk = tl.zeros([BC, BJ], dtype=ACC)
+            kd = tl.zeros([BC, BJ], dtype=ACC)                              # k dH2e
+            qH2 = tl.zeros([BC, BJ], dtype=ACC)
             if MOMENTUM:
-                S1 = _load(_mat(s1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
-                S2 = _load(_mat(s2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
+                ks = tl.zeros([BC, BJ], dtype=ACC)                          # k dS2e
+                kS2 = tl.zeros([BC, BJ], dtype=ACC)
+                qS2 = tl.zeros([BC, BJ], dtype=ACC)
+            for s0 in range(0, D, BK):
+                k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+                q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+                H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, s0, j0, BK, BJ), ACC)     # [BK, BJ]
+                dH2e = _load(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), ACC)
+                pk += tl.dot(k, H2, input_precision=PREC)
+                kd += tl.dot(k, dH2e, input_precision=PREC)
+                qH2 += tl.dot(q, H2, input_precision=PREC)
+                da_e += tl.sum(tl.sum(dH2e * H2, 1), 0)
+                if MOMENTUM:
+                    S2 = _load(_mat(s2s_ptr, hd, n, N, HID, D, s0, j0, BK, BJ), ACC)
+                    dS2e = _load(_mat(ds2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), ACC)
+                    ks += tl.dot(k, dS2e, input_precision=PREC)
+                    if ERASE:
+                        kS2 += tl.dot(k, S2, input_precision=PREC)
+                    if CURRENT:
+                        qS2 += tl.dot(q, S2, input_precision=PREC)
+                    dc_e -= tl.sum(tl.sum(dH2e * S2, 1), 0)
+                    dbc_e += tl.sum(tl.sum(dS2e * S2, 1), 0)
+            e2 = tl.zeros([BC, BJ], dtype=ACC)                              # err H1^T
+            dakC = tl.zeros([BC, BJ], dtype=ACC)                            # ak's cotangent but g2's path
+            dOH1 = tl.zeros([BC, BJ], dtype=ACC)
+            if MOMENTUM:
+                dOS1 = tl.zeros([BC, BJ], dtype=ACC)
+            for u0 in range(0, DO, BK):
+                err = _load(_sl(es_ptr, hd, n, N, u0, BO, BC, BK), ACC)   # y - tau at the anchor
+                dO = _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BK, u0), ACC)
+                H1 = _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, u0, BJ, BK), ACC)    # [BJ, BK]
+                dH1e = _load(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), ACC)
+                e2 += tl.dot(err, tl.trans(H1), input_precision=PREC)
+                dakC -= tl.dot(phiE[:, None] * err, tl.trans(dH1e), input_precision=PREC)
+                dOH1 += tl.dot(dO, tl.trans(H1), input_precision=PREC)
+                da_e += tl.sum(tl.sum(dH1e * H1, 1), 0)
+                if MOMENTUM:
+                    S1 = _load(_mat(s1s_ptr, hd, n, N, DO, HID, j0, u0, BJ, BK), ACC)
+                    dS1e = _load(_mat(ds1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), ACC)
+                    dakC += tl.dot(dbE[:, None] * err, tl.trans(dS1e), input_precision=PREC)
+                    if CURRENT:
+                        dOS1 += tl.dot(dO, tl.trans(S1), input_precision=PREC)
+                    dc_e -= tl.sum(tl.sum(dH1e * S1, 1), 0)
+                    dbc_e += tl.sum(tl.sum(dS1e * S1, 1), 0)
+            # 2) the block's algebra: g2, the erase's bZ, the end state's and the read's cotangents
+            ak, dak, ddak = _act2(pk)
+            g2 = e2 * dak
             if ERASE:                        # the forward's bZ for this block
                 rhs = Ab[:, None] * pk - tl.dot(_load(_ms(m_ws_ptr, hd, 2, BC), ACC), g2, input_precision=PREC)
                 if MOMENTUM:
-                    kS2 = tl.dot(k, S2, input_precision=PREC)
                     rhs -= cb[:, None] * kS2
                 Y = tl.dot(_load(_ms(m_ws_ptr, hd, 3, BC), ACC), rhs, input_precision=PREC)
                 bZ = eps[:, None] * Y
-            # the end state: H1e, H2e (and S1e, S2e)
-            dakC = -tl.dot(phiE[:, None] * err, tl.trans(dH1e), input_precision=PREC)
-            AKd1 += tl.dot(ak, dH1e, input_precision=PREC)
-            kd = tl.dot(k, dH2e, input_precision=PREC)
-            dg2 = -phiE[:, None] * kd
-            dphiE -= tl.sum(kd * g2, 1)
-            dk -= tl.dot(phiE[:, None] * g2, tl.trans(dH2e), input_precision=PREC)
-            if ERASE:
                 dbZ = -pa_e[:, None] * kd
                 dpa_e -= tl.sum(kd * bZ, 1)
-                dk -= tl.dot(pa_e[:, None] * bZ, tl.trans(dH2e), input_precision=PREC)
+            dg2 = -phiE[:, None] * kd
+            dphiE -= tl.sum(kd * g2, 1)
             if MOMENTUM:
-                dS1e = _load(_mat(ds1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC)
-                dS2e = _load(_mat(ds2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC)
-                nS1 = bc_e * dS1e - c_e * dH1e
-                nS2 = bc_e * dS2e - c_e * dH2e
-                dc_e -= tl.sum(tl.sum(dH1e * S1, 1), 0) + tl.sum(tl.sum(dH2e * S2, 1), 0)
-                dbc_e += tl.sum(tl.sum(dS1e * S1, 1), 0) + tl.sum(tl.sum(dS2e * S2, 1), 0)
-                dakC += tl.dot(dbE[:, None] * err, tl.trans(dS1e), input_precision=PREC)
-                AKs1 += tl.dot(ak, dS1e, input_precision=PREC)
-                ks = tl.dot(k, dS2e, input_precision=PREC)
                 dg2 += dbE[:, None] * ks
                 ddbE += tl.sum(ks * g2, 1)
-                dk += tl.dot(dbE[:, None] * g2, tl.trans(dS2e), input_precision=PREC)
-            # the read
-            qH2 = tl.dot(q, H2, input_precision=PREC)
-            dOH1 = tl.dot(dO, tl.trans(H1), input_precision=PREC)          # [BC, BJ]
             if CURRENT:
                 QKP = _load(_ms(m_ws_ptr, hd, 0, BC), ACC)
                 p = Ab[:, None] * qH2 - tl.dot(QKP, g2, input_precision=PREC)
                 dXK = _load(_ms(m_ws_ptr, hd, 1, BC), ACC)
                 dx = Ab[:, None] * dOH1 + tl.dot(dXK, ak, input_precision=PREC)
                 if MOMENTUM:
-                    qS2 = tl.dot(q, S2, input_precision=PREC)
                     p -= cb[:, None] * qS2
-                    dOS1 = tl.dot(dO, tl.trans(S1), input_precision=PREC)
                     dx -= cb[:, None] * dOS1
                 if ERASE:
                     QZ = _load(_ms(m_ws_ptr, hd, 4, BC), ACC)
                     p -= tl.dot(QZ, bZ, input_precision=PREC)
                 x, dxp = _act(p)
                 dAb += tl.sum(x * dOH1, 1)
-                nH1 += tl.dot(tl.trans(x), Ab[:, None] * dO, input_precision=PREC)
                 dakC += tl.dot(tl.trans(dXK), x, input_precision=PREC)
                 dp = dx * dxp
-                nH2 += tl.dot(tl.trans(q), Ab[:, None] * dp, input_precision=PREC)
-                dq += tl.dot(Ab[:, None] * dp, tl.trans(H2), input_precision=PREC)
                 dAb += tl.sum(dp * qH2, 1)
                 if MOMENTUM:
                     dcb -= tl.sum(x * dOS1, 1) + tl.sum(dp * qS2, 1)
-                    nS1 -= tl.dot(tl.trans(x), cb[:, None] * dO, input_precision=PREC)
-                    nS2 -= tl.dot(tl.trans(q), cb[:, None] * dp, input_precision=PREC)
-                    dq -= tl.dot(cb[:, None] * dp, tl.trans(S2), input_precision=PREC)
                 dQKs += tl.dot(dp, tl.trans(g2), input_precision=PREC)
                 dg2 -= tl.dot(tl.trans(QKP), dp, input_precision=PREC)
                 if ERASE:
                     dbZ -= tl.dot(tl.trans(QZ), dp, input_precision=PREC)
                     dQZs += tl.dot(dp, tl.trans(bZ), input_precision=PREC)
+                xA = Ab[:, None] * x         # H1's cotangent from the read: xA^T dO
+                dpA = Ab[:, None] * dp       # the read's pre-activation cotangent on q H2
             else:
-                xq, dxq = _act(qH2)
-                nH1 += tl.dot(tl.trans(xq), dO, input_precision=PREC)
-                dpq = dOH1 * dxq
-                nH2 += tl.dot(tl.trans(q), dpq, input_precision=PREC)
-                dq += tl.dot(dpq, tl.trans(H2), input_precision=PREC)
+                xA, dxq = _act(qH2)
+                dpA = dOH1 * dxq
             dpk = tl.zeros([BC, BJ], dtype=ACC)
             if ERASE:                        # bZ = eps Y, Y = (I + L)^-1 rhs
                 dY = eps[:, None] * dbZ
@@ -236,41 +275,85 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
                 dg2 -= tl.dot(tl.trans(_load(_ms(m_ws_ptr, hd, 2, BC), ACC)), drhs, input_precision=PREC)
                 if MOMENTUM:
                     dcb -= tl.sum(drhs * kS2, 1)
-                    nS2 -= tl.dot(tl.trans(k), cb[:, None] * drhs, input_precision=PREC)
-                    dk -= tl.dot(cb[:, None] * drhs, tl.trans(S2), input_precision=PREC)
             # g2 = (err H1^T) * act'(pk), and ak = act(pk) with pk = k H2
             de2 = dg2 * dak
-            derr += tl.dot(de2, H1, input_precision=PREC)
-            nH1 += tl.dot(tl.trans(de2), err, input_precision=PREC)
             dpk += dakC * dak + dg2 * e2 * ddak
-            dk += tl.dot(dpk, tl.trans(H2), input_precision=PREC)
-            nH2 += tl.dot(tl.trans(k), dpk, input_precision=PREC)
-            tl.debug_barrier()                  # every thread has read this block's dw before it is replaced
-            _store(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), nH1, True)
-            _store(_mat(dw2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), nH2, True)
-            if MOMENTUM:
-                _store(_mat(ds1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), nS1, True)
-                _store(_mat(ds2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), nS2, True)
+            cH2 = -phiE[:, None] * g2                                       # k's coefficient on dH2e
+            if ERASE:
+                cH2 -= pa_e[:, None] * bZ
+            # 3) the block's anchor cotangents, and the chunk's sums, slice by slice
+            for u0 in range(0, DO, BK):
+                err = _load(_sl(es_ptr, hd, n, N, u0, BO, BC, BK), ACC)
+                dO = _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BK, u0), ACC)
+                H1 = _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, u0, BJ, BK), ACC)
+                dH1e = _load(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), ACC)
+                nH1 = a_e * dH1e + tl.dot(tl.trans(xA), dO, input_precision=PREC)
+                nH1 += tl.dot(tl.trans(de2), err, input_precision=PREC)
+                derr = _load(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), ACC) + tl.dot(de2, H1, input_precision=PREC)
+                akd = _load(_sl(e_ws_ptr, hd, 1, 3, u0, BO, BC, BK), ACC) + tl.dot(ak, dH1e, input_precision=PREC)
+                if MOMENTUM:
+                    dS1e = _load(_mat(ds1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), ACC)
+                    nS1 = bc_e * dS1e - c_e * dH1e
+                    if CURRENT:
+                        nS1 -= tl.dot(tl.trans(x), cb[:, None] * dO, input_precision=PREC)
+                    aks = _load(_sl(e_ws_ptr, hd, 2, 3, u0, BO, BC, BK), ACC) + tl.dot(ak, dS1e, input_precision=PREC)
+                tl.debug_barrier()               # every thread has read this slice before it is replaced
+                _store(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), nH1, True)
+                _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), derr, True)
+                _store(_sl(e_ws_ptr, hd, 1, 3, u0, BO, BC, BK), akd, True)
+                if MOMENTUM:
+                    _store(_mat(ds1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), nS1, True)
+                    _store(_sl(e_ws_ptr, hd, 2, 3, u0, BO, BC, BK), aks, True)
+            for s0 in range(0, D, BK):
+                k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+                q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+                H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, s0, j0, BK, BJ), ACC)
+                dH2e = _load(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), ACC)
+                nH2 = a_e * dH2e + tl.dot(tl.trans(q), dpA, input_precision=PREC)
+                nH2 += tl.dot(tl.trans(k), dpk, input_precision=PREC)
+                dk = _load(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+                dk += tl.dot(cH2, tl.trans(dH2e), input_precision=PREC) + tl.dot(dpk, tl.trans(H2), input_precision=PREC)
+                dq = _load(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), ACC) + tl.dot(dpA, tl.trans(H2), input_precision=PREC)
+                if MOMENTUM:
+                    S2 = _load(_mat(s2s_ptr, hd, n, N, HID, D, s0, j0, BK, BJ), ACC)
+                    dS2e = _load(_mat(ds2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), ACC)
+                    dk += tl.dot(dbE[:, None] * g2, tl.trans(dS2e), input_precision=PREC)
+                    nS2 = bc_e * dS2e - c_e * dH2e
+                    if CURRENT:
+                        nS2 -= tl.dot(tl.trans(q), cb[:, None] * dp, input_precision=PREC)
+                        dq -= tl.dot(cb[:, None] * dp, tl.trans(S2), input_precision=PREC)
+                    if ERASE:
+                        nS2 -= tl.dot(tl.trans(k), cb[:, None] * drhs, input_precision=PREC)
+                        dk -= tl.dot(cb[:, None] * drhs, tl.trans(S2), input_precision=PREC)
+                tl.debug_barrier()
+                _store(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), nH2, True)
+                _store(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), dk, True)
+                _store(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), dq, True)
+                if MOMENTUM:
+                    _store(_mat(ds2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), nS2, True)
             tl.debug_barrier()
         # the sums over the hidden layer: H1e's and S1e's terms in err, q k^T's and k k^T's
         # cotangents, and the erase's triangular inverse
-        derr -= phiE[:, None] * AKd1
-        dphiE -= tl.sum(AKd1 * err, 1)
-        if MOMENTUM:
-            derr += dbE[:, None] * AKs1
-            ddbE += tl.sum(AKs1 * err, 1)
-        k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
-        q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
+        for u0 in range(0, DO, BK):
+            err = _load(_sl(es_ptr, hd, n, N, u0, BO, BC, BK), ACC)
+            akd = _load(_sl(e_ws_ptr, hd, 1, 3, u0, BO, BC, BK), ACC)
+            derr = _load(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), ACC) - phiE[:, None] * akd
+            dphiE -= tl.sum(akd * err, 1)
+            if MOMENTUM:
+                aks = _load(_sl(e_ws_ptr, hd, 2, 3, u0, BO, BC, BK), ACC)
+                derr += dbE[:, None] * aks
+                ddbE += tl.sum(aks * err, 1)
+            tl.debug_barrier()
+            _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), derr, True)
         if ERASE:
             dPab = tl.zeros([BC, BC], dtype=ACC)
+            dKK = tl.zeros([BC, BC], dtype=ACC)
         if CURRENT:
             dQK = -dQKs * PhiE
             dPhi -= dQKs * QK
             if ERASE:
                 dQK -= dQZs * Pab
                 dPab -= dQZs * QK
-            dq += tl.dot(dQK, k, input_precision=PREC)
-            dk += tl.dot(tl.trans(dQK), q, input_precision=PREC)
         if ERASE:
             Tinv = _load(_ms(m_ws_ptr, hd, 3, BC), ACC)
             dL = -tl.dot(tl.trans(Tinv), tl.dot(dTs, tl.trans(Tinv), input_precision=PREC), input_precision=PREC)
@@ -278,58 +361,45 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             dPab += dL * eps[None, :] * KK
             deps += tl.sum(dL * Pab * KK, 0)
             dKK = dL * Pab * eps[None, :] - dKKs * PhiE
+            dKK += tl.trans(dKK)
             dPhi -= dKKs * KK
-            dk += tl.dot(dKK + tl.trans(dKK), k, input_precision=PREC)
             tl.store(_cc(dcm_ptr, hd, n, N, 1, BC), dPab)
             tl.store(_vec(dcv_ptr, hd, n, N, 4, 5, BC), dpa_e)
             rows = t0 + r
             tl.store(derase_ptr + ((hd // H).to(tl.int64) * T + rows.to(tl.int64)) * H + (hd % H), deps,
                      mask=rows < T)
         tl.store(_cc(dcm_ptr, hd, n, N, 0, BC), dPhi)
-        if RESIDUAL:
-            dq += dO
-        # D) err's own paths: through y = act(k H2) H1 [+ k] (L2) and tau = act(v H2) H1 [+ v]
-        _store(_ws(e_ws_ptr, hd, 0, 1, BC, BO), derr, True)
-        if SELF_TARGET:                      # tau = act(v H2) H1 [+ v]: its residual path here
-            dv = tl.zeros([BC, BV], dtype=ACC)
-            if RESIDUAL:
-                if not DETACH:
-                    dv -= derr
-        else:
-            dv = -derr
-        if L2:
-            if RESIDUAL:
-                dk += derr
         tl.debug_barrier()
-        if L2 or SELF_TARGET:
-            for j0 in range(0, HID, BJ):
-                H1T = tl.trans(_load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC))
-                H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
-                dy = _load(_ws(e_ws_ptr, hd, 0, 1, BC, BO), ACC)
-                nH1 = _load(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC)
-                nH2 = _load(_mat(dw2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC)
+        for s0 in range(0, D, BK):
+            k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+            dk = _load(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+            dq = _load(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+            if CURRENT:
+                dq += tl.dot(dQK, k, input_precision=PREC)
+                dk += tl.dot(tl.trans(dQK), _load(_rows(q_ptr, t0, T, H, D, hd, BC, BK, s0), ACC), input_precision=PREC)
+            if ERASE:
+                dk += tl.dot(dKK, k, input_precision=PREC)
+            if RESIDUAL:                     # o = .. + q, y = .. + k (D == d_out)
+                dq += _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BK, s0), ACC)
                 if L2:
-                    k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
-                    ak, dak = _act(tl.dot(k, H2, input_precision=PREC))
-                    dpk = tl.dot(dy, H1T, input_precision=PREC) * dak
-                    dk += tl.dot(dpk, tl.trans(H2), input_precision=PREC)
-                    nH1 += tl.dot(tl.trans(ak), dy, input_precision=PREC)
-                    nH2 += tl.dot(tl.trans(k), dpk, input_precision=PREC)
-                if SELF_TARGET:
-                    if not DETACH:                      # dtau = -derr
-                        v = _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BV), ACC)
-                        av, dav = _act(tl.dot(v, H2, input_precision=PREC))
-                        dpv = -tl.dot(dy, H1T, input_precision=PREC) * dav
-                        dv += tl.dot(dpv, tl.trans(H2), input_precision=PREC)
-                        nH1 -= tl.dot(tl.trans(av), dy, input_precision=PREC)
-                        nH2 += tl.dot(tl.trans(v), dpv, input_precision=PREC)
-                tl.debug_barrier()
-                _store(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), nH1, True)
-                _store(_mat(dw2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), nH2, True)
-                tl.debug_barrier()
-        _store(_rows(dv_ptr, t0, T, H, DV, hd, BC, BV), dv, True)
-        _store(_rows(dq_ptr, t0, T, H, D, hd, BC, BD), dq, True)
-        _store(_rows(dk_ptr, t0, T, H, D, hd, BC, BD), dk, True)
+                    dk += _load(_sl(e_ws_ptr, hd, 0, 3, s0, BO, BC, BK), ACC)
+            tl.debug_barrier()
+            _store(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), dk, True)
+            _store(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), dq, True)
+        # v: tau = v (v's cotangent -err's), or M(v) = act(v H2) H1 [+ v] (SELF_TARGET)
+        for s0 in range(0, DV, BK):
+            dv = tl.zeros([BC, BK], dtype=ACC)
+            if SELF_TARGET:
+                if RESIDUAL:
+                    if not DETACH:
+                        dv -= _load(_sl(e_ws_ptr, hd, 0, 3, s0, BO, BC, BK), ACC)
+            else:
+                dv -= _load(_sl(e_ws_ptr, hd, 0, 3, s0, BO, BC, BK), ACC)
+            _store(_rows(dv_ptr, t0, T, H, DV, hd, BC, BK, s0), dv, True)
+        tl.debug_barrier()
+        if L2 or SELF_TARGET:                # err's own paths through y (L2) and tau (SELF_TARGET)
+            _err_paths(k_ptr, v_ptr, w1s_ptr, w2s_ptr, dw1_ptr, dw2_ptr, dk_ptr, dv_ptr, e_ws_ptr, hd, n, N, t0,
+                       T, H, D, HID, DO, DV, BC, BO, BK, BJ, DETACH, ACC, PREC)
         tl.store(_vec(dcv_ptr, hd, n, N, 0, 5, BC), dAb)
         tl.store(_vec(dcv_ptr, hd, n, N, 2, 5, BC), dphiE)
         tl.store(dcs_ptr + (hd.to(tl.int64) * N + n) * 4 + r, tl.where(r == 0, da_e, 0.0), mask=r < 1)
