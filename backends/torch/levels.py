@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from nlc import spec as S
 from nlc import vocab as V
+from nlc.bounds import bounds
 from nlc.check import FlowTypes
 from nlc.expr import Bin, Call, ExprNode, Name, Neg, Num, subst
 from nlc.rules import derive
@@ -227,6 +228,10 @@ class _Gen(ScanMixin):
                 b = f"L.per_head({self.expr(d.b, f'{name}_rule', name, body, done)[0]}, key)" if erase else "None"
                 rule = [f"a, b, w = {a if decay else 'None'}, {b}, {w}"]
                 call, tail = "a, b", ""
+            lo, hi = bounds(d.a, self.spec.signals, self.H)
+            if (d.diagonal or delta_terms(d)[0]) and lo >= 0:    # a present, and never negative
+                head.append(f"#   a lies in [{lo:.4g}, {hi:.4g}] whatever the inputs (nlc.bounds): not checked at run time")
+                tail += ", check=False"
             placed = self.placement[name]
             if placed.skeleton is None:
                 head.append(f"#   runs on torch whatever the backend: {placed.why}")

@@ -109,7 +109,7 @@ def gated_delta_rule(q, k, v, beta, g, scale=None, initial_state=None, output_fi
 
 @full_precision
 def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output_final_state=True,
-                      mode="chunk", chunk_size=64, *, erase=None, backend="auto"):
+                      mode="chunk", chunk_size=64, *, erase=None, backend="auto", check=True):
     r"""The family: :math:`h_t = a_t h_{t-1} - b_t k_t (k_t^\top h_{t-1}) + k_t w_t^\top`,
     :math:`o_t = h_t^\top (\mathrm{scale}\, q_t)`, and its diagonal-plus-low-rank (DPLR) widening
     :math:`h_t = \mathrm{diag}(a_t) h_{t-1} - u_t (e_t^\top h_{t-1}) + k_t w_t^\top`.
@@ -124,6 +124,9 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
            ``erase`` is given; ``b`` and ``erase`` are exclusive.
         erase: keyword only, a pair ``(u, e)`` of ``[B, T, H, K]`` tensors: the general rank-one
            erase ``u_t (e_t^T h_{t-1})`` (RWKV-7: ``u = iclr * kappa``, ``e = kappa``).
+        check: keyword only: with ``mode="chunk"``, check ``a >= 0`` on the host (a device sync
+           per call on a GPU; skipped while a CUDA graph is captured). The compiled models pass
+           False where the compiler proved ``a >= 0`` from the spec (``nlc.bounds``).
         Other arguments as :func:`linear_attn`.
 
     Scalar ``a`` with ``b`` (or no erase) runs the WY/UT form of ``chunk.py``; per-channel ``a`` or
@@ -148,7 +151,7 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
     keyed = {} if erase is None else {"erase[0] (u)": u, "erase[1] (e)": e}
     _validate(op, q, k, ("w", w), {} if b is None else {"b": b}, initial_state, scale, mode,
               chunk_size, keyed=keyed, retention=a)
-    if mode == "chunk" and a is not None and not _capturing(a) and bool((a < 0).any()):
+    if check and mode == "chunk" and a is not None and not _capturing(a) and bool((a < 0).any()):
         raise ValueError(f"{op}: mode='chunk' needs a >= 0 everywhere (it takes log max(a, A_MIN), "
                          f"A_MIN = exp({LOG_A_MIN})); use mode='recurrent' for negative a")
     dplr = erase is not None or (b is not None and a is not None and a.dim() == 4)  # an erase in the DPLR form
