@@ -145,15 +145,18 @@ def dplr_rows():
 
 
 def momentum_rows():
-    from nlc.backends.triton.momentum import launch, variant
-    # (name, erase, K = V): titans_linear.yaml's memory level (K 64), then the benchmark's heads
-    for (name, erase, K), prec in itertools.product((("momentum titans_linear", False, 64), ("momentum", False, 128),
-                                                     ("momentum ERASE", True, 128)), ("tf32x3", "tf32")):
+    from nlc.backends.triton.momentum import launch, precision, variant
+    # (name, erase, K = V, chunk): titans_linear.yaml's memory level (K 64), the benchmark's heads,
+    # and the other end of plan.MOMENTUM_TILE (K 256 at chunk 32)
+    levels = (("momentum titans_linear", False, 64, 64), ("momentum", False, 128, 64), ("momentum ERASE", True, 128, 64),
+              ("momentum ERASE", True, 256, 32))
+    for (name, erase, K, C), half in itertools.product(levels, (False, True)):
         mod = template.load("momentum_chunk", variant("l2", erase), interpret=False)
+        prec = precision(torch.bfloat16 if half else torch.float32, K)
         meta, warps = launch(K, K, torch.float32, prec)
-        label = f"{name} K {K}" + ("" if prec == "tf32x3" else " (16-bit inputs: tf32)")
+        label = f"{name} K {K} chunk {C}" + (f" (16-bit inputs: {prec})" if half else "")
         for kern in ("momentum_fwd", "momentum_bwd"):
-            yield label, torch.float32, kern, getattr(mod, kern), dict(meta, BC=64, NM=4 if erase else 1), 1, warps
+            yield label, torch.float32, kern, getattr(mod, kern), dict(meta, BC=C, NM=4 if erase else 1), 1, warps
 
 
 def _unpack(cfg):

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from nlc.backends.triton import template
-from nlc.backends.triton.plan import MOMENTUM_CHUNKS as CHUNKS, MOMENTUM_MAX_DIM as MAX_DIM, pow2 as _pow2, products
+from nlc.backends.triton.plan import MOMENTUM_CHUNKS as CHUNKS, MOMENTUM_MAX_DIM as MAX_DIM, MOMENTUM_TILE
+from nlc.backends.triton.plan import momentum_fits, pow2 as _pow2, products
 
 __all__ = ["chunk_momentum_memory", "supports", "variant", "kernels", "launch", "CHUNKS", "MAX_DIM"]
 
@@ -39,7 +40,18 @@ def supports(K: int, V: int, chunk_size: int) -> str | None:
         return f"chunk_size must be one of {CHUNKS} (the kernel's tile), got {chunk_size}"
     if max(K, V) > MAX_DIM:
         return f"K and V must be at most {MAX_DIM}, got K = {K}, V = {V}"
+    if not momentum_fits(chunk_size, K):
+        return f"chunk_size x K must be at most {MOMENTUM_TILE} (the kernel's tiles), got {chunk_size} x {K}"
     return None
+
+
+def precision(inputs, K: int) -> str:
+    """The products for inputs of this dtype at head size K: ``plan.products``, except that 16-bit
+    inputs take ``tf32x3`` over K = 64, where TF32's operands would not fit an H100's shared memory
+    (ptxas for sm_90, the backward with the erase: 246 KB at chunk x K 64 x 128, 262 KB at 32 x 256,
+    against 205 and 68 KB with tf32x3; ``plan.MOMENTUM_TILE``)."""
+    prec = products(inputs)
+    return "tf32x3" if prec == "tf32" and _pow2(K) > 64 else prec
 
 
 def launch(K: int, V: int, dtype, prec: str | None = None) -> tuple[dict, int]:
@@ -61,7 +73,8 @@ def chunk_momentum_memory(q, k, v, eta, beta, alpha, erase, objective, M, S, C, 
     """As ``memories._momentum_chunk`` without an anchor: tensors in one float dtype, per-token
     scalars ``[B, T, H]`` (alpha None: no retention), M and S ``[B, H, K, V]``. ``inputs``: the
     dtype the caller's q, k, v came in before it cast them (default: q's), which sets the products'
-    precision (``plan.products``: 16-bit inputs take TF32 products).
+    precision (``plan.products``: 16-bit inputs take TF32 products, at K over 64 three of them,
+    ``tf32x3``: TF32's operands would not fit an H100's shared memory there, ``plan.MOMENTUM_TILE``).
     Returns ``(o [B, T, H, V], M, S)``."""
     B, T, H, K = q.shape
     why = supports(K, v.shape[-1], C)
@@ -70,7 +83,7 @@ def chunk_momentum_memory(q, k, v, eta, beta, alpha, erase, objective, M, S, C, 
     if T == 0:
         return q.new_zeros(B, 0, H, v.shape[-1]), M, S
     cv, cs, cm = _coefficients(eta, beta, alpha, erase is not None, C, T)
-    prec = products(q.dtype if inputs is None or q.dtype == torch.float64 else inputs)
+    prec = precision(q.dtype if inputs is None or q.dtype == torch.float64 else inputs, K)
     return _MomentumChunk.apply(objective == "l2", C, prec, q, k, v, erase, cv, cs, cm, M, S)
 
 

@@ -16,7 +16,7 @@ from nlc.instance import instanced
 from nlc.rules import derive
 
 __all__ = ["Placement", "plan", "pow2", "products", "delta_terms", "mlp_flags", "momentum_flags", "mlp_slice", "header",
-           "describe", "kernel_levels", "AUTO_MLP", "AUTO_GENERATORS"]
+           "describe", "kernel_levels", "AUTO_MLP", "AUTO_GENERATORS", "momentum_fits"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
 MLP_ACTIVATIONS = ("silu", "gelu")
@@ -30,6 +30,12 @@ MLP_MAX_DIM = 256
 MLP_BWD_TILE = 64 * 64
 MOMENTUM_CHUNKS = (16, 32, 64)  # skeleton 1c's tiles: the momentum memory's chunk is semantics too
 MOMENTUM_MAX_DIM = 256
+# Skeleton 1c keeps [chunk, K] tiles on chip (the whole key dimension per program). ptxas for sm_90,
+# backward with the erase (an H100 has 227 KB of shared memory): float32's tf32x3 products 205 KB at
+# chunk x K 64 x 128, 68 KB at 32 x 256, 369 KB at 64 x 256; float64 (ieee) 106, 82 and 147 KB.
+# TF32 products need more (246 KB at 64 x 128, 262 at 32 x 256), so 16-bit inputs take them only
+# at K up to 64 (momentum.launch).
+MOMENTUM_TILE = 64 * 128
 DPLR_MAX_K = 128                # skeleton 1d's per-chunk state transition is one [K, K] tile
 AUTO_MLP = ("with backend auto, forward and backward kernels for CUDA tensors, training included: an H100 "
             "trained Titans 3.7x faster than on the torch form")
@@ -53,7 +59,9 @@ def pow2(n: int, lo: int = 16) -> int:
 PRODUCTS = ("The kernels accumulate in float32 (float64 for float64 inputs) and take their products by the "
             "inputs' dtype: float64 exact (`ieee`); float32 as three TF32 products (`tf32x3`, float32's order "
             "of error; `ieee` in `delta_chunk` and `diag_chunk`); bfloat16 and float16 as TF32 (`tf32`, finer "
-            "than bfloat16's own rounding; `delta_chunk` multiplies the inputs themselves as 16-bit operands).")
+            "than bfloat16's own rounding; `delta_chunk` multiplies the inputs themselves as 16-bit operands; "
+            "`momentum_chunk` takes `tf32x3` for them too at heads over 64, where TF32's operands would not fit an "
+            "H100's shared memory).")
 
 
 def products(inputs, float32: str = "tf32x3") -> str:
@@ -67,6 +75,11 @@ def products(inputs, float32: str = "tf32x3") -> str:
     if name == "float64":
         return "ieee"
     return float32 if name == "float32" else "tf32"
+
+
+def momentum_fits(chunk: int, K: int) -> bool:
+    """Whether skeleton 1c's tiles at this chunk and head size fit an H100 (``MOMENTUM_TILE``)."""
+    return chunk * pow2(K) <= MOMENTUM_TILE
 
 
 def mlp_slice(chunk: int, *widths: int) -> int:
@@ -178,6 +191,9 @@ def momentum_flags(spec, name: str, d) -> tuple[str | None, dict]:
                 f"momentum memory's chunk is part of its semantics, so it is never rounded), not {chunk}"), {}
     if K > MOMENTUM_MAX_DIM:
         return f"skeleton 1c takes head sizes up to {MOMENTUM_MAX_DIM}, this memory has {K}", {}
+    if not momentum_fits(chunk, K):
+        return (f"skeleton 1c takes chunk x head size up to {MOMENTUM_TILE} (64 x 128 or 32 x 256: its tiles in "
+                f"an H100's shared memory), this level has {chunk} x {K}"), {}
     if d.momentum[0] != "momentum" or d.pre_retain is not None:
         return "this momentum memory runs on torch only (see its explain note)", {}
     return None, {"ERASE": d.erase is not None, "L2": d.loss == "l2"}

@@ -96,9 +96,10 @@ def main(everything: bool):
                                       "smem": compile_smem(getattr(mod, name), dict(meta, **extra.get(name, {})),
                                                            stages, warps)}), flush=True)
         elif p.skeleton == "momentum_chunk":   # at the spec's head size (--all: 128 too) and chunk
-            from nlc.backends.triton.momentum import launch as momentum_launch
-            for prec in PRECS[:2 if everything else 1]:
-                meta, warps = momentum_launch(128 if everything else D, 128 if everything else D, torch.float32, prec)
+            from nlc.backends.triton.momentum import launch as momentum_launch, precision
+            K = 128 if everything else D
+            for prec in sorted({precision(dtype, K) for dtype in (torch.float32, torch.bfloat16)[:2 if everything else 1]}):
+                meta, warps = momentum_launch(K, K, torch.float32, prec)
                 meta = dict(meta, BC=chunk, NM=4 if p.flags["ERASE"] else 1)
                 for name in ("momentum_fwd", "momentum_bwd"):
                     print(json.dumps({"variant": f"{variant} {prec}", "kernel": name,

@@ -109,6 +109,20 @@ def test_momentum_memory(monkeypatch, case):
     assert seen and set(seen) == {"tf32"}, seen
 
 
+def test_momentum_memory_wide_heads_take_three_products(monkeypatch):
+    """Over K = 64 TF32's operands would not fit an H100's shared memory (plan.MOMENTUM_TILE):
+    16-bit inputs take tf32x3 there, and still hold the RMSE."""
+    seen = record(monkeypatch, momentum, "launch", lambda out: out[0]["PREC"])
+
+    def run(x):
+        o, st = mom_t.run(x, "wide_heads", backend="triton" if x["q"].dtype == HALF else "torch")
+        return [o, st.M, st.S]
+    x = mom_t.leaves("wide_heads", dtype=torch.float32)
+    got = compare(["o", "M", "S"], run, *split(x, ("q", "k", "v")), "wide")
+    assert got[0].dtype == HALF
+    assert seen and set(seen) == {"tf32x3"}, seen
+
+
 @pytest.mark.parametrize("case", ["both", "per_channel_a_b", "per_channel_a"])
 def test_per_channel_retention(monkeypatch, case):
     """RWKV-7's DPLR form (an erase: skeleton 1d) and GLA's (none: skeleton 1b), through the op."""

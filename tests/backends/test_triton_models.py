@@ -127,6 +127,22 @@ def test_dplr_levels_run_skeleton_1d_up_to_128_wide_heads(tmp_path):
     assert "backend='torch'" in (tmp_path / "b" / "model.py").read_text()
 
 
+def test_momentum_levels_run_skeleton_1c_up_to_its_tile(tmp_path):
+    """titans_linear's memory (K = 64, chunk 64) gets the momentum kernels; with 128-wide heads and
+    chunk 64 too (plan.MOMENTUM_TILE); with one 256-wide head the tiles would not fit an H100, and
+    the build says so and passes backend='torch'."""
+    text = (ROOT / "specs" / "titans_linear.yaml").read_text()
+    for heads, served in (("4", True), ("2", True), ("1", False)):
+        wide = text.replace("heads: 4", f"heads: {heads}")
+        assert f"heads: {heads}" in wide
+        (tmp_path / f"h{heads}.yaml").write_text(wide)
+        build(tmp_path / f"h{heads}.yaml", tmp_path / heads, backend="triton")
+        p = json.loads((tmp_path / heads / "manifest.json").read_text())["placement"]["memory"]
+        assert (p["runs_on"] == "triton") == served, p
+        if not served:
+            assert "chunk x head size up to 8192" in p["why"] and "64 x 256" in p["why"], p
+
+
 VARIANTS = sorted({(p.skeleton, tuple(sorted(p.flags.items()))) for n in SERVED
                    for p in plan(nlc.load(ROOT / "specs" / f"{n}.yaml")).values() if p.skeleton})
 

@@ -38,6 +38,7 @@ CASES = {
     "two_value_blocks": ("l2", True, True, 24, 40, 16, 21),    # BK 32 masked; V = 40: blocks of 32
     "chunk32": ("l2", True, True, 16, 16, 32, 45),
     "chunk64": ("dot", True, True, 16, 16, 64, 70),
+    "wide_heads": ("l2", True, True, 72, 20, 16, 19),          # BK 128 masked (16-bit inputs: tf32x3)
 }
 
 
@@ -161,6 +162,9 @@ def test_auto_runs_torch_on_cpu_and_what_the_kernel_cannot_take_is_an_error():
     wide = torch.randn(1, 3, 1, 257, dtype=torch.float64)
     with pytest.raises(ValueError, match="at most 256.*backend='torch'"):
         mem.momentum_memory(wide, wide, wide, 0.1, 0.9, chunk_size=16, backend="triton")
+    wide = wide[..., :129]                                  # chunk x K over plan.MOMENTUM_TILE (64 x 128)
+    with pytest.raises(ValueError, match="chunk_size x K must be at most 8192.*got 64 x 129.*backend='torch'"):
+        mem.momentum_memory(wide, wide, wide, 0.1, 0.9, chunk_size=64, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         mem.momentum_memory(*args, chunk_size=16, backend="cuda")
 
