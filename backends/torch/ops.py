@@ -71,7 +71,7 @@ def linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=True
     """
     _validate("linear_attn", q, k, ("v", v), {}, initial_state, scale, mode, chunk_size)
     return _run(q, k, v, None, None, None, scale, initial_state, output_final_state, mode, chunk_size,
-                backend=pick("linear_attn", backend, q))
+                backend=pick("linear_attn", backend, q, why_not=_delta_why(q, backend)))
 
 
 @full_precision
@@ -85,7 +85,7 @@ def delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state
     _validate("delta_rule", q, k, ("v", v), {"beta": beta}, initial_state, scale, mode, chunk_size)
     w = beta.unsqueeze(-1) * v
     return _run(q, k, w, None, None, beta, scale, initial_state, output_final_state, mode, chunk_size,
-                backend=pick("delta_rule", backend, q))
+                backend=pick("delta_rule", backend, q, why_not=_delta_why(q, backend)))
 
 
 @full_precision
@@ -104,7 +104,7 @@ def gated_delta_rule(q, k, v, beta, g, scale=None, initial_state=None, output_fi
     w = beta.unsqueeze(-1) * v
     b = g.exp() * beta
     return _run(q, k, w, None, g, b, scale, initial_state, output_final_state, mode, chunk_size,
-                backend=pick("gated_delta_rule", backend, q))
+                backend=pick("gated_delta_rule", backend, q, why_not=_delta_why(q, backend)))
 
 
 @full_precision
@@ -159,6 +159,8 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
     if dplr and backend != "torch":
         from nlc.backends.triton.dplr import supports
         why = supports(q.shape[-1])
+    elif a is None or a.dim() == 3:          # a scalar retention: the delta kernels
+        why = _delta_why(q, backend)
     return _run(q, k, w, a, None, b, scale, initial_state, output_final_state, mode, chunk_size,
                 u, e, backend=pick(op, backend, q, why_not=why))
 
@@ -255,6 +257,14 @@ def _recurrent(q, k, w, a, b, h0, u=None, e=None):
 
 # ---------------------------------------------------------------------------------------------
 # argument checks: every message names the op, the argument, the expected and the actual shape
+
+
+def _delta_why(q, backend: str) -> str | None:
+    """Why the delta kernels (skeleton 1) cannot take q's heads, or None."""
+    if backend == "torch":
+        return None
+    from nlc.backends.triton.plan import delta_why
+    return delta_why(q.shape[-1])
 
 
 def _capturing(t) -> bool:

@@ -16,7 +16,7 @@ from nlc.instance import instanced
 from nlc.rules import derive
 
 __all__ = ["Placement", "plan", "pow2", "products", "delta_terms", "mlp_flags", "momentum_flags", "mlp_slice", "header",
-           "describe", "kernel_levels", "AUTO_MLP", "AUTO_GENERATORS", "momentum_fits"]
+           "describe", "kernel_levels", "AUTO_MLP", "AUTO_GENERATORS", "momentum_fits", "delta_why"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
 MLP_ACTIVATIONS = ("silu", "gelu")
@@ -37,6 +37,9 @@ MOMENTUM_MAX_DIM = 256
 # at K up to 64 (momentum.launch).
 MOMENTUM_TILE = 64 * 128
 DPLR_MAX_K = 128                # skeleton 1d's per-chunk state transition is one [K, K] tile
+# Skeleton 1 holds the state in two [K / 2, BV] halves: ptxas for sm_90 gives its backward state
+# pass 352,512 B of shared memory at K = 256 in float32 (an H100 has 227 KB), ~188 KB at 128.
+DELTA_MAX_K = 128
 AUTO_MLP = ("with backend auto, forward and backward kernels for CUDA tensors, training included: an H100 "
             "trained Titans 3.7x faster than on the torch form")
 # A generator (a level read inside another level's flows) is updated once per chunk of its own
@@ -75,6 +78,14 @@ def products(inputs, float32: str = "tf32x3") -> str:
     if name == "float64":
         return "ieee"
     return float32 if name == "float32" else "tf32"
+
+
+def delta_why(K: int) -> str | None:
+    """Why skeleton 1 (the scalar-retention delta family) cannot take heads of K keys (None: it can)."""
+    if K > DELTA_MAX_K:
+        return (f"the delta kernels take K up to {DELTA_MAX_K} (their state passes' tiles in an H100's shared "
+                f"memory), got {K}")
+    return None
 
 
 def momentum_fits(chunk: int, K: int) -> bool:
@@ -131,11 +142,14 @@ def plan(spec: S.ModelSpec) -> dict[str, Placement]:
         elif isinstance(m, S.MatrixMemory) and d.family == "generalized_delta":
             if d.diagonal and d.u is None:
                 p = Placement(name, "diag_chunk", {})
-            elif K > DPLR_MAX_K:
+            elif d.diagonal and K > DPLR_MAX_K:
                 p = Placement(name, None, why=f"skeleton 1d (the DPLR form) takes head sizes up to {DPLR_MAX_K} "
                                               f"(its state transition is one [K, K] tile), this level has {K}")
             elif d.diagonal:
                 p = Placement(name, "dplr_chunk", {})
+            elif delta_why(K):
+                p = Placement(name, None, why=f"skeleton 1 (the delta kernels) takes head sizes up to {DELTA_MAX_K} "
+                                              f"(its state passes' tiles in an H100's shared memory), this level has {K}")
             else:
                 decay, erase = delta_terms(d)
                 p = Placement(name, "delta_chunk", {"DECAY": decay, "ERASE": erase})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from .test_ops import ARGS, _generator, make_inputs, run_with_grads
 from .numerics import assert_rel, rel_err
 
 from nlc.backends.torch import ops
-from nlc.backends.triton import template
+from nlc.backends.triton import diag, template
 from nlc.backends.triton.delta import variant
 
 # each op is one variant of the skeleton: (DECAY, ERASE)
@@ -286,6 +287,27 @@ def test_backend_errors_name_the_way_out():
         ops.linear_attn(q.long(), k.long(), w.long(), backend="triton")
     with pytest.raises(ValueError, match="k must have shape"):
         ops.linear_attn(q, k[:, :3], w, backend="triton")
+
+
+def test_heads_wider_than_the_kernels_take():
+    """Over K = 128 the delta kernels' state passes would not fit an H100's shared memory
+    (plan.DELTA_MAX_K): backend='triton' says so and names the way out, 'auto' runs torch, and a
+    per-channel retention (skeleton 1b, which tiles K) is not bounded."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 5, 1, 136, generator=g, dtype=torch.float64) for _ in range(3))
+    beta = torch.rand(1, 5, 1, generator=g, dtype=torch.float64)
+    for call in (lambda be: ops.delta_rule(q, k, v, beta, backend=be),
+                 lambda be: ops.linear_attn(q, k, v, backend=be),
+                 lambda be: ops.gated_delta_rule(q, k, v, beta, -beta, backend=be),
+                 lambda be: ops.generalized_delta(q, k, v, beta, beta, backend=be)):
+        with pytest.raises(ValueError, match="delta kernels take K up to 128.*got 136.*backend='torch'"):
+            call("triton")
+        o, _ = call("auto")
+        assert torch.allclose(o, call("torch")[0])
+    a = torch.rand(1, 5, 1, 136, generator=g, dtype=torch.float64)
+    with mock.patch.object(diag, "chunk_diag_delta", wraps=diag.chunk_diag_delta) as kernel:
+        ops.generalized_delta(q, k, v, a, backend="triton")
+    assert kernel.called
 
 
 def test_triton_missing_says_so(monkeypatch):

@@ -127,6 +127,21 @@ def test_dplr_levels_run_skeleton_1d_up_to_128_wide_heads(tmp_path):
     assert "backend='torch'" in (tmp_path / "b" / "model.py").read_text()
 
 
+def test_delta_levels_run_skeleton_1_up_to_128_wide_heads(tmp_path):
+    """DeltaNet with one 256-wide head: the delta kernels' state passes would not fit an H100
+    (plan.DELTA_MAX_K), so the level runs on torch and the build says why; GLA's per-channel
+    retention (skeleton 1b tiles K) keeps its kernel at that width."""
+    for name, served in (("deltanet", None), ("gla", "diag_chunk")):
+        text = (ROOT / "specs" / f"{name}.yaml").read_text().replace("heads: 4", "heads: 1")
+        assert "heads: 1" in text
+        (tmp_path / f"{name}.yaml").write_text(text)
+        build(tmp_path / f"{name}.yaml", tmp_path / name, backend="triton")
+        p = json.loads((tmp_path / name / "manifest.json").read_text())["placement"]["memory"]
+        assert p.get("skeleton") == served, p
+        if served is None:
+            assert "skeleton 1 (the delta kernels) takes head sizes up to 128" in p["why"], p
+
+
 def test_momentum_levels_run_skeleton_1c_up_to_its_tile(tmp_path):
     """titans_linear's memory (K = 64, chunk 64) gets the momentum kernels; with 128-wide heads and
     chunk 64 too (plan.MOMENTUM_TILE); with one 256-wide head the tiles would not fit an H100, and
