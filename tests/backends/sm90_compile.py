@@ -137,6 +137,46 @@ def prologues(everything: bool):
                               "smem": compile_smem(getattr(mod, name), meta, 1)}), flush=True)
 
 
+def corners():
+    """Each skeleton at the corners of the sizes its plan accepts, with every flag that enlarges its
+    tiles and every products choice it can take (float32, 16-bit, float64): what a user's spec can
+    send to a kernel, not only what the shipped specs do. The DPLR form at K = 128
+    (``plan.DPLR_MAX_K``); the momentum memory with the erase at chunk x K 64 x 128 and 32 x 256
+    (``plan.MOMENTUM_TILE``); the deep memory with every flag on at 256 wide (``plan.MLP_MAX_DIM``),
+    chunks 64 and 16. (The delta kernels' corner, K = 128, is the default run's.)"""
+    import triton.language as tl
+    from nlc.backends.triton.deep import _config, _pow2
+    from nlc.backends.triton.dplr import launch as dplr_launch
+    from nlc.backends.triton.momentum import launch as momentum_launch, precision, variant
+    dplr = template.load("dplr_chunk", {}, interpret=False)
+    extra = {"dplr_state_fwd": {"HAS_H0": True}, "dplr_state_bwd": {"HAS_DHT": True}}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for name, (meta, stages, warps) in dplr_launch(128, 128, dtype).items():
+            print(json.dumps({"variant": f"dplr K 128 {dtype}", "kernel": name,
+                              "smem": compile_smem(getattr(dplr, name), dict(meta, **extra.get(name, {})), stages, warps)}),
+                  flush=True)
+    mod = template.load("momentum_chunk", variant("l2", True), interpret=False)
+    for (C, K), dtype in ((c, d) for c in ((64, 128), (32, 256)) for d in (torch.float32, torch.bfloat16, torch.float64)):
+        meta, warps = momentum_launch(K, K, dtype, precision(dtype, K))
+        for name in ("momentum_fwd", "momentum_bwd"):
+            print(json.dumps({"variant": f"momentum ERASE {C} x {K} {meta['PREC']}", "kernel": name,
+                              "smem": compile_smem(getattr(mod, name), dict(meta, BC=C, NM=4), 1, warps)}), flush=True)
+    flags = dict(MOMENTUM=True, RETAIN=True, ERASE=True, SELF_TARGET=True, RESIDUAL=True, CURRENT=True, L2=True,
+                 GELU=True)
+    mod = template.load("mlp_chunk", flags, interpret=False)
+    W = [torch.empty(1, 1, 256, 256), torch.empty(1, 1, 256, 256)]
+    for C, prec in ((c, p) for c in (64, 16) for p in ("tf32x3", "tf32", "ieee")):
+        q = torch.empty(1, 1, 1, 256, dtype=torch.float64 if prec == "ieee" else torch.float32)
+        *_, cfg, warps = _config(q, W, C, prec)
+        assert cfg["ACC"] == (tl.float64 if prec == "ieee" else tl.float32)
+        bwd = dict({k: cfg[k] for k in ("BC", "BO", "BJ", "ACC", "PREC")}, DETACH=False, BK=mlp_slice(C, 256))
+        for name, meta in (("mlp_chunk_fwd", dict(cfg, BV=_pow2(256))), ("mlp_chunk_bwd", bwd)):
+            print(json.dumps({"variant": f"mlp every flag 256 chunk {C} {prec}", "kernel": name,
+                              "smem": compile_smem(getattr(mod, name), meta, 1, warps)}), flush=True)
+
+
 if __name__ == "__main__":
+    if "--corners" in sys.argv:
+        sys.exit(corners())
     prologues("--all" in sys.argv)
     sys.exit(main("--all" in sys.argv))
