@@ -34,7 +34,7 @@ MOMENTUM_MAX_DIM = 256
 # backward with the erase (an H100 has 227 KB of shared memory): float32's tf32x3 products 205 KB at
 # chunk x K 64 x 128, 68 KB at 32 x 256, 369 KB at 64 x 256; float64 (ieee) 106, 82 and 147 KB.
 # TF32 products need more (246 KB at 64 x 128, 262 at 32 x 256), so 16-bit inputs take them only
-# at K up to 64 (momentum.launch).
+# at K up to 64 (momentum.precision).
 MOMENTUM_TILE = 64 * 128
 DPLR_MAX_K = 128                # skeleton 1d's per-chunk state transition is one [K, K] tile
 # Skeleton 1 holds the state in two [K / 2, BV] halves: ptxas for sm_90 gives its backward state

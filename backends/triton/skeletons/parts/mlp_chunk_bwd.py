@@ -176,8 +176,10 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             qH2 = tl.zeros([BC, BJ], dtype=ACC)
             if MOMENTUM:
                 ks = tl.zeros([BC, BJ], dtype=ACC)                          # k dS2e
-                kS2 = tl.zeros([BC, BJ], dtype=ACC)
-                qS2 = tl.zeros([BC, BJ], dtype=ACC)
+                if ERASE:
+                    kS2 = tl.zeros([BC, BJ], dtype=ACC)
+                if CURRENT:
+                    qS2 = tl.zeros([BC, BJ], dtype=ACC)
             for s0 in range(0, D, BK):
                 k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
                 q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
@@ -201,7 +203,8 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             dakC = tl.zeros([BC, BJ], dtype=ACC)                            # ak's cotangent but g2's path
             dOH1 = tl.zeros([BC, BJ], dtype=ACC)
             if MOMENTUM:
-                dOS1 = tl.zeros([BC, BJ], dtype=ACC)
+                if CURRENT:
+                    dOS1 = tl.zeros([BC, BJ], dtype=ACC)
             for u0 in range(0, DO, BK):
                 err = _load(_sl(es_ptr, hd, n, N, u0, BO, BC, BK), ACC)   # y - tau at the anchor
                 dO = _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BK, u0), ACC)
@@ -347,7 +350,6 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), derr, True)
         if ERASE:
             dPab = tl.zeros([BC, BC], dtype=ACC)
-            dKK = tl.zeros([BC, BC], dtype=ACC)
         if CURRENT:
             dQK = -dQKs * PhiE
             dPhi -= dQKs * QK
