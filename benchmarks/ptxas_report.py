@@ -12,7 +12,8 @@ the launch configuration (tile constants, num_warps, num_stages) that ``delta.la
 chunk 64, momentum, retention, current read) and at Hope's M_mem (256 wide, erase, self target),
 whose wrapper casts every input to float32; the momentum matrix memory (skeleton 1c) at
 titans_linear's level (K = V = 64) and at K = V = 128 with and without the erase, chunk 64, float32;
-the DPLR form (skeleton 1d) at rwkv7's K = V = 64 and at 128, float32. Skeletons 1c, 1d and 2 also
+the DPLR form (skeleton 1d) at rwkv7's K = V = 64 and at 128, float32; the flow prologue (skeleton
+3) at gated DeltaNet's key flow (convolution 4, SiLU, l2norm), K = 128, float32 and bfloat16. Skeletons 1c, 1d and 2 also
 with the TF32 products they take for 16-bit inputs (``plan.products``; float32 tiles either way).
 Run it without ``TRITON_INTERPRET``; a kernel that fails to compile is a row saying so.
 """
@@ -41,7 +42,7 @@ from nlc.backends.triton import template  # noqa: E402
 
 TY = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 # pointer arguments that carry the caller's inputs (their dtype); every other pointer is float32
-INPUTS = {"q_ptr", "k_ptr", "w_ptr", "la_ptr", "b_ptr", "h0_ptr"}
+INPUTS = {"q_ptr", "k_ptr", "w_ptr", "la_ptr", "b_ptr", "h0_ptr", "p_ptr", "dy_ptr"}
 
 
 def ptxas_stats(log: str) -> dict:
@@ -159,6 +160,17 @@ def momentum_rows():
             yield label, torch.float32, kern, getattr(mod, kern), dict(meta, BC=C, NM=4 if erase else 1), 1, warps
 
 
+def flow_rows(dtypes):
+    """Skeleton 3 at gated DeltaNet's key flow, l2norm(silu(conv(proj(x), 4))), at K = 128."""
+    import triton.language as tl
+    from nlc.backends.triton.prologue import code, halo
+    mod = template.load("flow_prologue", {"CONV": True}, False, code(("silu", "l2norm")))
+    meta = dict(W=4, BT=16, BK=128, ACC=tl.float32)
+    for dtype in dtypes:
+        yield "flow conv4 silu l2norm", dtype, "flow_fwd", mod.flow_fwd, meta, 1, 4
+        yield "flow conv4 silu l2norm", dtype, "flow_bwd", mod.flow_bwd, dict(meta, HB=halo(4)), 1, 4
+
+
 def _unpack(cfg):
     """(meta, stages) or (meta, stages, warps): the launch tables before and after num_warps."""
     return (*cfg, 4) if len(cfg) == 2 else cfg
@@ -166,13 +178,13 @@ def _unpack(cfg):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--only", choices=["delta", "diag", "dplr", "mlp", "momentum"], action="append")
+    p.add_argument("--only", choices=["delta", "diag", "dplr", "mlp", "momentum", "flow"], action="append")
     args = p.parse_args()
-    only = set(args.only or ["delta", "diag", "dplr", "mlp", "momentum"])
+    only = set(args.only or ["delta", "diag", "dplr", "mlp", "momentum", "flow"])
     dtypes = (torch.float32, torch.bfloat16)
     rows = itertools.chain(delta_rows(dtypes) if "delta" in only else (), diag_rows(dtypes) if "diag" in only else (),
                            mlp_rows() if "mlp" in only else (), momentum_rows() if "momentum" in only else (),
-                           dplr_rows() if "dplr" in only else ())
+                           dplr_rows() if "dplr" in only else (), flow_rows(dtypes) if "flow" in only else ())
     print(f"ptxas for sm_90 (triton {triton.__version__}), K = V = 128, chunk 64; smem: Triton's dynamic shared memory\n")
     print("| variant | inputs | kernel | warps | stages | regs/thread | spill stores (B) | spill loads (B) | smem (B) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -13,7 +13,7 @@ import torch
 
 from nlc.backends.triton import template
 
-__all__ = ["OPS", "chain_of", "fuses", "code", "flow", "flow_torch"]
+__all__ = ["OPS", "chain_of", "fuses", "code", "flow", "flow_torch", "halo"]
 
 # name -> (forward statement of y from x, backward statements taking g at y to g at x); `x`, `y`
 # are the op's input and output, `g` the running gradient.
@@ -105,13 +105,23 @@ def flow(p, ops, weight=None, past=None):
     return _Flow.apply(p, weight, past, ops)
 
 
+def _acc(p):
+    """The accumulation dtype: float64 for float64 inputs (the oracle tests), else float32."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def halo(width: int) -> int:
+    """The backward's halo: the rows after a block whose g0 it needs, a power of two >= width - 1."""
+    return 1 << max(width - 2, 0).bit_length()
+
+
 def _meta(p, weight):
     import triton.language as tl
     K = p.shape[-1]
     BK = 16
     while BK < K:
         BK *= 2
-    acc = tl.float64 if p.dtype == torch.float64 else tl.float32
+    acc = tl.float64 if _acc(p) == torch.float64 else tl.float32
     return dict(W=1 if weight is None else weight.shape[1], BT=16, BK=BK, ACC=acc)
 
 
@@ -144,11 +154,13 @@ class _Flow(torch.autograd.Function):
         W = meta["W"]
         dpast = p.new_zeros(B, max(W - 1, 1), H * K) if weight is not None else dummy
         dw = p.new_zeros(nb, B * H, K, W) if weight is not None else dummy
+        HB = halo(W)
+        g0_ws = p.new_empty(nb, B * H, meta["BT"] + HB, meta["BK"], dtype=_acc(p)) if weight is not None else dummy
         past_ = dummy if weight is None else (p.new_zeros(B, W - 1, H * K) if past is None else past.contiguous())
         if T:
             mod.flow_bwd[(nb, B * H)](p, past_,
                                       dummy if weight is None else weight.contiguous(), dy.contiguous(),
-                                      dp, dpast, dw, T, H, K, **meta)
+                                      dp, dpast, dw, g0_ws, T, H, K, HB=HB, **meta)
         dweight = None
         if weight is not None:   # [blocks, B*H, K, W] -> [H*K, W]
             dweight = dw.view(nb, B, H, K, W).sum((0, 1)).reshape(H * K, W).to(weight.dtype)

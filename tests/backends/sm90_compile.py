@@ -120,7 +120,7 @@ def main(everything: bool):
 def prologues(everything: bool):
     """Skeleton 3 for the chains the shipped specs' flows have (K = 64, convolution width 4)."""
     import triton.language as tl
-    from nlc.backends.triton.prologue import chain_of, code
+    from nlc.backends.triton.prologue import chain_of, code, halo
     chains = set()
     for path in sorted((ROOT / "specs").glob("*.yaml")):
         spec = nlc.load(path)
@@ -132,9 +132,9 @@ def prologues(everything: bool):
     for width, ops in sorted(chains)[-1 if not everything else 0:]:   # the widest: conv + the most functions
         mod = template.load("flow_prologue", {"CONV": width > 0}, False, code(ops))
         meta = dict(W=max(width, 1), BT=16, BK=64, ACC=tl.float32)
-        for name in ("flow_fwd", "flow_bwd"):
+        for name, extra in (("flow_fwd", {}), ("flow_bwd", {"HB": halo(max(width, 1))})):
             print(json.dumps({"variant": f"conv{width} {'-'.join(ops) or 'proj'}", "kernel": name,
-                              "smem": compile_smem(getattr(mod, name), meta, 1)}), flush=True)
+                              "smem": compile_smem(getattr(mod, name), {**meta, **extra}, 1)}), flush=True)
 
 
 def corners():

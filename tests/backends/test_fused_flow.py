@@ -24,8 +24,9 @@ def run_pieces(backend, p, ops, conv, cuts):
     return torch.cat(outs, 1), state.get("c")
 
 
-@pytest.mark.parametrize("ops,width", [(("silu", "l2norm"), 4), (("silu",), 3), (("l2norm",), 0)],
-                         ids=["silu-l2norm-conv4", "silu-conv3", "l2norm"])
+@pytest.mark.parametrize("ops,width", [(("silu", "l2norm"), 4), (("silu",), 3), (("l2norm",), 0),
+                                       (("sigmoid",), 2), (("tanh", "l2norm"), 6)],
+                         ids=["silu-l2norm-conv4", "silu-conv3", "l2norm", "sigmoid-conv2", "tanh-l2norm-conv6"])
 def test_fused_flow_equals_torch_over_pieces(ops, width):
     gen = torch.Generator().manual_seed(7 + width)
     B, T, H, K = 2, 29, 2, 12

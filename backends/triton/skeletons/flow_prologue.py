@@ -8,10 +8,13 @@
 # nlc.backends.triton.prologue: the chain's forward (`# {FORWARD}`: statements taking `z` to the
 # flow's value) and its backward (`# {BACKWARD}`: statements taking `g`, the gradient of the value,
 # to the gradient of z_0, recomputing what they need from `z0`). Unfilled, the chain is the identity.
-# Backward: the chain's gradient g0 at the conv output is recomputed at the rows each gradient needs
-# (dP[s] = sum_j w[:, j] g0[s + (W-1) - j]), so no block reads another's results; dw is summed per
-# block (and over blocks and batch by the wrapper). Program 0 takes the rows before the first
-# token: the gradient of `past`. Accumulation in ACC, every load masked, offsets int64.
+# Backward: dP[s] = sum_j w[:, j] g0[s + (W-1) - j], with g0 the chain's gradient at the conv
+# output. A block of BT rows needs g0 at its rows and at the W-1 after them (the halo, HB >= W-1
+# rows, owned by the next block): it computes both (the chain once per row, plus the halo's), puts
+# them in its own slot of a workspace and reads them back shifted, after a barrier, so no block
+# reads another's results. dw is summed per block (and over blocks and batch by the wrapper).
+# Program 0 takes the rows before the first token: the gradient of `past`. Accumulation in ACC,
+# every load masked, offsets int64.
 import triton
 import triton.language as tl
 
@@ -88,10 +91,11 @@ def _g0(p_ptr, past_ptr, cw_ptr, dy_ptr, rows, T, H, K, hd, W: tl.constexpr, BK:
 
 
 @triton.jit
-def flow_bwd(p_ptr, past_ptr, cw_ptr, dy_ptr, dp_ptr, dpast_ptr, dcw_ptr, T, H, K, W: tl.constexpr,
-             BT: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+def flow_bwd(p_ptr, past_ptr, cw_ptr, dy_ptr, dp_ptr, dpast_ptr, dcw_ptr, g0_ws_ptr, T, H, K, W: tl.constexpr,
+             BT: tl.constexpr, HB: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
     """Grid (1 + T / BT, B*H): program i > 0 writes dP for rows (i-1)*BT ..; program 0 the rows
-    before the first token (d past). Each writes its block's share of dw [blocks, B*H, K, W]."""
+    before the first token (d past). Each writes its block's share of dw [blocks, B*H, K, W]; CONV:
+    g0 at its rows and its halo goes through its slot of g0_ws [blocks, B*H, BT + HB, BK]."""
     i = tl.program_id(0)
     hd = tl.program_id(1)
     t0 = (i - 1) * BT
@@ -101,15 +105,27 @@ def flow_bwd(p_ptr, past_ptr, cw_ptr, dy_ptr, dp_ptr, dpast_ptr, dcw_ptr, T, H, 
     b = (hd // H).to(tl.int64)
     h = hd % H
     if CONV:
+        g = tl.zeros([BT, BK], dtype=ACC)    # program 0's rows precede the sequence: only its halo counts
+        if i > 0:
+            g = _g0(p_ptr, past_ptr, cw_ptr, dy_ptr, rows, T, H, K, hd, W, BK, ACC)
+        ws = g0_ws_ptr + (i.to(tl.int64) * tl.num_programs(1) + hd) * (BT + HB) * BK
+        tl.store(ws + tl.arange(0, BT)[:, None] * BK + cols[None, :], g)
+        halo = tl.arange(0, HB)
+        tl.store(ws + (BT + halo[:, None]) * BK + cols[None, :],
+                 _g0(p_ptr, past_ptr, cw_ptr, dy_ptr, t0 + BT + halo, T, H, K, hd, W, BK, ACC))
+        tl.debug_barrier()  # the slot is written before any thread reads it shifted
         dx = tl.zeros([BT, BK], dtype=ACC)
-        g = _g0(p_ptr, past_ptr, cw_ptr, dy_ptr, rows, T, H, K, hd, W, BK, ACC)
         for j in tl.static_range(W):
             wj = tl.load(cw_ptr + (h * K + cols) * W + j, mask=cols < K, other=0.0).to(ACC)
-            dx += wj[None, :] * _g0(p_ptr, past_ptr, cw_ptr, dy_ptr, rows + (W - 1) - j, T, H, K, hd, W, BK, ACC)
-            # dw[c, j] = sum_t g0[t, c] P[t - (W-1) + j, c], over this block's rows t
-            xj = _tile(p_ptr, past_ptr, rows - (W - 1) + j, T, H, K, hd, W, BK, ACC)
-            tl.store(dcw_ptr + ((i.to(tl.int64) * tl.num_programs(1) + hd) * K + cols) * W + j,
-                     tl.sum(g * xj, 0), mask=cols < K)
+            shift = tl.arange(0, BT) + (W - 1) - j          # rows (W-1)-j .. of the slot: within BT + HB
+            dx += wj[None, :] * tl.load(ws + shift[:, None] * BK + cols[None, :],
+                                        mask=(shift[:, None] < BT + HB) & cm, other=0.0)
+            # dw[c, j] = sum_t g0[t, c] P[t - (W-1) + j, c], over this block's rows t (program 0:
+            # none, and its slot of dw is zeros)
+            if i > 0:
+                xj = _tile(p_ptr, past_ptr, rows - (W - 1) + j, T, H, K, hd, W, BK, ACC)
+                tl.store(dcw_ptr + ((i.to(tl.int64) * tl.num_programs(1) + hd) * K + cols) * W + j,
+                         tl.sum(g * xj, 0), mask=cols < K)
         prow = rows + (W - 1)
         tl.store(dpast_ptr + (b * (W - 1) + prow[:, None].to(tl.int64)) * (H * K) + h * K + cols[None, :],
                  dx.to(dpast_ptr.dtype.element_ty), mask=(rows[:, None] < 0) & (prow[:, None] >= 0) & cm)
