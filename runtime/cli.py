@@ -110,9 +110,10 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
           output: Path = typer.Option(..., "--output", "-o", help="the directory to write into"),
           backend: str = typer.Option("torch", "--backend", metavar="torch|triton|auto",
                                       help="triton or auto: also write each served level's Triton "
-                                           "kernels (kernels/LEVEL.py) and say which levels run on torch and why")):
+                                           "kernels (kernels/LEVEL.py) and each fused flow's "
+                                           "(kernels/flow_CHAIN.py), and say which levels run on torch and why")):
     """Generate the model: readable torch source (model.py), manifest.json and graph.svg, and with
-    --backend triton the levels' Triton kernels. The same spec gives the same bytes."""
+    --backend triton the levels' and the fused flows' Triton kernels. The same spec gives the same bytes."""
     from nlc.backends.dispatch import BACKENDS
     from nlc.backends.torch.codegen import build as _build
     if backend not in BACKENDS:
@@ -126,13 +127,16 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
     for f in files:
         typer.echo(f"wrote {f}")
     if backend != "torch":
-        placement = json.loads((output / "manifest.json").read_text())["placement"]
-        for name, p in placement.items():
+        manifest = json.loads((output / "manifest.json").read_text())
+        for name, p in manifest["placement"].items():
             where = (f"Triton, skeleton {p['skeleton']} -> {p['file']}" if p["runs_on"] == "triton"
                      else f"torch ({p['why']})")
             if backend == "auto" and "auto" in p:
                 where += f" ({p['auto']})"
             typer.echo(f"level {name}: {where}")
+        on = " (on CUDA tensors)" if backend == "auto" else ""
+        for f in manifest["fused_flows"].values():
+            typer.echo(f"flow {', '.join(f['flows'])}: {f['chain']}, Triton{on}, skeleton flow_prologue -> {f['file']}")
 
 
 app.command(epilog=TRAIN_EPILOG)(train)   # `nlc train`: runtime/cli_train.py

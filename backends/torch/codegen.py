@@ -124,7 +124,8 @@ def build(path, out_dir, backend: str = "torch") -> list:
     """`nlc build`: write model.py, manifest.json and graph.svg for a model spec into `out_dir`,
     and with `backend` "triton" or "auto" each Triton-served level's kernels as kernels/LEVEL.py
     (the manifest's "placement" says, for every level, its skeleton and holes or why it runs on
-    torch). Returns the paths written.
+    torch) and each fused flow's as kernels/flow_CHAIN.py (the manifest's "fused_flows").
+    Returns the paths written.
 
     Deterministic: the same spec gives the same bytes. Everything is generated before anything is
     written, so an error writes nothing; each file is written atomically.
@@ -164,6 +165,8 @@ def build(path, out_dir, backend: str = "torch") -> list:
     }
     if placement is not None:
         manifest["placement"] = placement
+        flow_kernels, manifest["fused_flows"] = _flow_files(spec, Path(path).name)
+        kernels.update(flow_kernels)
     graph = lower(spec)
     try:
         files = {"model.py": source, "graph.svg": drawing(graph, "svg")}
@@ -215,3 +218,26 @@ def _kernel_files(spec, source_name):
         if p.auto():
             placement[name]["auto"] = p.auto()
     return files, placement
+
+
+def _flow_files(spec, source_name):
+    """({"kernels/flow_CHAIN.py": text}, the manifest's "fused_flows") of a spec's fused flows: one
+    kernel per distinct chain, its header naming the flows that run it."""
+    import hashlib
+
+    from nlc.backends.triton import template
+    from nlc.backends.triton.plan import flow_header, flow_kernel, fused_flows
+    from nlc.backends.triton.prologue import chain_of
+    chains = {}
+    for at, e in fused_flows(spec):
+        width, ops, proj = chain_of(e)
+        chains.setdefault((width, ops), []).append(at)
+    files, fused = {}, {}
+    for (width, ops), flows in sorted(chains.items()):
+        name, flags, code = flow_kernel(width, ops)
+        sha = hashlib.sha256(template.body("flow_prologue", flags, code).encode()).hexdigest()[:16]
+        chain = " |> ".join(([f"conv(., {width})"] if width else []) + list(ops))
+        header = flow_header(spec.name, source_name, name, chain, flows, sha)
+        files[f"kernels/{name}.py"] = template.render("flow_prologue", flags, header, code)
+        fused[name] = {"flows": flows, "chain": chain, "sha256_16": sha, "file": f"kernels/{name}.py"}
+    return files, fused

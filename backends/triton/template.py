@@ -79,10 +79,10 @@ def _included(lines: list[str]) -> list[str]:
     return out
 
 
-def render(skeleton: str, flags: dict, header: str) -> str:
+def render(skeleton: str, flags: dict, header: str, code: dict | None = None) -> str:
     """``header`` (comment lines) on top of :func:`body`."""
     head = "".join(f"# {ln}".rstrip() + "\n" for ln in header.splitlines())
-    return head + body(skeleton, flags)
+    return head + body(skeleton, flags, code)
 
 
 def cache_dir() -> Path:

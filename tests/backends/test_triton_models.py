@@ -13,7 +13,8 @@ import torch
 import nlc
 from nlc.backends.torch.codegen import build
 from nlc.backends.triton import template
-from nlc.backends.triton.plan import plan
+from nlc.backends.triton.plan import flow_kernel, fused_flows, plan
+from nlc.backends.triton.prologue import chain_of
 
 from .test_compile import COMPILED, GOLDEN, ROOT, small
 
@@ -175,6 +176,47 @@ def test_generated_kernels_match_golden(skeleton, flags):
         golden.write_text(text)
     assert golden.exists(), f"no golden file: run NLC_REGEN_GOLDEN=1 pytest {__file__}"
     assert text == golden.read_text(), "generated kernel changed: review the diff, then NLC_REGEN_GOLDEN=1"
+
+
+FLOW_CHAINS = sorted({chain_of(e)[:2] for n in COMPILED
+                      for _, e in fused_flows(nlc.load(ROOT / "specs" / f"{n}.yaml"))})
+
+
+@pytest.mark.parametrize("width,ops", FLOW_CHAINS, ids=[flow_kernel(w, o)[0] for w, o in FLOW_CHAINS])
+def test_generated_flow_kernels_match_golden(width, ops):
+    name, flags, code = flow_kernel(width, ops)
+    text = template.body("flow_prologue", flags, code)
+    golden = GOLDEN / "triton" / f"{name}.py.txt"
+    if os.environ.get("NLC_REGEN_GOLDEN"):
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file: run NLC_REGEN_GOLDEN=1 pytest {__file__}"
+    assert text == golden.read_text(), "generated kernel changed: review the diff, then NLC_REGEN_GOLDEN=1"
+
+
+def test_build_writes_the_fused_flows_kernels(tmp_path):
+    """gated DeltaNet's three fused flows run two kernels (key and query share a chain); the build
+    writes each once, its header naming its flows and the hash of the module that runs."""
+    from typer.testing import CliRunner
+
+    from nlc.backends.triton.prologue import kernels
+    from nlc.runtime.cli import app
+    r = CliRunner().invoke(app, ["build", str(ROOT / "specs" / "gated_deltanet.yaml"), "-o", str(tmp_path / "g"),
+                                 "--backend", "triton"])
+    assert r.exit_code == 0, r.output
+    assert ("flow memory.key, memory.query: conv(., 4) |> silu |> l2norm, Triton, skeleton flow_prologue -> "
+            "kernels/flow_conv4_silu_l2norm.py") in r.output
+    fused = json.loads((tmp_path / "g" / "manifest.json").read_text())["fused_flows"]
+    assert sorted(fused) == ["flow_conv4_silu", "flow_conv4_silu_l2norm"]
+    assert fused["flow_conv4_silu"]["flows"] == ["memory.value"]
+    text = (tmp_path / "g" / "kernels" / "flow_conv4_silu_l2norm.py").read_text()
+    assert text.startswith("# flow_conv4_silu_l2norm: the Triton kernel of the fused flows `memory.key`, `memory.query`")
+    sha = fused["flow_conv4_silu_l2norm"]["sha256_16"]
+    assert f"body sha256[:16]: {sha}" in text
+    assert kernels(True, ("silu", "l2norm"), True).__file__.endswith(f"flow_prologue_{sha}.py")   # what runs
+    assert "z2 = z1 * tl.rsqrt(tl.sum(z1 * z1, 1) + 1e-6)[:, None]" in text
+    r = CliRunner().invoke(app, ["build", str(ROOT / "specs" / "titans.yaml"), "-o", str(tmp_path / "t"),
+                                 "--backend", "auto"])
+    assert r.exit_code == 0 and "(on CUDA tensors)" in r.output, r.output
 
 
 def test_cli_build_triton_reports_placement(tmp_path):
