@@ -64,7 +64,7 @@ def verify(spec, backend: str = "triton", dtype=torch.float64, tokens: int | Non
            device: str | None = None) -> tuple[list[Row], dict]:
     """Rows of errors per level and comparison, and facts about the run (sizes, device)."""
     import nlc
-    from nlc.backends.triton.plan import plan
+    from nlc.backends.triton.plan import fused_flows, plan
     from nlc.instance import instanced
 
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"layers": 1})})
@@ -80,7 +80,8 @@ def verify(spec, backend: str = "triton", dtype=torch.float64, tokens: int | Non
     ids = torch.randint(0, spec.model.vocab, (2, T), generator=torch.Generator().manual_seed(seed)).to(device)
     forms = {"recurrent": ("recurrent", "torch"), "chunk": ("chunk", "torch")}
     served = [n for n, p in placement.items() if p.skeleton]
-    if backend != "torch" and served:
+    fused = [at for at, _ in fused_flows(spec)]      # flows that run as one Triton kernel each
+    if backend != "torch" and (served or fused):
         forms["triton"] = ("chunk", "triton")
     results = {}
     for name, (mode, be) in forms.items():
@@ -101,17 +102,23 @@ def verify(spec, backend: str = "triton", dtype=torch.float64, tokens: int | Non
             if a == "triton":
                 p = placement.get(lv)
                 note = p.describe() if p else "a generator's copy"
+                note += _flows_note([f for f in fused if f.split(".")[0] == lv])
             rows.append(Row(lv, f"{a} vs {b}", None, state, grad, tol, note))
         shared = [k for k in gb if _owner(k, levels) is None]
+        signals = [f for f in fused if "." not in f] if a == "triton" else []
         rows.append(Row("(model)", f"{a} vs {b}", logit_err, None,
                         max((_err(ga[k], gb[k]) for k in shared), default=None), tol,
-                        "logits; embedding, signals, norms and head"))
-    if backend != "torch" and not served:
+                        "logits; embedding, signals, norms and head" + _flows_note(signals)))
+    if backend != "torch" and not (served or fused):
         rows.append(Row("(model)", "triton vs chunk", None, None, None, tol,
-                        "no level of this spec has a Triton skeleton: every level runs on torch"))
+                        "no level of this spec has a Triton skeleton and no flow is fused: everything runs on torch"))
     facts = dict(T=T, B=2, device=device, dtype=str(dtype).replace("torch.", ""), d_model=spec.model.d_model,
                  heads=spec.model.heads, tol=tol)
     return rows, facts
+
+
+def _flows_note(flows) -> str:
+    return f"; fused flow{'s' if len(flows) > 1 else ''} {', '.join(f'`{f}`' for f in flows)} on Triton" if flows else ""
 
 
 def render(rows: list[Row], facts: dict, name: str) -> str:

@@ -43,6 +43,36 @@ def test_a_wrong_kernel_fails_verify(tmp_path, monkeypatch):
     assert " NO " in r.output and "FAILED" in r.output
 
 
+FLOW_ONLY = """nlc: 1
+name: flow_only
+model: {vocab: 64, d_model: 32, layers: 1, heads: 2, block: [attn, mlp]}
+levels:
+  attn:
+    memory: attention
+    key: l2norm(silu(conv(proj(x), 4)))
+    value: proj(x)
+    query: proj(x)
+  mlp:
+    memory: {kind: mlp, depth: 2, expansion: 2, activation: gelu, residual: false}
+    every: never
+"""
+
+
+def test_a_fused_flow_is_verified_where_no_level_has_a_kernel(tmp_path, monkeypatch):
+    """Attention runs on torch, but its key flow is one Triton kernel under backend="triton": verify
+    holds it to the torch ops, and a wrong flow kernel fails it."""
+    import nlc.backends.triton.prologue as prologue
+    spec = tmp_path / "flow_only.yaml"
+    spec.write_text(FLOW_ONLY)
+    rows, facts = verify(nlc.load(spec), tokens=19)
+    attn = next(r for r in rows if r.level == "attn" and r.compare == "triton vs chunk")
+    assert attn.ok and attn.grad is not None and "fused flow `attn.key` on Triton" in attn.note, render(rows, facts, "f")
+    real = prologue.flow
+    monkeypatch.setattr(prologue, "flow", lambda p, ops, weight=None, past=None: real(p, ops, weight, past) * (1 + 1e-6))
+    rows, facts = verify(nlc.load(spec), tokens=19)
+    assert not next(r for r in rows if r.level == "attn" and r.compare == "triton vs chunk").ok, render(rows, facts, "f")
+
+
 def test_verify_cli_prints_the_table(tmp_path):
     r = CliRunner().invoke(app, ["verify", str(small("retnet", tmp_path)), "--tokens", "18"])
     assert r.exit_code == 0, r.output
