@@ -44,12 +44,12 @@ class Diverged(TrainError):
 # ---------------------------------------------------------------- the run
 
 def _kernel_note(spec, backend: str, device) -> str | None:
-    """A line saying which levels run Triton kernels (the first step compiles them), or None."""
+    """A line saying which levels and fused flows run Triton kernels (the first step compiles them), or None."""
     from nlc.backends.dispatch import interpreter_ready, triton_error
-    from nlc.backends.triton.plan import kernel_levels
+    from nlc.backends.triton.plan import fused_flows, kernel_levels
     if backend == "auto" and device.type != "cuda":    # auto runs torch on a CPU
         return None
-    served = kernel_levels(spec, backend)
+    served = [f"level {n}" for n in kernel_levels(spec, backend)] + [f"flow {at}" for at, _ in fused_flows(spec)]
     if not served:
         return None
     if device.type != "cuda":
@@ -57,8 +57,8 @@ def _kernel_note(spec, backend: str, device) -> str | None:
         if why:
             raise TrainError(f"--backend triton on a CPU runs the kernels under Triton's interpreter, but {why}; "
                              "use --backend torch")
-        return f"note: levels {', '.join(served)} run their kernels under Triton's interpreter (slow: for checking)"
-    return (f"note: levels {', '.join(served)} run Triton kernels (`nlc explain` says where their backward runs); "
+        return f"note: {', '.join(served)} run their kernels under Triton's interpreter (slow: for checking)"
+    return (f"note: {', '.join(served)} run Triton kernels (`nlc explain SPEC --backend {backend}` lists them); "
             "the first step compiles them, which can take a minute or two, and Triton caches them")
 
 

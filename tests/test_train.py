@@ -216,7 +216,8 @@ def test_backend_chooses_who_runs_the_levels(tmp_path):
     with mock.patch.object(delta, "chunk_generalized_delta", wraps=delta.chunk_generalized_delta) as kernel:
         tri = run(tmp_path / "tri", "specs/gated_deltanet.yaml", backend="triton", out=tmp_path / "tri", **kw)
     assert kernel.called
-    assert any(ln.startswith("note: levels memory run their kernels under Triton's interpreter") for ln in tri["log"])
+    assert any(ln.startswith("note: level memory, flow memory.key, flow memory.value, flow memory.query run their "
+                             "kernels under Triton's interpreter") for ln in tri["log"]), tri["log"]
     ref = run(tmp_path / "ref", "specs/gated_deltanet.yaml", backend="torch", out=tmp_path / "ref", **kw)
     assert not any("Triton" in ln for ln in ref["log"])
     assert math.isfinite(tri["last_loss"]) and abs(tri["first_loss"] - ref["first_loss"]) < 1e-4
