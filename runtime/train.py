@@ -47,7 +47,7 @@ def _kernel_note(spec, backend: str, device) -> str | None:
     """A line saying which levels and fused flows run Triton kernels (the first step compiles them), or None."""
     from nlc.backends.dispatch import interpreter_ready, triton_error
     from nlc.backends.triton.plan import fused_flows, kernel_levels
-    if backend == "auto" and device.type != "cuda":    # auto runs torch on a CPU
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):    # auto runs torch on a CPU
         return None
     served = [f"level {n}" for n in kernel_levels(spec, backend)] + [f"flow {at}" for at, _ in fused_flows(spec)]
     if not served:
