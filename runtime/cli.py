@@ -111,7 +111,7 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
           backend: str = typer.Option("torch", "--backend", metavar="torch|triton|auto",
                                       help="triton or auto: also write each served level's Triton "
                                            "kernels (kernels/LEVEL.py) and each fused flow's "
-                                           "(kernels/flow_CHAIN.py), and say which levels run on torch and why")):
+                                           "(kernels/flows/CHAIN.py), and say which levels run on torch and why")):
     """Generate the model: readable torch source (model.py), manifest.json and graph.svg, and with
     --backend triton the levels' and the fused flows' Triton kernels. The same spec gives the same bytes."""
     from nlc.backends.dispatch import BACKENDS

@@ -124,7 +124,7 @@ def build(path, out_dir, backend: str = "torch") -> list:
     """`nlc build`: write model.py, manifest.json and graph.svg for a model spec into `out_dir`,
     and with `backend` "triton" or "auto" each Triton-served level's kernels as kernels/LEVEL.py
     (the manifest's "placement" says, for every level, its skeleton and holes or why it runs on
-    torch) and each fused flow's as kernels/flow_CHAIN.py (the manifest's "fused_flows").
+    torch) and each fused flow's as kernels/flows/CHAIN.py (the manifest's "fused_flows").
     Returns the paths written.
 
     Deterministic: the same spec gives the same bytes. Everything is generated before anything is
@@ -221,7 +221,7 @@ def _kernel_files(spec, source_name):
 
 
 def _flow_files(spec, source_name):
-    """({"kernels/flow_CHAIN.py": text}, the manifest's "fused_flows") of a spec's fused flows: one
+    """({"kernels/flows/CHAIN.py": text}, the manifest's "fused_flows") of a spec's fused flows: one
     kernel per distinct chain, its header naming the flows that run it."""
     import hashlib
 
@@ -238,6 +238,6 @@ def _flow_files(spec, source_name):
         sha = hashlib.sha256(template.body("flow_prologue", flags, code).encode()).hexdigest()[:16]
         chain = " |> ".join(([f"conv(., {width})"] if width else []) + list(ops))
         header = flow_header(spec.name, source_name, name, chain, flows, sha)
-        files[f"kernels/{name}.py"] = template.render("flow_prologue", flags, header, code)
-        fused[name] = {"flows": flows, "chain": chain, "sha256_16": sha, "file": f"kernels/{name}.py"}
+        files[f"kernels/flows/{name}.py"] = template.render("flow_prologue", flags, header, code)
+        fused[name] = {"flows": flows, "chain": chain, "sha256_16": sha, "file": f"kernels/flows/{name}.py"}
     return files, fused

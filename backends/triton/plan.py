@@ -227,16 +227,17 @@ def header(spec_name: str, source: str, level: str, rule: str, p: Placement, sha
 
 def flow_kernel(width: int, ops: tuple) -> tuple[str, dict, dict]:
     """``(name, flags, code)`` of the fused-flow kernel of a chain (``prologue.chain_of``): the
-    name ``flow_conv4_silu_l2norm`` (``flow_proj`` for the identity), skeleton ``flow_prologue``."""
+    name ``conv4_silu_l2norm`` (``proj`` for the identity; the build's ``kernels/flows/NAME.py``, a
+    folder of its own, so that no level's name can collide with it), skeleton ``flow_prologue``."""
     from nlc.backends.triton.prologue import code
-    name = "flow_" + "_".join(([f"conv{width}"] if width else []) + list(ops) or ["proj"])
+    name = "_".join(([f"conv{width}"] if width else []) + list(ops) or ["proj"])
     return name, {"CONV": bool(width)}, code(ops)
 
 
 def flow_header(spec_name: str, source: str, name: str, chain: str, flows: list, sha: str) -> str:
     """The comment block on top of a fused flow's generated kernel file."""
     return "\n".join([
-        f"{name}: the Triton kernel of the fused flow{'s' if len(flows) > 1 else ''} "
+        f"flows/{name}: the Triton kernel of the fused flow{'s' if len(flows) > 1 else ''} "
         f"{', '.join(f'`{f}`' for f in flows)} of spec `{spec_name}`" + (f" ({source})" if source else ""),
         f"chain: {chain} (after the projection, a torch matmul), forward and backward",
         "skeleton: flow_prologue (backends/triton/skeletons/flow_prologue.py), holes: CONV, and FORWARD and "

@@ -186,7 +186,7 @@ FLOW_CHAINS = sorted({chain_of(e)[:2] for n in COMPILED
 def test_generated_flow_kernels_match_golden(width, ops):
     name, flags, code = flow_kernel(width, ops)
     text = template.body("flow_prologue", flags, code)
-    golden = GOLDEN / "triton" / f"{name}.py.txt"
+    golden = GOLDEN / "triton" / f"flow_{name}.py.txt"
     if os.environ.get("NLC_REGEN_GOLDEN"):
         golden.write_text(text)
     assert golden.exists(), f"no golden file: run NLC_REGEN_GOLDEN=1 pytest {__file__}"
@@ -204,13 +204,13 @@ def test_build_writes_the_fused_flows_kernels(tmp_path):
                                  "--backend", "triton"])
     assert r.exit_code == 0, r.output
     assert ("flow memory.key, memory.query: conv(., 4) |> silu |> l2norm, Triton, skeleton flow_prologue -> "
-            "kernels/flow_conv4_silu_l2norm.py") in r.output
+            "kernels/flows/conv4_silu_l2norm.py") in r.output
     fused = json.loads((tmp_path / "g" / "manifest.json").read_text())["fused_flows"]
-    assert sorted(fused) == ["flow_conv4_silu", "flow_conv4_silu_l2norm"]
-    assert fused["flow_conv4_silu"]["flows"] == ["memory.value"]
-    text = (tmp_path / "g" / "kernels" / "flow_conv4_silu_l2norm.py").read_text()
-    assert text.startswith("# flow_conv4_silu_l2norm: the Triton kernel of the fused flows `memory.key`, `memory.query`")
-    sha = fused["flow_conv4_silu_l2norm"]["sha256_16"]
+    assert sorted(fused) == ["conv4_silu", "conv4_silu_l2norm"]
+    assert fused["conv4_silu"]["flows"] == ["memory.value"]
+    text = (tmp_path / "g" / "kernels" / "flows" / "conv4_silu_l2norm.py").read_text()
+    assert text.startswith("# flows/conv4_silu_l2norm: the Triton kernel of the fused flows `memory.key`, `memory.query`")
+    sha = fused["conv4_silu_l2norm"]["sha256_16"]
     assert f"body sha256[:16]: {sha}" in text
     assert kernels(True, ("silu", "l2norm"), True).__file__.endswith(f"flow_prologue_{sha}.py")   # what runs
     assert "z2 = z1 * tl.rsqrt(tl.sum(z1 * z1, 1) + 1e-6)[:, None]" in text
