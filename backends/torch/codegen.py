@@ -230,7 +230,7 @@ def _flow_files(spec, source_name):
     from nlc.backends.triton.prologue import chain_of
     chains = {}
     for at, e in fused_flows(spec):
-        width, ops, proj = chain_of(e)
+        width, ops, _ = chain_of(e)
         chains.setdefault((width, ops), []).append(at)
     files, fused = {}, {}
     for (width, ops), flows in sorted(chains.items()):
