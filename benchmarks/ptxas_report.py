@@ -163,8 +163,8 @@ def momentum_rows():
 def flow_rows(dtypes):
     """Skeleton 3 at gated DeltaNet's key flow, l2norm(silu(conv(proj(x), 4))), at K = 128."""
     import triton.language as tl
-    from nlc.backends.triton.prologue import code, halo
-    mod = template.load("flow_prologue", {"CONV": True}, False, code(("silu", "l2norm")))
+    from nlc.backends.triton.prologue import halo, kernels
+    mod = kernels(True, ("silu", "l2norm"), False)
     meta = dict(W=4, BT=16, BK=128, ACC=tl.float32)
     for dtype in dtypes:
         yield "flow conv4 silu l2norm", dtype, "flow_fwd", mod.flow_fwd, meta, 1, 4

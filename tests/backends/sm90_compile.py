@@ -118,19 +118,17 @@ def main(everything: bool):
 
 
 def prologues(everything: bool):
-    """Skeleton 3 for the chains the shipped specs' flows have (K = 64, convolution width 4)."""
+    """Skeleton 3 for the chains of the shipped specs' fused flows (K = 64, convolution width 4)."""
     import triton.language as tl
-    from nlc.backends.triton.prologue import chain_of, code, halo
+    from nlc.backends.triton.plan import fused_flows
+    from nlc.backends.triton.prologue import chain_of, halo, kernels
     chains = set()
     for path in sorted((ROOT / "specs").glob("*.yaml")):
         spec = nlc.load(path)
-        for lv in getattr(spec, "levels", {}).values():
-            for e in (lv.key, lv.value, lv.query):
-                c = e is not None and chain_of(e)
-                if c:
-                    chains.add((c[0], c[1]))
+        if hasattr(spec, "levels"):                  # model specs, not optimizer specs
+            chains |= {chain_of(e)[:2] for _, e in fused_flows(spec)}
     for width, ops in sorted(chains)[-1 if not everything else 0:]:   # the widest: conv + the most functions
-        mod = template.load("flow_prologue", {"CONV": width > 0}, False, code(ops))
+        mod = kernels(width > 0, ops, False)
         meta = dict(W=max(width, 1), BT=16, BK=64, ACC=tl.float32)
         for name, extra in (("flow_fwd", {}), ("flow_bwd", {"HB": halo(max(width, 1))})):
             print(json.dumps({"variant": f"conv{width} {'-'.join(ops) or 'proj'}", "kernel": name,
