@@ -167,15 +167,19 @@ def _tag(flags):
     return "_".join(k for k, v in flags if v) or "plain"
 
 
-@pytest.mark.parametrize("skeleton,flags", VARIANTS, ids=[f"{s}-{_tag(f)}" for s, f in VARIANTS])
-def test_generated_kernels_match_golden(skeleton, flags):
-    text = template.body(skeleton, dict(flags))
-    golden = GOLDEN / "triton" / f"{skeleton}_{_tag(flags)}.py.txt"
+def _assert_golden(text: str, name: str):
+    """``text`` equals tests/golden/triton/NAME.py.txt (written instead with NLC_REGEN_GOLDEN=1)."""
+    golden = GOLDEN / "triton" / f"{name}.py.txt"
     if os.environ.get("NLC_REGEN_GOLDEN"):
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(text)
     assert golden.exists(), f"no golden file: run NLC_REGEN_GOLDEN=1 pytest {__file__}"
     assert text == golden.read_text(), "generated kernel changed: review the diff, then NLC_REGEN_GOLDEN=1"
+
+
+@pytest.mark.parametrize("skeleton,flags", VARIANTS, ids=[f"{s}-{_tag(f)}" for s, f in VARIANTS])
+def test_generated_kernels_match_golden(skeleton, flags):
+    _assert_golden(template.body(skeleton, dict(flags)), f"{skeleton}_{_tag(flags)}")
 
 
 FLOW_CHAINS = sorted({chain_of(e)[:2] for n in COMPILED
@@ -185,12 +189,7 @@ FLOW_CHAINS = sorted({chain_of(e)[:2] for n in COMPILED
 @pytest.mark.parametrize("width,ops", FLOW_CHAINS, ids=[flow_kernel(w, o)[0] for w, o in FLOW_CHAINS])
 def test_generated_flow_kernels_match_golden(width, ops):
     name, flags, code = flow_kernel(width, ops)
-    text = template.body("flow_prologue", flags, code)
-    golden = GOLDEN / "triton" / f"flow_{name}.py.txt"
-    if os.environ.get("NLC_REGEN_GOLDEN"):
-        golden.write_text(text)
-    assert golden.exists(), f"no golden file: run NLC_REGEN_GOLDEN=1 pytest {__file__}"
-    assert text == golden.read_text(), "generated kernel changed: review the diff, then NLC_REGEN_GOLDEN=1"
+    _assert_golden(template.body("flow_prologue", flags, code), f"flow_{name}")
 
 
 def test_build_writes_the_fused_flows_kernels(tmp_path):
