@@ -50,17 +50,10 @@ GELU: tl.constexpr = True
 
 
 # ---------------------------------------------------------------------------------------------
-# addressing (as skeleton 1's)
+# addressing: the rows of [B, T, H, D] tensors (parts/rows.py, as every chunked skeleton's), and
+# the deep memory's weight stacks (transposed) and workspaces
 
-
-@triton.jit
-def _rows(ptr, t0, T, H, D, hd, BC: tl.constexpr, BD: tl.constexpr, c0=0):
-    """Pointers and mask: tokens t0 .. t0+BC, columns c0 .. c0+BD of a [B, T, H, D] tensor, for
-    the (batch, head) pair hd = b*H + h."""
-    rows = t0 + tl.arange(0, BC)
-    cols = c0 + tl.arange(0, BD)
-    base = ((hd // H).to(tl.int64) * T + rows[:, None].to(tl.int64)) * H + (hd % H)
-    return ptr + base * D + cols[None, :], (rows[:, None] < T) & (cols[None, :] < D)
+# {include rows}
 
 
 @triton.jit
@@ -83,8 +76,9 @@ def _mat(ptr, hd, n, N, R, C, i0, j0, BI: tl.constexpr, BJ: tl.constexpr):
 
 
 @triton.jit
-def _load(pm, ACC: tl.constexpr):
-    return tl.load(pm[0], mask=pm[1], other=0.0).to(ACC)
+def _store_if(pm, x, ok):
+    """Store x where the mask and the scalar condition ``ok`` hold."""
+    tl.store(pm[0], x.to(pm[0].dtype.element_ty), mask=pm[1] & ok)
 
 
 @triton.jit
@@ -94,12 +88,6 @@ def _ws(ptr, hd, s, S, BR: tl.constexpr, BW: tl.constexpr):
     cc = tl.arange(0, BW)
     base = (hd.to(tl.int64) * S + s) * BR * BW
     return ptr + base + rr[:, None] * BW + cc[None, :], (rr[:, None] < BR) & (cc[None, :] < BW)
-
-
-@triton.jit
-def _store(pm, x, ok):
-    """Store x where the mask and the scalar condition ``ok`` hold."""
-    tl.store(pm[0], x.to(pm[0].dtype.element_ty), mask=pm[1] & ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,11 +152,11 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
     hd = tl.program_id(0)
     r = tl.arange(0, BC)
     for j0 in range(0, HID, BJ):  # the initial state is chunk 0's anchor
-        _store(_mat(w1s_ptr, hd, 0, N, DO, HID, j0, 0, BJ, BO), _load(_mat(w1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC), True)
-        _store(_mat(w2s_ptr, hd, 0, N, HID, D, 0, j0, BD, BJ), _load(_mat(w2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC), True)
+        _store(_mat(w1s_ptr, hd, 0, N, DO, HID, j0, 0, BJ, BO), _load(_mat(w1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC))
+        _store(_mat(w2s_ptr, hd, 0, N, HID, D, 0, j0, BD, BJ), _load(_mat(w2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC))
         if MOMENTUM:
-            _store(_mat(s1s_ptr, hd, 0, N, DO, HID, j0, 0, BJ, BO), _load(_mat(s1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC), True)
-            _store(_mat(s2s_ptr, hd, 0, N, HID, D, 0, j0, BD, BJ), _load(_mat(s2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC), True)
+            _store(_mat(s1s_ptr, hd, 0, N, DO, HID, j0, 0, BJ, BO), _load(_mat(s1_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), ACC))
+            _store(_mat(s2s_ptr, hd, 0, N, HID, D, 0, j0, BD, BJ), _load(_mat(s2_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), ACC))
     tl.debug_barrier()  # the stores above are seen by every thread's loads below
     for n in range(N):
         t0 = n * BC
@@ -185,17 +173,17 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
         for j0 in range(0, HID, BJ):
             H1 = _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)     # rows j0.. of W1^T
             H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)      # cols j0.. of W2^T
-            k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
+            k = _load(_rows(k_ptr, t0, T, H, D, hd, 0, BC, BD), ACC)
             y += tl.dot(_act(tl.dot(k, H2, input_precision=PREC))[0], H1, input_precision=PREC)
             if SELF_TARGET:
-                v = _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BV), ACC)
+                v = _load(_rows(v_ptr, t0, T, H, DV, hd, 0, BC, BV), ACC)
                 tau += tl.dot(_act(tl.dot(v, H2, input_precision=PREC))[0], H1, input_precision=PREC)
             if not CURRENT:
-                q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
+                q = _load(_rows(q_ptr, t0, T, H, D, hd, 0, BC, BD), ACC)
                 o += tl.dot(_act(tl.dot(q, H2, input_precision=PREC))[0], H1, input_precision=PREC)
-        v = _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BV), ACC)
+        v = _load(_rows(v_ptr, t0, T, H, DV, hd, 0, BC, BV), ACC)
         if RESIDUAL:
-            y = y + _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
+            y = y + _load(_rows(k_ptr, t0, T, H, D, hd, 0, BC, BD), ACC)
         if SELF_TARGET:
             if RESIDUAL:
                 tau = tau + v
@@ -205,7 +193,7 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             err = y - tau                                               # G1 = eta err
         else:
             err = -tau
-        _store(_ws(e_ws_ptr, hd, n, N, BC, BO), err, True)
+        _store(_ws(e_ws_ptr, hd, n, N, BC, BO), err)
         # decay coefficients: after token t's write (rows t) and before it (rows t - 1); of the
         # "after" forms only row t_end (the chunk end) is needed
         if RETAIN:
@@ -229,20 +217,20 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             Phib = Pab
             phi_e = pa_e
         phi_e = eta * phi_e                                             # H's, on err (G1 = eta err)
-        k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
+        k = _load(_rows(k_ptr, t0, T, H, D, hd, 0, BC, BD), ACC)
         # the erase's UT transform on the input-side matrix: Z_t = k_t^T H2_{t-1}
         if ERASE:
             eps = _scalars(erase_ptr, t0, T, H, hd, BC, 0.0, 0).to(ACC)
             KK = tl.dot(k, tl.trans(k), input_precision=PREC)
             Lm = Pab * eps[None, :] * KK
             Tinv = _unit_lower_inv(Lm, BC, ACC, PREC)
-            _store(_ws(m_ws_ptr, hd, 2, 4, BC, BC), KK * Phib, True)
-            _store(_ws(m_ws_ptr, hd, 3, 4, BC, BC), Tinv, True)
+            _store(_ws(m_ws_ptr, hd, 2, 4, BC, BC), KK * Phib)
+            _store(_ws(m_ws_ptr, hd, 3, 4, BC, BC), Tinv)
         if CURRENT:
-            QK = tl.dot(_load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC), tl.trans(k), input_precision=PREC)
-            _store(_ws(m_ws_ptr, hd, 0, 4, BC, BC), QK * Phib, True)
+            QK = tl.dot(_load(_rows(q_ptr, t0, T, H, D, hd, 0, BC, BD), ACC), tl.trans(k), input_precision=PREC)
+            _store(_ws(m_ws_ptr, hd, 0, 4, BC, BC), QK * Phib)
             if ERASE:
-                _store(_ws(m_ws_ptr, hd, 1, 4, BC, BC), QK * Pab, True)
+                _store(_ws(m_ws_ptr, hd, 1, 4, BC, BC), QK * Pab)
             XK = tl.zeros([BC, BC], dtype=ACC)                          # sum over h of x ak^T
             o = tl.zeros([BC, BO], dtype=ACC)
         tl.debug_barrier()  # the workspaces are written
@@ -250,7 +238,7 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
         # tile is loaded where it is used (again where it is used again) and the stages are
         # split by barriers, so that no stage's operands are live during another's.
         for j0 in range(0, HID, BJ):
-            k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BD), ACC)
+            k = _load(_rows(k_ptr, t0, T, H, D, hd, 0, BC, BD), ACC)
             pk = tl.dot(k, _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC), input_precision=PREC)
             ak, dak = _act(pk)                                          # [BC, BJ]
             H1T = tl.trans(_load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC))
@@ -266,7 +254,7 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             # the read at the weights before each token, this block of the hidden layer:
             # p = A_b (q H2) - (q k^T * Phi_b) G2 - c_b (q S2) [- (q k^T * Pa_b) eps Z]
             if CURRENT:
-                q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
+                q = _load(_rows(q_ptr, t0, T, H, D, hd, 0, BC, BD), ACC)
                 p = Ab[:, None] * tl.dot(q, _load(_mat(w2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC), input_precision=PREC)
                 tl.debug_barrier()
                 p -= tl.dot(_load(_ws(m_ws_ptr, hd, 0, 4, BC, BC), ACC), eta[:, None] * g2, input_precision=PREC)
@@ -291,14 +279,14 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             H1 -= tl.dot(tl.trans(ak), phi_e[:, None] * _load(_ws(e_ws_ptr, hd, n, N, BC, BO), ACC), input_precision=PREC)
             if MOMENTUM:
                 H1 -= c_e * _load(_mat(s1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
-            _store(_mat(w1s_ptr, hd, n + 1, N, DO, HID, j0, 0, BJ, BO), H1, more)
-            _store(_mat(w1o_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), H1, fin)
+            _store_if(_mat(w1s_ptr, hd, n + 1, N, DO, HID, j0, 0, BJ, BO), H1, more)
+            _store_if(_mat(w1o_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), H1, fin)
             tl.debug_barrier()
             if MOMENTUM:
                 S1 = bc_e * _load(_mat(s1s_ptr, hd, n, N, DO, HID, j0, 0, BJ, BO), ACC)
                 S1 += tl.dot(tl.trans(ak), db_e[:, None] * _load(_ws(e_ws_ptr, hd, n, N, BC, BO), ACC), input_precision=PREC)
-                _store(_mat(s1s_ptr, hd, n + 1, N, DO, HID, j0, 0, BJ, BO), S1, more)
-                _store(_mat(s1o_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), S1, fin)
+                _store_if(_mat(s1s_ptr, hd, n + 1, N, DO, HID, j0, 0, BJ, BO), S1, more)
+                _store_if(_mat(s1o_ptr, hd, 0, 1, DO, HID, j0, 0, BJ, BO), S1, fin)
                 tl.debug_barrier()
             coef2 = phi_e[:, None] * g2
             if ERASE:
@@ -307,22 +295,22 @@ def mlp_chunk_fwd(q_ptr, k_ptr, v_ptr, eta_ptr, beta_ptr, alpha_ptr, erase_ptr,
             H2 -= tl.dot(tl.trans(k), coef2, input_precision=PREC)
             if MOMENTUM:
                 H2 -= c_e * _load(_mat(s2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
-            _store(_mat(w2s_ptr, hd, n + 1, N, HID, D, 0, j0, BD, BJ), H2, more)
-            _store(_mat(w2o_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), H2, fin)
+            _store_if(_mat(w2s_ptr, hd, n + 1, N, HID, D, 0, j0, BD, BJ), H2, more)
+            _store_if(_mat(w2o_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), H2, fin)
             tl.debug_barrier()
             if MOMENTUM:
                 S2 = bc_e * _load(_mat(s2s_ptr, hd, n, N, HID, D, 0, j0, BD, BJ), ACC)
                 S2 += tl.dot(tl.trans(k), db_e[:, None] * g2, input_precision=PREC)
-                _store(_mat(s2s_ptr, hd, n + 1, N, HID, D, 0, j0, BD, BJ), S2, more)
-                _store(_mat(s2o_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), S2, fin)
+                _store_if(_mat(s2s_ptr, hd, n + 1, N, HID, D, 0, j0, BD, BJ), S2, more)
+                _store_if(_mat(s2o_ptr, hd, 0, 1, HID, D, 0, j0, BD, BJ), S2, fin)
                 tl.debug_barrier()
         # the read's output layer: o = A_b (x H1) - c_b (x S1) - (x ak^T * Phi_b) G1
         if CURRENT:
-            _store(_ws(xk_ptr, hd, n, N, BC, BC), XK, True)
+            _store(_ws(xk_ptr, hd, n, N, BC, BC), XK)
             o -= tl.dot(XK * Phib * eta[None, :], _load(_ws(e_ws_ptr, hd, n, N, BC, BO), ACC), input_precision=PREC)
         if RESIDUAL:
-            o += _load(_rows(q_ptr, t0, T, H, D, hd, BC, BD), ACC)
-        _store(_rows(o_ptr, t0, T, H, DO, hd, BC, BO), o, True)
+            o += _load(_rows(q_ptr, t0, T, H, D, hd, 0, BC, BD), ACC)
+        _store(_rows(o_ptr, t0, T, H, DO, hd, 0, BC, BO), o)
         tl.debug_barrier()  # chunk n's end state (stack n + 1) is written before chunk n + 1 reads it
 
 

@@ -113,40 +113,40 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
         if CURRENT:
             QK = tl.zeros([BC, BC], dtype=ACC)
         for s0 in range(0, D, BK):
-            ks = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+            ks = _load(_rows(k_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
             if ERASE:
                 KK += tl.dot(ks, tl.trans(ks), input_precision=PREC)
             if CURRENT:
-                QK += tl.dot(_load(_rows(q_ptr, t0, T, H, D, hd, BC, BK, s0), ACC), tl.trans(ks), input_precision=PREC)
-            _store(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), tl.zeros([BC, BK], dtype=ACC), True)
-            _store(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), tl.zeros([BC, BK], dtype=ACC), True)
+                QK += tl.dot(_load(_rows(q_ptr, t0, T, H, D, hd, s0, BC, BK), ACC), tl.trans(ks), input_precision=PREC)
+            _store(_rows(dk_ptr, t0, T, H, D, hd, s0, BC, BK), tl.zeros([BC, BK], dtype=ACC))
+            _store(_rows(dq_ptr, t0, T, H, D, hd, s0, BC, BK), tl.zeros([BC, BK], dtype=ACC))
         if ERASE:                            # the UT transform of the erase on H2
             eps = _scalars(erase_ptr, t0, T, H, hd, BC, 0.0, 0).to(ACC)
             pa_e = tl.load(_vec(cv_ptr, hd, n, N, 4, 5, BC)).to(ACC)
             Pab = tl.load(_cc(cm_ptr, hd, n, N, 1, BC)).to(ACC)
-            _store(_ms(m_ws_ptr, hd, 2, BC), KK * PhiE, True)
-            _store(_ms(m_ws_ptr, hd, 3, BC), _unit_lower_inv(Pab * eps[None, :] * KK, BC, ACC, PREC), True)
+            _store(_ms(m_ws_ptr, hd, 2, BC), KK * PhiE)
+            _store(_ms(m_ws_ptr, hd, 3, BC), _unit_lower_inv(Pab * eps[None, :] * KK, BC, ACC, PREC))
         # the current read's output layer (XK = x ak^T, summed over the hidden layer): err's
         # cotangent starts as -(XK * PhiE)^T dO
         if CURRENT:
-            _store(_ms(m_ws_ptr, hd, 0, BC), QK * PhiE, True)
+            _store(_ms(m_ws_ptr, hd, 0, BC), QK * PhiE)
             if ERASE:
-                _store(_ms(m_ws_ptr, hd, 4, BC), QK * Pab, True)
+                _store(_ms(m_ws_ptr, hd, 4, BC), QK * Pab)
             XK = _load(_ws(xk_ptr, hd, n, N, BC, BC), ACC)
             dOE = tl.zeros([BC, BC], dtype=ACC)                            # dO err^T
         for u0 in range(0, DO, BK):
             zero = tl.zeros([BC, BK], dtype=ACC)
             if CURRENT:
-                dOu = _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BK, u0), ACC)
+                dOu = _load(_rows(do_ptr, t0, T, H, DO, hd, u0, BC, BK), ACC)
                 dOE += tl.dot(dOu, tl.trans(_load(_sl(es_ptr, hd, n, N, u0, BO, BC, BK), ACC)), input_precision=PREC)
-                _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), -tl.dot(tl.trans(XK * PhiE), dOu, input_precision=PREC), True)
+                _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), -tl.dot(tl.trans(XK * PhiE), dOu, input_precision=PREC))
             else:
-                _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), zero, True)
-            _store(_sl(e_ws_ptr, hd, 1, 3, u0, BO, BC, BK), zero, True)
+                _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), zero)
+            _store(_sl(e_ws_ptr, hd, 1, 3, u0, BO, BC, BK), zero)
             if MOMENTUM:
-                _store(_sl(e_ws_ptr, hd, 2, 3, u0, BO, BC, BK), zero, True)
+                _store(_sl(e_ws_ptr, hd, 2, 3, u0, BO, BC, BK), zero)
         if CURRENT:
-            _store(_ms(m_ws_ptr, hd, 1, BC), -dOE * PhiE, True)             # dXK
+            _store(_ms(m_ws_ptr, hd, 1, BC), -dOE * PhiE)             # dXK
             dPhi = -dOE * XK
         else:
             dPhi = tl.zeros([BC, BC], dtype=ACC)
@@ -181,8 +181,8 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
                 if CURRENT:
                     qS2 = tl.zeros([BC, BJ], dtype=ACC)
             for s0 in range(0, D, BK):
-                k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
-                q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+                k = _load(_rows(k_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
+                q = _load(_rows(q_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
                 H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, s0, j0, BK, BJ), ACC)     # [BK, BJ]
                 dH2e = _load(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), ACC)
                 pk += tl.dot(k, H2, input_precision=PREC)
@@ -207,7 +207,7 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
                     dOS1 = tl.zeros([BC, BJ], dtype=ACC)
             for u0 in range(0, DO, BK):
                 err = _load(_sl(es_ptr, hd, n, N, u0, BO, BC, BK), ACC)   # y - tau at the anchor
-                dO = _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BK, u0), ACC)
+                dO = _load(_rows(do_ptr, t0, T, H, DO, hd, u0, BC, BK), ACC)
                 H1 = _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, u0, BJ, BK), ACC)    # [BJ, BK]
                 dH1e = _load(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), ACC)
                 e2 += tl.dot(err, tl.trans(H1), input_precision=PREC)
@@ -287,7 +287,7 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
             # 3) the block's anchor cotangents, and the chunk's sums, slice by slice
             for u0 in range(0, DO, BK):
                 err = _load(_sl(es_ptr, hd, n, N, u0, BO, BC, BK), ACC)
-                dO = _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BK, u0), ACC)
+                dO = _load(_rows(do_ptr, t0, T, H, DO, hd, u0, BC, BK), ACC)
                 H1 = _load(_mat(w1s_ptr, hd, n, N, DO, HID, j0, u0, BJ, BK), ACC)
                 dH1e = _load(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), ACC)
                 nH1 = a_e * dH1e + tl.dot(tl.trans(xA), dO, input_precision=PREC)
@@ -301,22 +301,22 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
                         nS1 -= tl.dot(tl.trans(x), cb[:, None] * dO, input_precision=PREC)
                     aks = _load(_sl(e_ws_ptr, hd, 2, 3, u0, BO, BC, BK), ACC) + tl.dot(ak, dS1e, input_precision=PREC)
                 tl.debug_barrier()               # every thread has read this slice before it is replaced
-                _store(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), nH1, True)
-                _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), derr, True)
-                _store(_sl(e_ws_ptr, hd, 1, 3, u0, BO, BC, BK), akd, True)
+                _store(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), nH1)
+                _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), derr)
+                _store(_sl(e_ws_ptr, hd, 1, 3, u0, BO, BC, BK), akd)
                 if MOMENTUM:
-                    _store(_mat(ds1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), nS1, True)
-                    _store(_sl(e_ws_ptr, hd, 2, 3, u0, BO, BC, BK), aks, True)
+                    _store(_mat(ds1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), nS1)
+                    _store(_sl(e_ws_ptr, hd, 2, 3, u0, BO, BC, BK), aks)
             for s0 in range(0, D, BK):
-                k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
-                q = _load(_rows(q_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+                k = _load(_rows(k_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
+                q = _load(_rows(q_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
                 H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, s0, j0, BK, BJ), ACC)
                 dH2e = _load(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), ACC)
                 nH2 = a_e * dH2e + tl.dot(tl.trans(q), dpA, input_precision=PREC)
                 nH2 += tl.dot(tl.trans(k), dpk, input_precision=PREC)
-                dk = _load(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+                dk = _load(_rows(dk_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
                 dk += tl.dot(cH2, tl.trans(dH2e), input_precision=PREC) + tl.dot(dpk, tl.trans(H2), input_precision=PREC)
-                dq = _load(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), ACC) + tl.dot(dpA, tl.trans(H2), input_precision=PREC)
+                dq = _load(_rows(dq_ptr, t0, T, H, D, hd, s0, BC, BK), ACC) + tl.dot(dpA, tl.trans(H2), input_precision=PREC)
                 if MOMENTUM:
                     S2 = _load(_mat(s2s_ptr, hd, n, N, HID, D, s0, j0, BK, BJ), ACC)
                     dS2e = _load(_mat(ds2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), ACC)
@@ -329,11 +329,11 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
                         nS2 -= tl.dot(tl.trans(k), cb[:, None] * drhs, input_precision=PREC)
                         dk -= tl.dot(cb[:, None] * drhs, tl.trans(S2), input_precision=PREC)
                 tl.debug_barrier()
-                _store(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), nH2, True)
-                _store(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), dk, True)
-                _store(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), dq, True)
+                _store(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), nH2)
+                _store(_rows(dk_ptr, t0, T, H, D, hd, s0, BC, BK), dk)
+                _store(_rows(dq_ptr, t0, T, H, D, hd, s0, BC, BK), dq)
                 if MOMENTUM:
-                    _store(_mat(ds2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), nS2, True)
+                    _store(_mat(ds2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), nS2)
             tl.debug_barrier()
         # the sums over the hidden layer: H1e's and S1e's terms in err, q k^T's and k k^T's
         # cotangents, and the erase's triangular inverse
@@ -347,7 +347,7 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
                 derr += dbE[:, None] * aks
                 ddbE += tl.sum(aks * err, 1)
             tl.debug_barrier()
-            _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), derr, True)
+            _store(_sl(e_ws_ptr, hd, 0, 3, u0, BO, BC, BK), derr)
         if ERASE:
             dPab = tl.zeros([BC, BC], dtype=ACC)
         if CURRENT:
@@ -373,21 +373,21 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
         tl.store(_cc(dcm_ptr, hd, n, N, 0, BC), dPhi)
         tl.debug_barrier()
         for s0 in range(0, D, BK):
-            k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
-            dk = _load(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
-            dq = _load(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+            k = _load(_rows(k_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
+            dk = _load(_rows(dk_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
+            dq = _load(_rows(dq_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
             if CURRENT:
                 dq += tl.dot(dQK, k, input_precision=PREC)
-                dk += tl.dot(tl.trans(dQK), _load(_rows(q_ptr, t0, T, H, D, hd, BC, BK, s0), ACC), input_precision=PREC)
+                dk += tl.dot(tl.trans(dQK), _load(_rows(q_ptr, t0, T, H, D, hd, s0, BC, BK), ACC), input_precision=PREC)
             if ERASE:
                 dk += tl.dot(dKK, k, input_precision=PREC)
             if RESIDUAL:                     # o = .. + q, y = .. + k (D == d_out)
-                dq += _load(_rows(do_ptr, t0, T, H, DO, hd, BC, BK, s0), ACC)
+                dq += _load(_rows(do_ptr, t0, T, H, DO, hd, s0, BC, BK), ACC)
                 if L2:
                     dk += _load(_sl(e_ws_ptr, hd, 0, 3, s0, BO, BC, BK), ACC)
             tl.debug_barrier()
-            _store(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), dk, True)
-            _store(_rows(dq_ptr, t0, T, H, D, hd, BC, BK, s0), dq, True)
+            _store(_rows(dk_ptr, t0, T, H, D, hd, s0, BC, BK), dk)
+            _store(_rows(dq_ptr, t0, T, H, D, hd, s0, BC, BK), dq)
         # v: tau = v (v's cotangent -err's), or M(v) = act(v H2) H1 [+ v] (SELF_TARGET)
         for s0 in range(0, DV, BK):
             dv = tl.zeros([BC, BK], dtype=ACC)
@@ -397,7 +397,7 @@ def mlp_chunk_bwd(q_ptr, k_ptr, v_ptr, erase_ptr, do_ptr, cv_ptr, cs_ptr, cm_ptr
                         dv -= _load(_sl(e_ws_ptr, hd, 0, 3, s0, BO, BC, BK), ACC)
             else:
                 dv -= _load(_sl(e_ws_ptr, hd, 0, 3, s0, BO, BC, BK), ACC)
-            _store(_rows(dv_ptr, t0, T, H, DV, hd, BC, BK, s0), dv, True)
+            _store(_rows(dv_ptr, t0, T, H, DV, hd, s0, BC, BK), dv)
         tl.debug_barrier()
         if L2 or SELF_TARGET:                # err's own paths through y (L2) and tau (SELF_TARGET)
             _err_paths(k_ptr, v_ptr, w1s_ptr, w2s_ptr, dw1_ptr, dw2_ptr, dk_ptr, dv_ptr, e_ws_ptr, hd, n, N, t0,

@@ -30,10 +30,10 @@ def _err_paths(k_ptr, v_ptr, w1s_ptr, w2s_ptr, dw1_ptr, dw2_ptr, dk_ptr, dv_ptr,
         for s0 in range(0, D, BK):
             H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, s0, j0, BK, BJ), ACC)
             if L2:
-                pk += tl.dot(_load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC), H2, input_precision=PREC)
+                pk += tl.dot(_load(_rows(k_ptr, t0, T, H, D, hd, s0, BC, BK), ACC), H2, input_precision=PREC)
             if SELF_TARGET:
                 if not DETACH:
-                    pv += tl.dot(_load(_rows(v_ptr, t0, T, H, DV, hd, BC, BK, s0), ACC), H2, input_precision=PREC)
+                    pv += tl.dot(_load(_rows(v_ptr, t0, T, H, DV, hd, s0, BC, BK), ACC), H2, input_precision=PREC)
         cy = tl.zeros([BC, BJ], dtype=ACC)                          # H1's cotangent is cy^T dy
         if L2:
             ak, dak = _act(pk)
@@ -49,26 +49,26 @@ def _err_paths(k_ptr, v_ptr, w1s_ptr, w2s_ptr, dw1_ptr, dw2_ptr, dk_ptr, dv_ptr,
             nH1 = _load(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), ACC)
             nH1 += tl.dot(tl.trans(cy), dy, input_precision=PREC)
             tl.debug_barrier()
-            _store(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), nH1, True)
+            _store(_mat(dw1_ptr, hd, 0, 1, DO, HID, j0, u0, BJ, BK), nH1)
         for s0 in range(0, D, BK):
             H2 = _load(_mat(w2s_ptr, hd, n, N, HID, D, s0, j0, BK, BJ), ACC)
             nH2 = _load(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), ACC)
             if L2:
-                k = _load(_rows(k_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
-                dk = _load(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), ACC)
+                k = _load(_rows(k_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
+                dk = _load(_rows(dk_ptr, t0, T, H, D, hd, s0, BC, BK), ACC)
                 dk += tl.dot(dpk, tl.trans(H2), input_precision=PREC)
                 nH2 += tl.dot(tl.trans(k), dpk, input_precision=PREC)
             if SELF_TARGET:
                 if not DETACH:
-                    v = _load(_rows(v_ptr, t0, T, H, DV, hd, BC, BK, s0), ACC)
-                    dv = _load(_rows(dv_ptr, t0, T, H, DV, hd, BC, BK, s0), ACC)
+                    v = _load(_rows(v_ptr, t0, T, H, DV, hd, s0, BC, BK), ACC)
+                    dv = _load(_rows(dv_ptr, t0, T, H, DV, hd, s0, BC, BK), ACC)
                     dv += tl.dot(dpv, tl.trans(H2), input_precision=PREC)
                     nH2 += tl.dot(tl.trans(v), dpv, input_precision=PREC)
             tl.debug_barrier()
-            _store(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), nH2, True)
+            _store(_mat(dw2_ptr, hd, 0, 1, HID, D, s0, j0, BK, BJ), nH2)
             if L2:
-                _store(_rows(dk_ptr, t0, T, H, D, hd, BC, BK, s0), dk, True)
+                _store(_rows(dk_ptr, t0, T, H, D, hd, s0, BC, BK), dk)
             if SELF_TARGET:
                 if not DETACH:
-                    _store(_rows(dv_ptr, t0, T, H, DV, hd, BC, BK, s0), dv, True)
+                    _store(_rows(dv_ptr, t0, T, H, DV, hd, s0, BC, BK), dv)
         tl.debug_barrier()
