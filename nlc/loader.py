@@ -143,6 +143,13 @@ def load_located(path: str | Path) -> Loaded:
     return loaded
 
 
+def not_a_model(path, name: str, command: str) -> str:
+    """The message for an optimizer spec given where a model spec belongs (``nlc build``, ``nlc
+    train``, ``nlc verify``), with what to do instead."""
+    return (f"{path} is the optimizer spec `{name}`; `nlc {command}` takes a model spec "
+            f"(name this optimizer in one: `optimizer: {name}(lr=...)`)")
+
+
 # ---------------------------------------------------------------- pydantic errors -> diagnostics
 
 def _fields_at(cls: type, loc: tuple) -> list[str]:

@@ -121,7 +121,7 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
     try:
         files = _build(spec, output, backend)
     except TypeError as e:
-        _fail(f"{spec}: {e}")
+        _fail(str(e))
     except OSError as e:
         _fail(f"cannot write {output}: {e.strerror or e}")
     for f in files:
@@ -165,7 +165,8 @@ def verify(spec: Path = typer.Argument(..., help="a model spec file"),
         _fail(f"--tokens must be at least 1, got {tokens}")
     loaded = _load(spec)
     if not hasattr(loaded.spec, "levels"):
-        _fail(f"{spec}: `{loaded.spec.name}` is an optimizer spec; `nlc verify` checks model specs")
+        from nlc.loader import not_a_model
+        _fail(not_a_model(spec, loaded.spec.name, "verify"))
     from nlc.backends.torch.codegen import Unsupported
     try:
         rows, facts = _verify(loaded.spec, backend, dtypes[dtype], tokens, seed)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 # (benchmarks/studies import load_spec and parse_sets from here too)
+from nlc.loader import not_a_model
 from nlc.runtime.overrides import check_hyper_sets, load_spec, parse_sets
 from nlc.runtime.stop import stop_requests
 # the settings (`nlc.runtime.train_config`), imported from here too
@@ -96,8 +97,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], progress, held: ExitSta
     loaded = load_spec(cfg.spec, spec_sets, cmdline)
     spec = loaded.spec
     if not isinstance(spec, S.ModelSpec):
-        raise TrainError(f"{cfg.spec} is the optimizer spec `{spec.name}`; `nlc train` trains a model spec "
-                         f"(name this optimizer in one: `optimizer: {spec.name}(lr=...)`)")
+        raise TrainError(not_a_model(cfg.spec, spec.name, "train"))
     opt_spec = optimizer_of(spec, Path(loaded.file).parent)
     if opt_spec is None:
         opt_spec = load_optimizer(DEFAULT_OPTIMIZER)[0]

@@ -44,6 +44,14 @@ def test_user_mistakes_exit_2_without_traceback(args):
     assert "Traceback" not in r.stderr
 
 
+def test_build_of_an_optimizer_spec_says_where_it_belongs(tmp_path):
+    r = nlc("build", "specs/muon.yaml", "-o", tmp_path / "b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("specs/muon.yaml is the optimizer spec `muon`; `nlc build` takes a model spec "
+            "(name this optimizer in one: `optimizer: muon(lr=...)`)") in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_graph_writes_svg_png_dot(tmp_path):
     for suffix, magic in (("svg", "<svg"), ("png", "PNG"), ("dot", "digraph")):
         out = tmp_path / f"hope.{suffix}"

@@ -132,6 +132,6 @@ def test_cli_mistakes_exit_2(tmp_path):
     r = nlc_cli("train", "no/such.yaml")
     assert r.returncode == 2 and "no/such.yaml:1:1: error[E009" in r.stderr and "Traceback" not in r.stderr
     r = nlc_cli("train", "specs/adamw.yaml")
-    assert r.returncode == 2 and "is the optimizer spec `adamw`" in r.stderr and "trains a model spec" in r.stderr
+    assert r.returncode == 2 and "is the optimizer spec `adamw`" in r.stderr and "`nlc train` takes a model spec" in r.stderr and "optimizer: adamw(lr=...)" in r.stderr
     r = nlc_cli("train", "specs/transformer.yaml", "--resume", "--out", tmp_path / "none")
     assert r.returncode == 2 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr

@@ -136,13 +136,13 @@ def build(path, out_dir, backend: str = "torch") -> list:
 
     from nlc.fileio import atomic_write
     from nlc.graph import lower
-    from nlc.loader import load_located
+    from nlc.loader import load_located, not_a_model
     from nlc.viz import RenderError, drawing, to_dot
 
     loaded = load_located(path)
     spec = loaded.spec
     if not isinstance(spec, S.ModelSpec):
-        raise TypeError(f"`{spec.name}` is an optimizer spec; `nlc build` builds model specs")
+        raise TypeError(not_a_model(path, spec.name, "build"))
     try:
         source = generate(spec, Path(path).name, backend)
     except Unsupported as e:

@@ -80,7 +80,7 @@ def test_verify_cli_prints_the_table(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["specs/m3.yaml"], "optimizer spec"),
+    (["specs/m3.yaml"], "is the optimizer spec `m3`; `nlc verify` takes a model spec (name this optimizer in one: `optimizer: m3(lr=...)`)"),
     (["specs/titans.yaml", "--backend", "cuda"], "--backend must be torch or triton"),
     (["specs/titans.yaml", "--dtype", "half"], "--dtype must be"),
     (["specs/titans.yaml", "--tokens", "0"], "--tokens must be at least 1"),
