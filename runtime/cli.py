@@ -118,6 +118,8 @@ def build(spec: Path = typer.Argument(..., help="a model spec file"),
     from nlc.backends.torch.codegen import build as _build
     if backend not in BACKENDS:
         _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if output.exists() and not output.is_dir():
+        _fail(f"{output} is a file: -o takes the directory to write model.py, manifest.json and graph.svg into")
     try:
         files = _build(spec, output, backend)
     except TypeError as e:

@@ -52,6 +52,13 @@ def test_build_of_an_optimizer_spec_says_where_it_belongs(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_build_into_a_file_says_so(tmp_path):
+    (tmp_path / "f").write_text("kept")
+    r = nlc("build", "specs/titans.yaml", "-o", tmp_path / "f")
+    assert r.returncode == 2 and f"{tmp_path / 'f'} is a file: -o takes the directory" in r.stderr
+    assert (tmp_path / "f").read_text() == "kept"
+
+
 def test_graph_writes_svg_png_dot(tmp_path):
     for suffix, magic in (("svg", "<svg"), ("png", "PNG"), ("dot", "digraph")):
         out = tmp_path / f"hope.{suffix}"
