@@ -96,15 +96,15 @@ def generate(spec: S.ModelSpec, source: str = "", backend: str = "auto") -> str:
                   '            h = block(h, state, new, f"{i}.", self.mode, fast, self.backend)']
     lines += ["        return self.head(self.norm(h)), new",
               ""]
+    lines += ["    def forward(self, input_ids, state=None):",
+              f"        state = L.inputs(input_ids, state, {shape.vocab})  # [batch, tokens] ids in [0, {shape.vocab}); a state of that batch",
+              "        if input_ids.shape[1] == 0:  # no tokens: no logits, the state as it was",
+              f"            return self.head.weight.new_zeros(*input_ids.shape, {shape.vocab}), state"]
     if not g.cms_levels:
-        lines += ["    def forward(self, input_ids, state=None):",
-                  "        return self.run(input_ids, {} if state is None else state, {})",
-                  ""]
+        lines += ["        return self.run(input_ids, state, {})", ""]
     else:
-        lines += ["    def forward(self, input_ids, state=None):",
-                  "        # window by window, the CMS levels updated as their chunks end (L.cms_forward)",
-                  "        return L.cms_forward(self, input_ids, state, CMS, WINDOW)",
-                  ""]
+        lines += ["        # window by window, the CMS levels updated as their chunks end (L.cms_forward)",
+                  "        return L.cms_forward(self, input_ids, state, CMS, WINDOW)", ""]
     return "\n".join(lines)
 
 

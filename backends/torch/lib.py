@@ -18,7 +18,38 @@ __all__ = [  # the vocabulary of generated code (`L.name`)
     "heads", "per_head_init", "per_head", "vec", "Proj", "HeadScalar", "CausalConv", "flow", "MLP", "rope", "attention",
     "initial", "mlp_with", "mlp_params", "mlp_state", "mlp_save", "mlp_read", "momentum_state", "momentum_save",
     "generators", "read_generator", "read_generators", "save_generators", "spans", "update_generators",
-    "Pending", "cms_fast", "cms_forward", "cms_forward_two_pass", "cms_step", "compiled"]
+    "Pending", "cms_fast", "cms_forward", "cms_forward_two_pass", "cms_step", "compiled", "inputs"]
+
+def inputs(input_ids, state, vocab: int) -> dict:
+    """What a model's forward was given, checked: ``input_ids`` a ``[batch, tokens]`` tensor of
+    integer token ids in ``[0, vocab)``; ``state`` None or the dict that a call with the same batch
+    size returned (its tensors are batch-first; 0-d ones are counters). Returns the state as a new
+    dict. Raises ValueError saying what is wrong, instead of an error from inside the embedding or
+    a reshape. The range check reads two numbers on the host (a sync on a GPU), skipped while a
+    CUDA graph is captured or torch.compile traces."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a [batch, tokens] tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [batch, tokens] tensor of token ids, got shape {tuple(input_ids.shape)}"
+                         + (" (add the batch dimension: input_ids[None])" if input_ids.dim() == 1 else ""))
+    if input_ids.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"input_ids must hold token ids as torch.long (or torch.int32), got {input_ids.dtype}")
+    capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+    if input_ids.numel() and not capturing and not torch.compiler.is_compiling():
+        lo, hi = (int(x) for x in torch.aminmax(input_ids))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}) (the spec's vocab), got ids from {lo} to {hi}")
+    if state is None:
+        return {}
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be None or the dict a previous call returned, got {type(state).__name__}")
+    B = input_ids.shape[0]
+    for key, v in state.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] != B:
+            raise ValueError(f"state[{key!r}] is for a batch of {v.shape[0]} and input_ids for {B}: carry a "
+                             "state only into calls with the batch size that made it")
+    return dict(state)
+
 
 ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "identity": lambda z: z}
 

@@ -10,7 +10,8 @@ from tests.backends import test_speedups as speedups
 from tests.backends.test_compile import small
 
 T = 23                                   # odd, no multiple of the chunks (8 for titans, 4 for ttt_mlp)
-CUTS = {"pieces": [3, 7, 16], "tokens": list(range(1, T))}
+CUTS = {"pieces": [3, 7, 16], "tokens": list(range(1, T)),
+        "empty": [0, 3, 3, 16, 16]}     # pieces of 0 tokens between: no logits, the state as it was
 SPECS = ["titans", "ttt_mlp", "titans_linear", "hope_nocms", "hope_heads_nocms"]
 
 

@@ -11,7 +11,8 @@ from nlc.backends.torch import generators
 from tests.backends.test_streaming import close, fed, model_of, same_grads
 
 T = 23                                   # the small specs' CMS window is 8: 23 ends inside one
-CUTS = {"pieces": [3, 7, 16], "tokens": list(range(1, T))}
+CUTS = {"pieces": [3, 7, 16], "tokens": list(range(1, T)),
+        "empty": [0, 3, 3, 16, 16]}     # pieces of 0 tokens between: no logits, the state as it was
 
 
 def leaves(x, path=""):
