@@ -12,6 +12,7 @@ from nlc.backends.torch.generators import (
     generators, read_generator, read_generators, save_generators, spans, update_generators)
 from nlc.backends.torch.cms import Pending, cms_fast, cms_forward, cms_forward_two_pass, cms_step
 from nlc.backends.torch.compile import compiled
+from nlc.backends.torch.ops import capturing
 
 __all__ = [  # the vocabulary of generated code (`L.name`)
     "l2norm", "silu", "gelu", "relu", "tanh", "sigmoid", "softplus", "exp", "detach", "log", "norm", "sum_", "dot",
@@ -19,6 +20,7 @@ __all__ = [  # the vocabulary of generated code (`L.name`)
     "initial", "mlp_with", "mlp_params", "mlp_state", "mlp_save", "mlp_read", "momentum_state", "momentum_save",
     "generators", "read_generator", "read_generators", "save_generators", "spans", "update_generators",
     "Pending", "cms_fast", "cms_forward", "cms_forward_two_pass", "cms_step", "compiled", "inputs"]
+
 
 def inputs(input_ids, state, vocab: int) -> dict:
     """What a model's forward was given, checked: ``input_ids`` a ``[batch, tokens]`` tensor of
@@ -34,8 +36,7 @@ def inputs(input_ids, state, vocab: int) -> dict:
                          + (" (add the batch dimension: input_ids[None])" if input_ids.dim() == 1 else ""))
     if input_ids.dtype not in (torch.long, torch.int32):
         raise ValueError(f"input_ids must hold token ids as torch.long (or torch.int32), got {input_ids.dtype}")
-    capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-    if input_ids.numel() and not capturing and not torch.compiler.is_compiling():
+    if input_ids.numel() and not capturing(input_ids) and not torch.compiler.is_compiling():
         lo, hi = (int(x) for x in torch.aminmax(input_ids))
         if lo < 0 or hi >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}) (the spec's vocab), got ids from {lo} to {hi}")

@@ -151,7 +151,7 @@ def generalized_delta(q, k, w, a, b=None, scale=None, initial_state=None, output
     keyed = {} if erase is None else {"erase[0] (u)": u, "erase[1] (e)": e}
     _validate(op, q, k, ("w", w), {} if b is None else {"b": b}, initial_state, scale, mode,
               chunk_size, keyed=keyed, retention=a)
-    if check and mode == "chunk" and a is not None and not _capturing(a) and bool((a < 0).any()):
+    if check and mode == "chunk" and a is not None and not capturing(a) and bool((a < 0).any()):
         raise ValueError(f"{op}: mode='chunk' needs a >= 0 everywhere (it takes log max(a, A_MIN), "
                          f"A_MIN = exp({LOG_A_MIN})); use mode='recurrent' for negative a")
     dplr = erase is not None or (b is not None and a is not None and a.dim() == 4)  # an erase in the DPLR form
@@ -267,9 +267,10 @@ def _delta_why(q, backend: str) -> str | None:
     return delta_why(q.shape[-1])
 
 
-def _capturing(t) -> bool:
+def capturing(t) -> bool:
     """Whether a CUDA graph is being captured on ``t``'s stream: a check that reads a tensor's values
-    on the host cannot run then (and could not check the data a replay brings)."""
+    on the host cannot run then (and could not check the data a replay brings). Shared with
+    ``lib.inputs``."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
