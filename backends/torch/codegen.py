@@ -226,14 +226,9 @@ def _flow_files(spec, source_name):
     import hashlib
 
     from nlc.backends.triton import template
-    from nlc.backends.triton.plan import flow_header, flow_kernel, fused_flows
-    from nlc.backends.triton.prologue import chain_of
-    chains = {}
-    for at, e in fused_flows(spec):
-        width, ops, _ = chain_of(e)
-        chains.setdefault((width, ops), []).append(at)
+    from nlc.backends.triton.plan import flow_chains, flow_header, flow_kernel
     files, fused = {}, {}
-    for (width, ops), flows in sorted(chains.items()):
+    for (width, ops), flows in flow_chains(spec).items():
         name, flags, code = flow_kernel(width, ops)
         sha = hashlib.sha256(template.body("flow_prologue", flags, code).encode()).hexdigest()[:16]
         chain = " |> ".join(([f"conv(., {width})"] if width else []) + list(ops))

@@ -16,7 +16,7 @@ from nlc.instance import instanced
 from nlc.rules import derive
 
 __all__ = ["Placement", "plan", "pow2", "products", "delta_terms", "mlp_flags", "momentum_flags", "mlp_slice", "header",
-           "describe", "fused_flows", "flow_kernel", "flow_header", "kernel_levels", "AUTO_MLP", "AUTO_GENERATORS", "momentum_fits", "delta_why"]
+           "describe", "fused_flows", "flow_chains", "flow_kernel", "flow_header", "kernel_levels", "AUTO_MLP", "AUTO_GENERATORS", "momentum_fits", "delta_why"]
 
 MLP_CHUNKS = (16, 32, 64)      # skeleton 2's tiles: the MLP memory's chunk is semantics, never rounded
 MLP_ACTIVATIONS = ("silu", "gelu")
@@ -280,6 +280,16 @@ def fused_flows(spec: S.ModelSpec) -> list[tuple[str, object]]:
             if getattr(lv, role, None) is not None:
                 walk(getattr(lv, role), f"{name}.{role}")
     return fused
+
+
+def flow_chains(spec: S.ModelSpec) -> dict[tuple[int, tuple], list[str]]:
+    """The distinct chains ``(width, ops)`` (``prologue.chain_of``) of a spec's fused flows, sorted,
+    each with the flows that run it: one kernel per chain."""
+    from nlc.backends.triton.prologue import chain_of
+    chains = {}
+    for at, e in fused_flows(spec):
+        chains.setdefault(chain_of(e)[:2], []).append(at)
+    return dict(sorted(chains.items()))
 
 
 def describe(spec: S.ModelSpec, backend: str) -> str:

@@ -120,13 +120,13 @@ def main(everything: bool):
 def prologues(everything: bool):
     """Skeleton 3 for the chains of the shipped specs' fused flows (K = 64, convolution width 4)."""
     import triton.language as tl
-    from nlc.backends.triton.plan import fused_flows
-    from nlc.backends.triton.prologue import chain_of, halo, kernels
+    from nlc.backends.triton.plan import flow_chains
+    from nlc.backends.triton.prologue import halo, kernels
     chains = set()
     for path in sorted((ROOT / "specs").glob("*.yaml")):
         spec = nlc.load(path)
         if hasattr(spec, "levels"):                  # model specs, not optimizer specs
-            chains |= {chain_of(e)[:2] for _, e in fused_flows(spec)}
+            chains |= set(flow_chains(spec))
     for width, ops in sorted(chains)[-1 if not everything else 0:]:   # the widest: conv + the most functions
         mod = kernels(width > 0, ops, False)
         meta = dict(W=max(width, 1), BT=16, BK=64, ACC=tl.float32)

@@ -13,8 +13,7 @@ import torch
 import nlc
 from nlc.backends.torch.codegen import build
 from nlc.backends.triton import template
-from nlc.backends.triton.plan import flow_kernel, fused_flows, plan
-from nlc.backends.triton.prologue import chain_of
+from nlc.backends.triton.plan import flow_chains, flow_kernel, plan
 
 from .test_compile import COMPILED, GOLDEN, ROOT, small
 
@@ -182,8 +181,7 @@ def test_generated_kernels_match_golden(skeleton, flags):
     _assert_golden(template.body(skeleton, dict(flags)), f"{skeleton}_{_tag(flags)}")
 
 
-FLOW_CHAINS = sorted({chain_of(e)[:2] for n in COMPILED
-                      for _, e in fused_flows(nlc.load(ROOT / "specs" / f"{n}.yaml"))})
+FLOW_CHAINS = sorted({c for n in COMPILED for c in flow_chains(nlc.load(ROOT / "specs" / f"{n}.yaml"))})
 
 
 @pytest.mark.parametrize("width,ops", FLOW_CHAINS, ids=[flow_kernel(w, o)[0] for w, o in FLOW_CHAINS])
